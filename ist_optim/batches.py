@@ -1,0 +1,135 @@
+"""Estimation batches: where an importance round gets its batch, and how its loss is computed.
+
+By default a forward pre-hook on the model keeps a reference to the most recent training
+batch (no copy), so a round measures the suppressed losses on the batch the step just
+trained on. Alternatively the user passes an iterable of batches, which is cycled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["CapturedCall", "BatchCapture", "BatchCycler", "default_loss_fn", "move_batch"]
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+@dataclass
+class CapturedCall:
+    """The positional and keyword arguments of one ``model(...)`` call."""
+
+    args: tuple
+    kwargs: dict
+
+    def as_batch(self) -> Any:
+        """What a custom ``loss_fn`` receives: the kwargs dict for ``model(**batch)`` calls,
+        the single argument for ``model(x)`` calls, else this object."""
+        if not self.args:
+            return self.kwargs
+        if len(self.args) == 1 and not self.kwargs:
+            return self.args[0]
+        return self
+
+
+class BatchCapture:
+    """Keeps a reference to the arguments of the latest forward call of ``model``.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 1)
+        >>> capture = BatchCapture(net)
+        >>> _ = net(torch.ones(3, 2))
+        >>> capture.latest.as_batch().shape
+        torch.Size([3, 2])
+        >>> capture.remove()
+    """
+
+    def __init__(self, model: nn.Module):
+        self.latest: CapturedCall | None = None
+        self.enabled = True
+        self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.enabled:
+            self.latest = CapturedCall(tuple(args), dict(kwargs))
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+class BatchCycler:
+    """Cycles through a re-iterable (list, DataLoader); counts batches for exact resume."""
+
+    def __init__(self, batches: Iterable[Any]):
+        if isinstance(batches, Iterator):
+            raise TypeError(
+                "importance_batches is a one-shot iterator; it would be exhausted after one "
+                "pass. Pass a re-iterable such as a list of batches or a DataLoader."
+            )
+        self.batches = batches
+        self.seen = 0
+        self._iterator: Iterator[Any] | None = None
+
+    def fast_forward(self, seen: int) -> None:
+        """Position the cycle after ``seen`` batches (used when loading a checkpoint)."""
+        self._iterator = None
+        self.seen = 0
+        for _ in range(seen):
+            self.next()
+
+    def next(self) -> Any:
+        if self._iterator is not None:
+            try:
+                batch = next(self._iterator)
+                self.seen += 1
+                return batch
+            except StopIteration:
+                pass
+        self._iterator = iter(self.batches)
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            raise ValueError("importance_batches is empty; pass at least one batch") from None
+        self.seen += 1
+        return batch
+
+
+def move_batch(batch: Any, device: torch.device) -> Any:
+    """Move the tensors of a batch (tensor, mapping, list/tuple, nested) to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: move_batch(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, list | tuple) and not hasattr(batch, "_fields"):
+        return type(batch)(move_batch(v, device) for v in batch)
+    return batch
+
+
+def _loss_of(output: Any) -> torch.Tensor:
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, Mapping):
+        loss = output.get("loss")
+    if loss is None and isinstance(output, torch.Tensor) and output.dim() == 0:
+        loss = output
+    if loss is None:
+        raise RuntimeError(
+            "the model returned no loss for the importance batch (no `labels` in it?). "
+            "Pass loss_fn=callable(model, batch) -> loss, or importance_batches with labels."
+        )
+    return loss
+
+
+def default_loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+    """``model(**batch).loss`` for a mapping; a captured call is replayed as it was made."""
+    if isinstance(batch, CapturedCall):
+        return _loss_of(model(*batch.args, **batch.kwargs))
+    if isinstance(batch, Mapping):
+        return _loss_of(model(**batch))
+    raise TypeError(
+        f"the default loss_fn calls model(**batch) and needs a mapping batch, got "
+        f"{type(batch).__name__}; pass loss_fn=callable(model, batch) -> loss"
+    )

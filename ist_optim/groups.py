@@ -1,0 +1,170 @@
+"""Layer groups: which transformer block every trainable parameter belongs to.
+
+IST's unit is one repeated block ("layer") of a transformer. This module finds the
+block list of a model (also through ``peft.PeftModel`` wrapping), and assigns every
+parameter the optimizer trains either to one layer or to the *outside* group
+(embeddings, heads, ``modules_to_save``), which trains every step.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["LayerGroups", "discover_layers", "build_layer_groups"]
+
+LayersSpec = str | Sequence[nn.Module] | None
+
+
+def _homogeneous_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Every ``nn.ModuleList`` of at least two children that all share one class."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) >= 2:
+            kinds = {type(child) for child in module}
+            if len(kinds) == 1:
+                found.append((name, module))
+    return found
+
+
+def _num_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def discover_layers(model: nn.Module, layers: LayersSpec = None) -> list[tuple[str, nn.Module]]:
+    """Return ``(name, module)`` for each transformer block of ``model``, in order.
+
+    Args:
+        model: any ``nn.Module``; HF models wrapped by ``peft`` work as they are.
+        layers: ``None`` to discover the block list (the homogeneous ``nn.ModuleList``
+            holding the most parameters); a sequence of block modules; the dotted name of
+            a ``nn.ModuleList`` (``"model.layers"``); or a regular expression that fully
+            matches the names of the block modules (``r"encoder\\.block\\.\\d+"``).
+
+    Raises:
+        ValueError: when no block list can be found, naming how to pass ``layers=``.
+
+    Example:
+        >>> import torch
+        >>> blocks = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(3))
+        >>> net = torch.nn.Sequential(blocks)
+        >>> [name for name, _ in discover_layers(net)]
+        ['0.0', '0.1', '0.2']
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    if layers is None:
+        candidates = _homogeneous_lists(model)
+        if not candidates:
+            raise ValueError(
+                f"Could not find the repeated block list of {type(model).__name__}: no "
+                "nn.ModuleList of at least two modules of one class. Pass the blocks "
+                "explicitly, e.g. layers=model.model.layers, layers='model.layers' or a "
+                "regex over module names such as layers=r'encoder\\.layer\\.\\d+'."
+            )
+        name, blocks = max(candidates, key=lambda item: _num_params(item[1]))
+        return [(f"{name}.{i}" if name else str(i), block) for i, block in enumerate(blocks)]
+    if isinstance(layers, str):
+        try:
+            sub = model.get_submodule(layers)
+        except AttributeError:
+            sub = None
+        if isinstance(sub, nn.ModuleList):
+            return [(f"{layers}.{i}", block) for i, block in enumerate(sub)]
+        pattern = re.compile(layers)
+        matched = [(n, m) for n, m in model.named_modules() if n and pattern.fullmatch(n)]
+        if not matched:
+            raise ValueError(
+                f"layers={layers!r} names no nn.ModuleList and fully matches no module name "
+                f"of {type(model).__name__}; print(model) shows the names to use."
+            )
+        return matched
+    if isinstance(layers, nn.Module) and not isinstance(layers, nn.ModuleList):
+        raise TypeError(
+            f"layers must be a sequence of block modules, a name or a pattern, got a single "
+            f"{type(layers).__name__}; wrap it in a list."
+        )
+    result = []
+    for i, block in enumerate(layers):
+        if not isinstance(block, nn.Module):
+            raise TypeError(f"layers[{i}] is a {type(block).__name__}, expected an nn.Module")
+        if id(block) not in names:
+            raise ValueError(f"layers[{i}] ({type(block).__name__}) is not a submodule of model")
+        result.append((names[id(block)], block))
+    if not result:
+        raise ValueError("layers is empty; pass at least one block module")
+    return result
+
+
+@dataclass
+class LayerGroups:
+    """Trainable parameters split into per-layer groups plus an always-trained outside group.
+
+    Attributes:
+        names: module name of each layer, in order (``model.layers.3``).
+        modules: the block module of each layer.
+        params: the trainable parameters of each layer.
+        outside: trainable parameters that belong to no layer; they train every step.
+    """
+
+    names: list[str]
+    modules: list[nn.Module]
+    params: list[list[nn.Parameter]]
+    outside: list[nn.Parameter] = field(default_factory=list)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.names)
+
+    def numels(self) -> list[int]:
+        """Number of trainable elements per layer (a checkpoint signature)."""
+        return [sum(p.numel() for p in ps) for ps in self.params]
+
+    def layer_params(self, indices: Iterable[int]) -> list[nn.Parameter]:
+        return [p for i in indices for p in self.params[i]]
+
+
+def build_layer_groups(
+    model: nn.Module, trainable: Sequence[torch.Tensor], layers: LayersSpec = None
+) -> LayerGroups:
+    """Assign each trainable parameter to the block that owns it, or to the outside group.
+
+    Blocks that own no trainable parameter are left out (e.g. LoRA with
+    ``layers_to_transform``), so every layer in the result can be trained.
+
+    Raises:
+        ValueError: when no block holds a trainable parameter.
+    """
+    blocks = discover_layers(model, layers)
+    owner: dict[int, int] = {}
+    for index, (name, block) in enumerate(blocks):
+        for p in block.parameters():
+            if id(p) in owner and owner[id(p)] != index:
+                raise ValueError(
+                    f"parameter of shape {tuple(p.shape)} is shared between layers "
+                    f"{blocks[owner[id(p)]][0]} and {name}; IST needs each parameter in one layer"
+                )
+            owner[id(p)] = index
+    per_layer: list[list[nn.Parameter]] = [[] for _ in blocks]
+    outside: list[nn.Parameter] = []
+    for p in trainable:
+        if id(p) in owner:
+            per_layer[owner[id(p)]].append(p)
+        else:
+            outside.append(p)
+    kept = [i for i, ps in enumerate(per_layer) if ps]
+    if not kept:
+        raise ValueError(
+            f"none of the {len(blocks)} blocks found ({blocks[0][0]}, ...) holds a trainable "
+            "parameter; IST samples layers among the blocks, so at least one must train. "
+            "Check requires_grad / your adapter config, or pass layers= explicitly."
+        )
+    return LayerGroups(
+        names=[blocks[i][0] for i in kept],
+        modules=[blocks[i][1] for i in kept],
+        params=[per_layer[i] for i in kept],
+        outside=outside,
+    )

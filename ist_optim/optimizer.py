@@ -1,0 +1,498 @@
+"""``ISTOptimizer``: Importance-aware Sparse Tuning around any torch optimizer.
+
+The wrapper only orchestrates: the inner optimizer owns ``param_groups`` and ``state``;
+layer groups come from :mod:`ist_optim.groups`, sampling from :mod:`ist_optim.sampling`,
+the score update from :mod:`ist_optim.importance` and the damping from
+:mod:`ist_optim.suppression`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from .batches import BatchCapture, BatchCycler, LossFn, default_loss_fn, move_batch
+from .groups import LayerGroups, LayersSpec, build_layer_groups
+from .importance import paper_advantages, score_update
+from .sampling import resolve_count, sample_candidate_sets, sample_layers, sampling_weights
+from .suppression import SuppressionMode, Suppressor
+
+__all__ = ["ISTOptimizer"]
+
+logger = logging.getLogger(__name__)
+
+Sampling = Literal["importance", "uniform"]
+STATE_FORMAT_VERSION = 1
+_SAMPLINGS = ("importance", "uniform")
+
+
+def _check_number(name: str, value: Any, low: float, high: float, *, closed_high: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    ok = low <= value <= high if closed_high else low <= value < high
+    if not ok:
+        bracket = "]" if closed_high else ")"
+        raise ValueError(f"Invalid {name}: {value}; expected a value in [{low}, {high}{bracket}")
+    return float(value)
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < low:
+        raise ValueError(f"Invalid {name}: {value}; expected an int >= {low}")
+    return value
+
+
+def _flatten_params(params: Any) -> list[torch.Tensor]:
+    groups = list(params)
+    if groups and isinstance(groups[0], dict):
+        return [p for group in groups for p in group["params"]]
+    return groups
+
+
+class ISTOptimizer(Optimizer):
+    """Importance-aware Sparse Tuning: train a sampled subset of layers each step.
+
+    Wraps ``optimizer_cls`` (AdamW, SGD, Adafactor, bitsandbytes 8-bit optimizers, ...).
+    Every step trains the parameters of ``active_layers`` sampled blocks (plus every
+    trainable parameter outside the blocks); every ``update_interval`` steps, an
+    importance round re-estimates per-layer scores by response suppression.
+
+    Args:
+        optimizer_cls: a ``torch.optim.Optimizer`` subclass (the class, not an instance).
+        model: the model being trained (a ``peft.PeftModel`` works as it is).
+        params: parameters or param groups as ``optimizer_cls`` takes them. Default: every
+            parameter of ``model`` that requires grad at construction. Every one is
+            registered now, whatever its ``requires_grad`` later.
+        layers: the blocks; ``None`` discovers them (see :func:`ist_optim.discover_layers`),
+            or a list of modules, a ``ModuleList`` name, or a regex over module names.
+        active_layers: layers trained per step, an int or a fraction of the layers (0.25).
+        suppressed_layers: layers damped per candidate set, int or fraction (0.5).
+        num_candidates: candidate sets K per importance round (3, at least 2).
+        score_lr: step size eta of the score update (10.0).
+        suppression: factor lambda on the suppressed responses (0.25), in [0, 1).
+        update_interval: steps T between importance rounds (10; first round after step T).
+        importance_batches: re-iterable of batches for the rounds, cycled. Default: the
+            most recent training batch, kept by a forward pre-hook on ``model``.
+        loss_fn: ``callable(model, batch) -> loss`` for the rounds. Default
+            ``model(**batch).loss``.
+        sampling: ``"importance"`` (weights ``sigmoid(-s)``, the paper) or ``"uniform"``
+            (LISA-style; runs no importance rounds).
+        suppression_mode: ``"auto"``, ``"adapters"`` or ``"residual"``, see
+            :class:`ist_optim.Suppressor`.
+        freeze_inactive: ``True`` (default) sets ``requires_grad=False`` on inactive
+            layers, so backward skips their weight gradients. ``False`` keeps every
+            parameter's ``requires_grad`` and drops inactive gradients before the update
+            (slower; useful where the set of parameters with grads must stay static).
+        seed: seed of the private ``torch.Generator``; ``None`` seeds it from OS entropy.
+            Global RNGs are never used.
+        **optimizer_kwargs: passed verbatim to ``optimizer_cls``.
+
+    Example:
+        >>> import torch
+        >>> from ist_optim import ISTOptimizer
+        >>> blocks = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(8))
+        >>> model = torch.nn.Sequential(*blocks)
+        >>> opt = ISTOptimizer(torch.optim.AdamW, model, lr=1e-2, seed=0,
+        ...                    layers=list(blocks), sampling="uniform")
+        >>> len(opt.active_layers), opt.num_layers
+        (2, 8)
+        >>> model(torch.randn(3, 4)).pow(2).mean().backward()
+        >>> opt.step(); opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        optimizer_cls: type[Optimizer],
+        model: nn.Module,
+        *,
+        params: Iterable[Any] | None = None,
+        layers: LayersSpec = None,
+        active_layers: int | float = 0.25,
+        suppressed_layers: int | float = 0.5,
+        num_candidates: int = 3,
+        score_lr: float = 10.0,
+        suppression: float = 0.25,
+        update_interval: int = 10,
+        importance_batches: Iterable[Any] | None = None,
+        loss_fn: LossFn | None = None,
+        sampling: Sampling = "importance",
+        suppression_mode: SuppressionMode = "auto",
+        freeze_inactive: bool = True,
+        seed: int | None = None,
+        **optimizer_kwargs: Any,
+    ) -> None:
+        if isinstance(optimizer_cls, Optimizer):
+            raise TypeError(
+                f"optimizer_cls must be an optimizer class, got an instance of "
+                f"{type(optimizer_cls).__name__}; pass e.g. torch.optim.AdamW and its kwargs"
+            )
+        if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, Optimizer)):
+            raise TypeError(
+                f"optimizer_cls must be a torch.optim.Optimizer subclass, got {optimizer_cls!r}"
+            )
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if sampling not in _SAMPLINGS:
+            raise ValueError(f"Invalid sampling: {sampling!r}; expected one of {_SAMPLINGS}")
+        if not isinstance(freeze_inactive, bool):
+            raise TypeError(f"freeze_inactive must be a bool, got {freeze_inactive!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable(model, batch) -> loss, got {loss_fn!r}")
+
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError(
+                    f"{type(model).__name__} has no parameter with requires_grad=True; add "
+                    "adapters (peft) or unfreeze the weights to train, or pass params="
+                )
+        else:
+            params = list(params)
+        trainable = _flatten_params(params)
+        if not trainable:
+            raise ValueError("params is empty; pass at least one parameter to train")
+
+        self.model = model
+        self.optimizer: Optimizer = optimizer_cls(params, **optimizer_kwargs)
+        self._init_torch_optimizer_attributes()
+        self.groups: LayerGroups = build_layer_groups(model, trainable, layers)
+        num_layers = self.groups.num_layers
+        self.num_active = resolve_count(active_layers, num_layers, "active_layers")
+        self.num_suppressed = resolve_count(suppressed_layers, num_layers, "suppressed_layers")
+        self.num_candidates = _check_int("num_candidates", num_candidates, 2)
+        self.score_lr = _check_number("score_lr", score_lr, 0.0, math.inf, closed_high=False)
+        self.suppression = _check_number("suppression", suppression, 0.0, 1.0, closed_high=False)
+        self.update_interval = _check_int("update_interval", update_interval, 1)
+        self.sampling: Sampling = sampling
+        self.freeze_inactive = freeze_inactive
+        self.loss_fn: LossFn = loss_fn or default_loss_fn
+
+        self._generator = torch.Generator(device="cpu")
+        self.seed = int(self._generator.seed()) if seed is None else seed
+        self._generator.manual_seed(self.seed)
+        self._scores = torch.zeros(num_layers, dtype=torch.float64)
+        self._num_steps = 0
+        self._skipped_rounds = 0
+        self._warned_nonfinite = False
+        self.last_round: dict[str, Any] | None = None
+
+        self._suppressor: Suppressor | None = None
+        self._capture: BatchCapture | None = None
+        self._cycler: BatchCycler | None = None
+        if self.runs_importance_rounds:
+            self._suppressor = Suppressor(self.groups.modules, self.suppression, suppression_mode)
+            if importance_batches is None:
+                self._capture = BatchCapture(model)
+            else:
+                self._cycler = BatchCycler(importance_batches)
+        elif importance_batches is not None:
+            raise ValueError(
+                "importance_batches is set but sampling='uniform' runs no importance rounds; "
+                "drop importance_batches or use sampling='importance'"
+            )
+        self._active: list[int] = []
+        self._set_active(self._sample_active())
+
+    # ------------------------------------------------------------------ torch contract
+    def _init_torch_optimizer_attributes(self) -> None:
+        """What ``Optimizer.__init__`` sets, minus ``param_groups``/``state`` (forwarded)."""
+        self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._patch_step_function()
+        self._warned_capturable_if_run_uncaptured = True
+
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the inner optimizer; its params join their layer or the outside group."""
+        self.optimizer.add_param_group(param_group)
+        blocks = {id(p): i for i, m in enumerate(self.groups.modules) for p in m.parameters()}
+        for p in self.optimizer.param_groups[-1]["params"]:
+            index = blocks.get(id(p))
+            if index is None:
+                self.groups.outside.append(p)
+            else:
+                self.groups.params[index].append(p)
+                if self.freeze_inactive:
+                    p.requires_grad_(index in self._active)
+
+    # ------------------------------------------------------------------ public views
+    @property
+    def num_layers(self) -> int:
+        """Number of layers (blocks holding at least one trainable parameter)."""
+        return self.groups.num_layers
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Module name of each layer, e.g. ``base_model.model.model.layers.3``."""
+        return list(self.groups.names)
+
+    @property
+    def active_layers(self) -> list[int]:
+        """Sorted indices of the layers that train in the coming step."""
+        return list(self._active)
+
+    @property
+    def importance(self) -> torch.Tensor:
+        """Per-layer importance, higher = more important (the negated IST score)."""
+        return (-self._scores).to(torch.float32)
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """The raw IST scores ``s`` (higher = suppressing the layer hurts less)."""
+        return self._scores.clone()
+
+    @property
+    def sampling_probabilities(self) -> torch.Tensor:
+        """Per-draw probability of each layer: the sampling weights, normalised to sum 1."""
+        weights = self._active_weights()
+        return (weights / weights.sum()).to(torch.float32)
+
+    @property
+    def num_steps(self) -> int:
+        """Optimizer steps taken so far."""
+        return self._num_steps
+
+    @property
+    def runs_importance_rounds(self) -> bool:
+        return self.sampling == "importance"
+
+    # ------------------------------------------------------------------ stepping
+    def _active_weights(self) -> torch.Tensor:
+        if self.sampling == "uniform":
+            return torch.ones(self.num_layers, dtype=torch.float64)
+        return sampling_weights(self._scores, -1.0)
+
+    def _sample_active(self) -> list[int]:
+        return sample_layers(self._active_weights(), self.num_active, self._generator)
+
+    def _set_active(self, active: list[int]) -> None:
+        self._active = sorted(active)
+        if not self.freeze_inactive:
+            return
+        active_set = set(self._active)
+        for index, params in enumerate(self.groups.params):
+            for p in params:
+                p.requires_grad_(index in active_set)
+
+    def _drop_inactive_grads(self) -> None:
+        active_set = set(self._active)
+        for index, params in enumerate(self.groups.params):
+            if index not in active_set:
+                for p in params:
+                    p.grad = None
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Update the active layers, run an importance round every ``update_interval``
+        steps, then sample the layers of the next step.
+
+        Returns:
+            The closure's loss, if a closure was given.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._drop_inactive_grads()
+        self.optimizer.step()
+        self._num_steps += 1
+        if self.runs_importance_rounds and self._num_steps % self.update_interval == 0:
+            self._importance_round()
+        self._set_active(self._sample_active())
+        return loss
+
+    # ------------------------------------------------------------------ importance
+    def _importance_batch(self) -> Any:
+        if self._cycler is not None:
+            batch = self._cycler.next()
+            return move_batch(batch, self._device())
+        assert self._capture is not None
+        if self._capture.latest is None:
+            raise RuntimeError(
+                "an importance round is due but the model has not been called since the "
+                "optimizer was built, so there is no batch to measure; call the model "
+                "before step(), or pass importance_batches="
+            )
+        latest = self._capture.latest
+        return latest if self.loss_fn is default_loss_fn else latest.as_batch()
+
+    def _device(self) -> torch.device:
+        return self.groups.params[0][0].device
+
+    def measure_suppressed_losses(
+        self, candidate_sets: list[list[int]], batch: Any
+    ) -> torch.Tensor:
+        """Loss of ``batch`` with each candidate set suppressed (eval mode, no grad).
+
+        Train/eval flags of every module and all adapter values are restored exactly,
+        also when the loss function raises.
+        """
+        assert self._suppressor is not None
+        modes = [(module, module.training) for module in self.model.modules()]
+        if self._capture is not None:
+            self._capture.enabled = False
+        losses = []
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                for members in candidate_sets:
+                    with self._suppressor.suppress(members):
+                        losses.append(float(self.loss_fn(self.model, batch)))
+        finally:
+            for module, training in modes:
+                module.training = training
+            if self._capture is not None:
+                self._capture.enabled = True
+        return torch.tensor(losses, dtype=torch.float64)
+
+    def _importance_round(self) -> None:
+        batch = self._importance_batch()
+        weights = sampling_weights(self._scores, +1.0)
+        sets = sample_candidate_sets(weights, self.num_suppressed, self.num_candidates,
+                                     self._generator)
+        losses = self.measure_suppressed_losses(sets, batch)
+        if not torch.isfinite(losses).all():
+            self._skipped_rounds += 1
+            if not self._warned_nonfinite:
+                self._warned_nonfinite = True
+                warnings.warn(
+                    f"IST importance round at step {self._num_steps} measured a non-finite "
+                    f"loss ({losses.tolist()}); the round is skipped and scores are unchanged. "
+                    "Further skipped rounds are counted in state_dict()['ist'] without warning.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return
+        advantages = paper_advantages(losses)
+        self._scores = score_update(self._scores, sets, advantages, self.score_lr)
+        self.last_round = {"step": self._num_steps, "sets": sets, "losses": losses.tolist()}
+        logger.debug("IST round at step %d: sets=%s losses=%s", self._num_steps, sets,
+                     losses.tolist())
+
+    # ------------------------------------------------------------------ checkpoints
+    def _ist_state(self) -> dict[str, Any]:
+        return {
+            "format_version": STATE_FORMAT_VERSION,
+            "num_layers": self.num_layers,
+            "layer_names": list(self.groups.names),
+            "layer_numels": self.groups.numels(),
+            "scores": self._scores.clone(),
+            "generator_state": self._generator.get_state(),
+            "active_layers": list(self._active),
+            "num_steps": self._num_steps,
+            "skipped_rounds": self._skipped_rounds,
+            "importance_batches_seen": self._cycler.seen if self._cycler else 0,
+            "sampling": self.sampling,
+            "seed": self.seed,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state dict plus an ``"ist"`` entry (scores, generator
+        state, active set, step) in plain types and tensors (``weights_only``-loadable)."""
+        state = self.optimizer.state_dict()
+        state["ist"] = self._ist_state()
+        return state
+
+    def _check_ist_state(self, ist: dict[str, Any]) -> None:
+        version = ist.get("format_version")
+        if version != STATE_FORMAT_VERSION:
+            raise ValueError(
+                f"IST state format_version {version!r} is not the supported "
+                f"{STATE_FORMAT_VERSION}"
+            )
+        if ist["num_layers"] != self.num_layers:
+            raise ValueError(
+                f"checkpoint has {ist['num_layers']} IST layers, this optimizer has "
+                f"{self.num_layers}; load it into a model with the same layers and adapters"
+            )
+        if list(ist["layer_numels"]) != self.groups.numels():
+            differ = [i for i, (a, b) in enumerate(zip(ist["layer_numels"], self.groups.numels(),
+                                                       strict=True)) if a != b]
+            raise ValueError(
+                f"checkpoint's trainable parameter counts differ in layers {differ}: "
+                f"{[ist['layer_numels'][i] for i in differ]} saved vs "
+                f"{[self.groups.numels()[i] for i in differ]} here (other adapter rank or "
+                "targets?)"
+            )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`; the next step trains the saved active set.
+
+        Raises:
+            ValueError: when the checkpoint has no ``"ist"`` entry, or another number of
+                layers or trainable parameters, naming what differs.
+        """
+        state_dict = dict(state_dict)
+        ist = state_dict.pop("ist", None)
+        if ist is None:
+            raise ValueError(
+                "state_dict has no 'ist' entry: it was saved by a plain optimizer. Load it "
+                "into the inner one with ist_opt.optimizer.load_state_dict(...) instead"
+            )
+        self._check_ist_state(ist)
+        self.optimizer.load_state_dict(state_dict)
+        self._scores = ist["scores"].to(torch.float64).clone()
+        self._generator.set_state(ist["generator_state"])
+        self._num_steps = int(ist["num_steps"])
+        self._skipped_rounds = int(ist["skipped_rounds"])
+        self.seed = int(ist["seed"])
+        if self._cycler is not None:
+            self._cycler.fast_forward(int(ist["importance_batches_seen"]))
+        self._set_active([int(i) for i in ist["active_layers"]])
+
+    def close(self) -> None:
+        """Remove the batch-capturing hook from the model and re-enable all layers' grads."""
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
+        if self.freeze_inactive:
+            for params in self.groups.params:
+                for p in params:
+                    p.requires_grad_(True)
+
+    def __repr__(self) -> str:
+        return (
+            f"ISTOptimizer({type(self.optimizer).__name__}, layers={self.num_layers}, "
+            f"active={self.num_active}, sampling={self.sampling!r}, step={self._num_steps})"
+        )

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test command of the README and of CI: set up .venv, then run the whole suite offline.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup-venv.sh
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+.venv/bin/python -m pytest -q "$@"

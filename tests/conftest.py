@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random-init models built from configs (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import torch
+
+
+def tiny_llama(num_layers: int = 4, hidden: int = 32, vocab: int = 64, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    torch.random.set_rng_state(gen_state)
+    return model
+
+
+def lora_model(num_layers: int = 4, seed: int = 0, **lora_kwargs):
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_llama(num_layers, seed=seed)
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+               lora_dropout=0.0, init_lora_weights=False)
+    cfg.update(lora_kwargs)
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed + 1)
+    model = get_peft_model(base, LoraConfig(**cfg))
+    torch.random.set_rng_state(gen_state)
+    return model
+
+
+def lm_batch(batch: int = 2, seq: int = 8, vocab: int = 64, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+@pytest.fixture
+def llama_lora():
+    return lora_model(4)
+
+
+def params_snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
