@@ -179,6 +179,8 @@ def test_block_batches_order_and_epochs():
 # --------------------------------------------------------------------------- optimizers
 @pytest.mark.parametrize("kind", ["adamw", "ist", "badam"])
 def test_build_optimizer_kinds_train(kind):
+    if kind == "badam":
+        pytest.importorskip("badam")
     model = lora_model(4)
     opt = build_optimizer(kind, model, lr=1e-2, seed=0, badam_switch_every=1)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora" in n}

@@ -133,8 +133,10 @@ def active_description(optimizer: torch.optim.Optimizer) -> str:
     return "all"
 
 
-def evaluate(model: nn.Module, batches: Sequence[Batch]) -> float:
+def evaluate(model: nn.Module, batches: Sequence[Batch], *, progress: bool = False) -> float:
     """Mean loss of ``model`` over ``batches`` (eval mode, no grad; train mode restored)."""
+    from tqdm.auto import tqdm
+
     if not batches:
         raise CLIError("no validation batch: give more held-out text or lower --batch-size")
     was_training = model.training
@@ -142,7 +144,8 @@ def evaluate(model: nn.Module, batches: Sequence[Batch]) -> float:
     total = 0.0
     try:
         with torch.no_grad():
-            for batch in batches:
+            for batch in tqdm(batches, desc="held-out loss", leave=False,
+                              disable=not progress, dynamic_ncols=True):
                 total += float(model(**batch).loss)
     finally:
         model.train(was_training)
@@ -207,7 +210,7 @@ def train(
     if ist is not None:
         result.history = ImportanceHistory(num_layers=ist.num_layers)
     if val_batches:
-        result.evals.append(EvalPoint(0, 0.0, evaluate(model, val_batches)))
+        result.evals.append(EvalPoint(0, 0.0, evaluate(model, val_batches, progress=progress)))
     model.train()
     bar = tqdm(total=steps, desc=desc, disable=not progress, dynamic_ncols=True)
     try:
@@ -234,8 +237,8 @@ def train(
                 on_step(step, loss_value)
             last = step == steps
             if val_batches and (last or (eval_every > 0 and step % eval_every == 0)):
-                result.evals.append(EvalPoint(step, result.train_seconds,
-                                              evaluate(model, val_batches)))
+                val_loss = evaluate(model, val_batches, progress=progress)
+                result.evals.append(EvalPoint(step, result.train_seconds, val_loss))
     finally:
         bar.close()
     result.state_bytes = optimizer_state_bytes(optimizer)
