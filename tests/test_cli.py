@@ -224,6 +224,7 @@ def _run_main(argv, capsys):
 @pytest.mark.parametrize("extra, fragment", [
     (["--data", "/no/such/file.txt"], "--data /no/such/file.txt: no such file or folder"),
     (["--model", "./no-such-model-dir"], "--model ./no-such-model-dir: no such directory"),
+    (["--model", "nobody-org/no-such-model"], "--model nobody-org/no-such-model: cannot load"),
     (["--seq-len", "64", "--batch-size", "500"], "fewer than one batch of --batch-size 500"),
     (["--optimizer", "adamw", "--active-layers", "2"], "need --optimizer ist"),
     (["--sampling", "sideways"], "IST option rejected: Invalid sampling"),

@@ -96,6 +96,11 @@ def _convert_gguf(target: Path) -> None:
         raise
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def resolve_model_dir(model: str) -> str:
     """The directory or hub id to load for ``--model`` (the default is converted once).
 
@@ -131,8 +136,7 @@ def load_model(model: str, dtype: torch.dtype = torch.float32) -> Any:
     try:
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except OSError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CLIError(f"--model {model}: cannot load it offline ({first})") from err
+        raise CLIError(f"--model {model}: cannot load it offline ({_first_line(err)})") from err
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()
@@ -146,8 +150,8 @@ def load_tokenizer(model: str) -> Any:
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CLIError(f"--model {model}: cannot load its tokenizer ({first})") from err
+        raise CLIError(
+            f"--model {model}: cannot load its tokenizer ({_first_line(err)})") from err
 
 
 def add_adapters(
