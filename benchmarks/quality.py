@@ -11,13 +11,17 @@ keywords); more can be added from the command line, e.g.::
 
     --add-method 'lora+ist-normalized=lora:ist:{"estimator": "normalized"}'
 
-Run (the configuration of docs/benchmarks.md)::
+Run (the configuration of docs/benchmarks.md: one process per seed, in parallel)::
 
-    OMP_NUM_THREADS=1 python benchmarks/quality.py --steps 30 --seeds 0 1 --batch-size 4 \
-        --seq-len 64 --eval-every 10 --eval-batches 4
+    for seed in 0 1; do OMP_NUM_THREADS=1 python benchmarks/quality.py --seeds $seed \
+        --steps 30 --batch-size 4 --seq-len 64 --eval-every 10 --eval-batches 4 \
+        --out benchmarks/results/quality-seed$seed.jsonl & done; wait
+    python benchmarks/quality.py --report benchmarks/results/quality-seed*.jsonl
 
-Results: one JSON line per run (``--out``) and a Markdown table (``--table``).
-``--report-only`` rebuilds the table from an existing JSONL file.
+Results: one JSON line per run (``--out``) and a Markdown table (``--table``); ``--report
+FILES`` only builds the table from JSONL files. Time is measured two ways: wall time and
+the process's CPU time of the training steps. "Equal time" uses CPU time by default
+(``--clock cpu``): on a shared machine wall time mostly measures the other tenants.
 """
 
 from __future__ import annotations
@@ -79,8 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="shakespeare")
     p.add_argument("--out", type=Path, default=HERE / "results" / "quality.jsonl")
     p.add_argument("--table", type=Path, default=HERE / "results" / "quality.md")
-    p.add_argument("--report-only", action="store_true",
-                   help="only rebuild --table from --out")
+    p.add_argument("--report", nargs="+", type=Path, default=None, metavar="JSONL",
+                   help="only build --table from these result files")
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                   help="time used for the equal-time comparison")
     p.add_argument("--progress", action="store_true", help="show a progress bar per run")
     return p
 
@@ -95,53 +101,61 @@ def _mean_range(values: list[float], digits: int = 4) -> str:
     return f"{mean:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
-def _loss_within(run: dict[str, Any], seconds: float) -> float:
-    reached = [loss for _step, t, loss in run["evals"] if t <= seconds + 1e-9]
-    return reached[-1] if reached else math.nan
+def _within(run: dict[str, Any], seconds: float, clock: str) -> tuple[int, float]:
+    """(step, held-out loss) of the run's last evaluation within ``seconds`` of ``clock``."""
+    column = 3 if clock == "cpu" else 1
+    reached = [(e[0], e[2]) for e in run["evals"] if e[column] <= seconds + 1e-9]
+    return reached[-1] if reached else (0, math.nan)
 
 
-def report(runs: list[dict[str, Any]]) -> str:
+def report(runs: list[dict[str, Any]], clock: str = "cpu") -> str:
     """Markdown: per method, held-out loss at equal steps and at equal training time.
 
-    Equal time: for each seed, the budget is the shortest total training time of any method
-    on that seed; each method's loss is its last evaluation within that budget.
+    Equal time: for each seed, the budget is the shortest total training time (``clock``:
+    CPU or wall) of any method on that seed; each method's loss is its last evaluation
+    within that budget.
     """
+    total = "train_cpu_seconds" if clock == "cpu" else "train_seconds"
     methods = list(dict.fromkeys(r["method"] for r in runs))
     seeds = sorted({r["seed"] for r in runs})
-    budget = {s: min(r["train_seconds"] for r in runs if r["seed"] == s) for s in seeds}
+    budget = {s: min(r[total] for r in runs if r["seed"] == s) for s in seeds}
     rows = []
     for method in methods:
         mine = [r for r in runs if r["method"] == method]
-        at_time = [_loss_within(r, budget[r["seed"]]) for r in mine]
-        step_at_time = [max((e[0] for e in r["evals"] if e[1] <= budget[r["seed"]] + 1e-9),
-                            default=0) for r in mine]
+        reached = [_within(r, budget[r["seed"]], clock) for r in mine]
+        at_time = [loss for _step, loss in reached]
+        step_at_time = [step for step, _loss in reached]
         rows.append([
             method, len(mine),
             _mean_range([r["val_loss_before"] for r in mine]),
             _mean_range([r["val_loss_after"] for r in mine]),
             _mean_range(at_time),
             _mean_range([float(s) for s in step_at_time], 0),
+            _mean_range([r["cpu_seconds_per_step"] for r in mine], 2),
             _mean_range([r["seconds_per_step"] for r in mine], 2),
             _mean_range([r["optimizer_state_bytes"] / 2**20 for r in mine], 1),
             _mean_range([r["peak_bytes"] / 2**20 for r in mine], 0),
         ])
     steps = sorted({r["steps"] for r in runs})
     header = ["method", "seeds", "held-out loss at step 0", f"held-out loss at step {steps[-1]}",
-              "held-out loss at equal time", "steps reached in that time", "s/step",
+              f"held-out loss at equal {clock} time", "steps reached in that time",
+              "CPU s/step", "wall s/step",
               "optimizer state MiB", f"{runs[0]['memory_kind']} MiB"]
     budgets = ", ".join(f"seed {s}: {b:.0f} s" for s, b in budget.items())
     return (markdown_table(header, rows)
             + f"\n\nMean (min-max) over seeds. Equal-time budget per seed = the fastest "
-              f"method's training time ({budgets}).\n")
+              f"method's training {clock} time ({budgets}).\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     methods = dict(METHODS)
     methods.update({m.name: m for m in args.add_method})
-    if args.report_only:
-        runs = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
-        args.table.write_text(report(runs))
+    if args.report:
+        runs = [json.loads(line) for path in args.report
+                for line in path.read_text().splitlines() if line.strip()]
+        args.table.parent.mkdir(parents=True, exist_ok=True)
+        args.table.write_text(report(runs, args.clock))
         print(args.table.read_text())
         return 0
     unknown = [m for m in args.methods if m not in methods]
@@ -173,11 +187,12 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[{time.perf_counter() - started:6.0f} s] seed {seed} {name}: "
                           f"held-out {summary['val_loss_before']:.4f} -> "
                           f"{summary['val_loss_after']:.4f}, "
-                          f"{summary['seconds_per_step']:.2f} s/step", flush=True)
+                          f"{summary['cpu_seconds_per_step']:.2f} CPU s/step, "
+                          f"{summary['seconds_per_step']:.2f} wall s/step", flush=True)
     except CLIError as err:
         print(f"quality.py: error: {err}", file=sys.stderr)
         return 2
-    args.table.write_text(report(runs))
+    args.table.write_text(report(runs, args.clock))
     print(args.table.read_text())
     return 0
 

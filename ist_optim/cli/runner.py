@@ -116,9 +116,12 @@ class MethodRun:
             "val_loss_before": self.val_before, "val_loss_after": r.final_val_loss,
             "train_seconds": r.train_seconds,
             "seconds_per_step": r.train_seconds / max(1, len(r.step_seconds)),
+            "train_cpu_seconds": r.train_cpu_seconds,
+            "cpu_seconds_per_step": r.train_cpu_seconds / max(1, len(r.step_seconds)),
             "optimizer_state_bytes": r.state_bytes, "peak_bytes": self.peak_bytes,
             "memory_kind": self.memory_kind,
-            "evals": [[e.step, e.train_seconds, e.val_loss] for e in r.evals],
+            "evals": [[e.step, e.train_seconds, e.val_loss, e.train_cpu_seconds]
+                      for e in r.evals],
             "train_losses": r.train_losses,
         }
 

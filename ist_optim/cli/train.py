@@ -154,11 +154,13 @@ def evaluate(model: nn.Module, batches: Sequence[Batch], *, progress: bool = Fal
 
 @dataclass
 class EvalPoint:
-    """Held-out loss after ``step`` steps and ``train_seconds`` of training time."""
+    """Held-out loss after ``step`` steps, ``train_seconds`` of training (wall) time and
+    ``train_cpu_seconds`` of the process's CPU time spent in those steps."""
 
     step: int
     train_seconds: float
     val_loss: float
+    train_cpu_seconds: float = 0.0
 
 
 @dataclass
@@ -167,6 +169,7 @@ class RunResult:
 
     train_losses: list[float] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
+    step_cpu_seconds: list[float] = field(default_factory=list)
     evals: list[EvalPoint] = field(default_factory=list)
     state_bytes: int = 0
     history: ImportanceHistory | None = None
@@ -176,13 +179,14 @@ class RunResult:
         return sum(self.step_seconds)
 
     @property
+    def train_cpu_seconds(self) -> float:
+        """Process CPU time of the training steps (all threads): on a shared machine a
+        steadier measure of compute than wall time."""
+        return sum(self.step_cpu_seconds)
+
+    @property
     def final_val_loss(self) -> float:
         return self.evals[-1].val_loss if self.evals else math.nan
-
-    def val_loss_within(self, seconds: float) -> EvalPoint | None:
-        """The last evaluation reached within ``seconds`` of training time."""
-        reached = [e for e in self.evals if e.train_seconds <= seconds + 1e-9]
-        return reached[-1] if reached else None
 
 
 def train(
@@ -217,7 +221,7 @@ def train(
         for step in range(1, steps + 1):
             batch = next(batches)
             trained = ist.active_layers if ist is not None else None
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             loss = model(**batch).loss
             loss.backward()
             if max_grad_norm is not None:
@@ -226,6 +230,7 @@ def train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             result.step_seconds.append(time.perf_counter() - start)
+            result.step_cpu_seconds.append(time.process_time() - start_cpu)
             loss_value = loss.item()
             result.train_losses.append(loss_value)
             if ist is not None and result.history is not None:
@@ -238,7 +243,8 @@ def train(
             last = step == steps
             if val_batches and (last or (eval_every > 0 and step % eval_every == 0)):
                 val_loss = evaluate(model, val_batches, progress=progress)
-                result.evals.append(EvalPoint(step, result.train_seconds, val_loss))
+                result.evals.append(EvalPoint(step, result.train_seconds, val_loss,
+                                              result.train_cpu_seconds))
     finally:
         bar.close()
     result.state_bytes = optimizer_state_bytes(optimizer)
