@@ -255,6 +255,7 @@ def test_end_to_end_tiny_model(tiny_model_dir, corpus, tmp_path, capsys):
     summary = json.loads((out_dir / "results.json").read_text())
     assert summary["steps"] == 3 and len(summary["train_losses"]) == 3
     assert [e[0] for e in summary["evals"]] == [0, 3]
+    assert summary["train_cpu_seconds"] > 0 and summary["train_seconds"] > 0
     history = json.loads((out_dir / "importance.json").read_text())
     assert history["steps"] == [1, 2, 3] and all(len(t) == 2 for t in history["trained"])
     assert any(v != 0 for v in history["importance"][-1])  # importance rounds ran
