@@ -49,6 +49,7 @@ def results_table(run: MethodRun, settings: dict[str, Any]) -> str:
     costs = markdown_table(["cost", "value"], [
         ["steps", steps],
         ["training time (s)", f"{r.train_seconds:.1f}"],
+        ["training CPU time (s)", f"{r.train_cpu_seconds:.1f}"],
         ["s/step", f"{r.train_seconds / max(1, steps):.2f}"],
         ["optimizer state (MiB)", _mb(r.state_bytes)],
         [f"{run.memory_kind} (MiB)", _mb(run.peak_bytes)],
@@ -64,11 +65,13 @@ def compare_table(runs: Sequence[MethodRun]) -> str:
     rows = []
     for run in runs:
         r = run.result
+        steps = max(1, len(r.step_seconds))
         rows.append([run.spec.name, f"{run.val_before:.4f}", f"{r.final_val_loss:.4f}",
-                     _ppl(r.final_val_loss), f"{r.train_seconds / max(1, len(r.step_seconds)):.2f}",
-                     _mb(r.state_bytes), _mb(run.peak_bytes)])
+                     _ppl(r.final_val_loss), f"{r.train_seconds / steps:.2f}",
+                     f"{r.train_cpu_seconds / steps:.2f}", _mb(r.state_bytes),
+                     _mb(run.peak_bytes)])
     return markdown_table(["method", "held-out loss before", "held-out loss after",
-                           "perplexity after", "s/step", "optimizer state MiB",
+                           "perplexity after", "s/step", "CPU s/step", "optimizer state MiB",
                            f"{kind} MiB"], rows)
 
 
