@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "importance")
     g.add_argument("--ist-kwarg", type=_key_value, action="append", default=[],
                    metavar="KEY=VALUE",
-                   help="any other ISTOptimizer keyword (VALUE parsed as JSON), repeatable")
+                   help="any other ISTOptimizer keyword (VALUE parsed as JSON, else a string), "
+                        "repeatable")
     return p
 
 
