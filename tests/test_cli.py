@@ -293,3 +293,33 @@ def test_import_is_light_and_module_entry_works():
     help_run = subprocess.run([sys.executable, "-m", "ist_optim", "--help"],
                               capture_output=True, text=True, cwd=REPO)
     assert help_run.returncode == 0 and "--active-layers" in help_run.stdout
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "rslora", "ia3", "full"])
+def test_add_adapters_methods_train_with_ist(method):
+    from conftest import tiny_llama
+
+    from ist_optim.cli.models import add_adapters
+
+    model = add_adapters(tiny_llama(4), method, rank=2, seed=0)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable
+    if method == "full":
+        assert all(".layers." in n for n in trainable)
+    else:
+        assert all(("lora_" in n) or ("ia3_" in n) for n in trainable)
+    opt = build_optimizer("ist", model, lr=1e-2, seed=0, ist_kwargs={"update_interval": 1})
+    model(**lm_batch()).loss.backward()
+    opt.step()
+    assert opt.last_round is not None  # the importance round ran with this adapter type
+
+
+def test_add_adapters_rejects_unknown_method_and_rank():
+    from conftest import tiny_llama
+
+    from ist_optim.cli.models import add_adapters
+
+    with pytest.raises(CLIError, match="--peft lokr: unknown method"):
+        add_adapters(tiny_llama(2), "lokr")
+    with pytest.raises(CLIError, match="--rank 0"):
+        add_adapters(tiny_llama(2), "lora", rank=0)

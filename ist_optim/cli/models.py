@@ -168,8 +168,9 @@ def add_adapters(
     Args:
         model: a transformers causal LM.
         method: ``"lora"``, ``"dora"`` (weight-decomposed LoRA), ``"rslora"`` (rank-stabilised
-            scaling), ``"ia3"`` or ``"full"`` (no adapter: every weight inside the decoder
-            layers trains; embeddings, final norm and head stay frozen).
+            scaling), ``"ia3"`` or ``"full"`` (no adapter: every weight inside the transformer
+            blocks found by :func:`ist_optim.discover_layers` trains; embeddings, final norm
+            and head stay frozen).
         rank: adapter rank (LoRA family).
         alpha: LoRA alpha; default ``2 * rank``.
         target_modules: peft ``target_modules`` (default ``"all-linear"``).
@@ -183,8 +184,15 @@ def add_adapters(
     if rank < 1:
         raise CLIError(f"--rank {rank}: must be at least 1")
     if method == "full":
-        for name, param in model.named_parameters():
-            param.requires_grad_(".layers." in f".{name}")
+        from ..groups import discover_layers
+
+        try:
+            blocks = discover_layers(model)
+        except ValueError as err:
+            raise CLIError(f"--peft full: {err}") from err
+        model.requires_grad_(False)
+        for _name, block in blocks:
+            block.requires_grad_(True)
         return model
     from peft import IA3Config, LoraConfig, get_peft_model
 
