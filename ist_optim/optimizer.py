@@ -20,18 +20,33 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .batches import BatchCapture, BatchCycler, LossFn, default_loss_fn, move_batch
+from .estimators import (
+    ESTIMATORS,
+    Estimator,
+    FirstOrderProbe,
+    RunningScale,
+    normalized_advantages,
+    predicted_suppression_deltas,
+)
 from .groups import LayerGroups, LayersSpec, build_layer_groups
 from .importance import paper_advantages, score_update
-from .sampling import resolve_count, sample_candidate_sets, sample_layers, sampling_weights
+from .sampling import (
+    distribution_spread,
+    resolve_count,
+    sample_candidate_sets,
+    sample_depth_aware,
+    sample_layers,
+    sampling_weights,
+)
 from .suppression import SuppressionMode, Suppressor
 
 __all__ = ["ISTOptimizer"]
 
 logger = logging.getLogger(__name__)
 
-Sampling = Literal["importance", "uniform"]
+Sampling = Literal["importance", "uniform", "depth-aware"]
 STATE_FORMAT_VERSION = 1
-_SAMPLINGS = ("importance", "uniform")
+_SAMPLINGS = ("importance", "uniform", "depth-aware")
 
 
 def _check_number(name: str, value: Any, low: float, high: float, *, closed_high: bool) -> float:
@@ -85,8 +100,13 @@ class ISTOptimizer(Optimizer):
             most recent training batch, kept by a forward pre-hook on ``model``.
         loss_fn: ``callable(model, batch) -> loss`` for the rounds. Default
             ``model(**batch).loss``.
-        sampling: ``"importance"`` (weights ``sigmoid(-s)``, the paper) or ``"uniform"``
-            (LISA-style; runs no importance rounds).
+        sampling: ``"importance"`` (weights ``sigmoid(-s)``, the paper), ``"uniform"``
+            (LISA-style; runs no importance rounds) or ``"depth-aware"`` (importance
+            weights, layers drawn clustered in depth so backward stops higher; see
+            :func:`ist_optim.sampling.sample_depth_aware`).
+        estimator: how importance rounds update scores: ``"paper"`` (default),
+            ``"normalized"`` (loss-scale-free advantages) or ``"first-order"`` (no
+            extra forward; reads the training backward). See :mod:`ist_optim.estimators`.
         suppression_mode: ``"auto"``, ``"adapters"`` or ``"residual"``, see
             :class:`ist_optim.Suppressor`.
         freeze_inactive: ``True`` (default) sets ``requires_grad=False`` on inactive
@@ -126,6 +146,7 @@ class ISTOptimizer(Optimizer):
         importance_batches: Iterable[Any] | None = None,
         loss_fn: LossFn | None = None,
         sampling: Sampling = "importance",
+        estimator: Estimator = "paper",
         suppression_mode: SuppressionMode = "auto",
         freeze_inactive: bool = True,
         seed: int | None = None,
@@ -144,6 +165,13 @@ class ISTOptimizer(Optimizer):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if sampling not in _SAMPLINGS:
             raise ValueError(f"Invalid sampling: {sampling!r}; expected one of {_SAMPLINGS}")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"Invalid estimator: {estimator!r}; expected one of {ESTIMATORS}")
+        if sampling == "uniform" and estimator != "paper":
+            raise ValueError(
+                f"estimator={estimator!r} has no effect with sampling='uniform', which runs no "
+                "importance rounds; use sampling='importance' or 'depth-aware'"
+            )
         if not isinstance(freeze_inactive, bool):
             raise TypeError(f"freeze_inactive must be a bool, got {freeze_inactive!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -176,6 +204,7 @@ class ISTOptimizer(Optimizer):
         self.suppression = _check_number("suppression", suppression, 0.0, 1.0, closed_high=False)
         self.update_interval = _check_int("update_interval", update_interval, 1)
         self.sampling: Sampling = sampling
+        self.estimator: Estimator = estimator
         self.freeze_inactive = freeze_inactive
         self.loss_fn: LossFn = loss_fn or default_loss_fn
 
@@ -191,16 +220,25 @@ class ISTOptimizer(Optimizer):
         self._suppressor: Suppressor | None = None
         self._capture: BatchCapture | None = None
         self._cycler: BatchCycler | None = None
+        self._probe: FirstOrderProbe | None = None
+        self._scale = RunningScale()
         if self.runs_importance_rounds:
             self._suppressor = Suppressor(self.groups.modules, self.suppression, suppression_mode)
-            if importance_batches is None:
+            if estimator == "first-order":
+                if importance_batches is not None:
+                    raise ValueError(
+                        "importance_batches is set but estimator='first-order' runs no "
+                        "estimation forward passes; drop importance_batches"
+                    )
+                self._probe = FirstOrderProbe(self.groups.modules, self._suppressor.mode)
+            elif importance_batches is None:
                 self._capture = BatchCapture(model)
             else:
                 self._cycler = BatchCycler(importance_batches)
         elif importance_batches is not None:
             raise ValueError(
                 "importance_batches is set but sampling='uniform' runs no importance rounds; "
-                "drop importance_batches or use sampling='importance'"
+                "drop importance_batches or use sampling='importance' or 'depth-aware'"
             )
         self._active: list[int] = []
         self._set_active(self._sample_active())
@@ -289,6 +327,15 @@ class ISTOptimizer(Optimizer):
         weights = self._active_weights()
         return (weights / weights.sum()).to(torch.float32)
 
+    def sampling_spread(self) -> dict[str, float]:
+        """How far :attr:`sampling_probabilities` is from uniform (for logs).
+
+        Returns:
+            ``max_min_ratio``, ``kl_from_uniform`` (nats) and ``entropy_ratio``, see
+            :func:`ist_optim.sampling.distribution_spread`.
+        """
+        return distribution_spread(self.sampling_probabilities)
+
     @property
     def num_steps(self) -> int:
         """Optimizer steps taken so far."""
@@ -296,7 +343,7 @@ class ISTOptimizer(Optimizer):
 
     @property
     def runs_importance_rounds(self) -> bool:
-        return self.sampling == "importance"
+        return self.sampling != "uniform"
 
     # ------------------------------------------------------------------ stepping
     def _active_weights(self) -> torch.Tensor:
@@ -305,6 +352,8 @@ class ISTOptimizer(Optimizer):
         return sampling_weights(self._scores, -1.0)
 
     def _sample_active(self) -> list[int]:
+        if self.sampling == "depth-aware":
+            return sample_depth_aware(self._active_weights(), self.num_active, self._generator)
         return sample_layers(self._active_weights(), self.num_active, self._generator)
 
     def _set_active(self, active: list[int]) -> None:
@@ -334,6 +383,8 @@ class ISTOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._probe is not None:
+            self._probe.end_step()
         self._drop_inactive_grads()
         self.optimizer.step()
         self._num_steps += 1
@@ -387,11 +438,19 @@ class ISTOptimizer(Optimizer):
         return torch.tensor(losses, dtype=torch.float64)
 
     def _importance_round(self) -> None:
-        batch = self._importance_batch()
-        weights = sampling_weights(self._scores, +1.0)
-        sets = sample_candidate_sets(weights, self.num_suppressed, self.num_candidates,
-                                     self._generator)
-        losses = self.measure_suppressed_losses(sets, batch)
+        if self._probe is not None:
+            reached, losses = predicted_suppression_deltas(*self._probe.take(), self.suppression)
+            sets = [[i] for i in reached]
+            if len(sets) < 2:
+                logger.debug("IST first-order round at step %d: %d layer(s) reached, no update",
+                             self._num_steps, len(sets))
+                return
+        else:
+            batch = self._importance_batch()
+            weights = sampling_weights(self._scores, +1.0)
+            sets = sample_candidate_sets(weights, self.num_suppressed, self.num_candidates,
+                                         self._generator)
+            losses = self.measure_suppressed_losses(sets, batch)
         if not torch.isfinite(losses).all():
             self._skipped_rounds += 1
             if not self._warned_nonfinite:
@@ -404,7 +463,10 @@ class ISTOptimizer(Optimizer):
                     stacklevel=3,
                 )
             return
-        advantages = paper_advantages(losses)
+        if self.estimator == "paper":
+            advantages = paper_advantages(losses)
+        else:
+            advantages = normalized_advantages(losses, self._scale)
         self._scores = score_update(self._scores, sets, advantages, self.score_lr)
         self.last_round = {"step": self._num_steps, "sets": sets, "losses": losses.tolist()}
         logger.debug("IST round at step %d: sets=%s losses=%s", self._num_steps, sets,
@@ -425,6 +487,11 @@ class ISTOptimizer(Optimizer):
             "importance_batches_seen": self._cycler.seen if self._cycler else 0,
             "sampling": self.sampling,
             "seed": self.seed,
+            "estimator": self.estimator,
+            "estimator_state": {
+                "scale": self._scale.state_dict(),
+                "probe": self._probe.state_dict() if self._probe is not None else None,
+            },
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -471,7 +538,18 @@ class ISTOptimizer(Optimizer):
                 "into the inner one with ist_opt.optimizer.load_state_dict(...) instead"
             )
         self._check_ist_state(ist)
+        saved_estimator = ist.get("estimator", "paper")
+        if saved_estimator != self.estimator:
+            raise ValueError(
+                f"checkpoint was saved with estimator={saved_estimator!r}, this optimizer uses "
+                f"estimator={self.estimator!r}; build it with estimator={saved_estimator!r}"
+            )
         self.optimizer.load_state_dict(state_dict)
+        estimator_state = ist.get("estimator_state")
+        if estimator_state is not None:
+            self._scale.load_state_dict(estimator_state["scale"])
+            if self._probe is not None and estimator_state["probe"] is not None:
+                self._probe.load_state_dict(estimator_state["probe"])
         self._scores = ist["scores"].to(torch.float64).clone()
         self._generator.set_state(ist["generator_state"])
         self._num_steps = int(ist["num_steps"])
@@ -486,6 +564,9 @@ class ISTOptimizer(Optimizer):
         if self._capture is not None:
             self._capture.remove()
             self._capture = None
+        if self._probe is not None:
+            self._probe.remove()
+            self._probe = None
         if self.freeze_inactive:
             for params in self.groups.params:
                 for p in params:
