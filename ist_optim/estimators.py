@@ -12,22 +12,27 @@ same sampling; they differ in what is measured and how it becomes the advantages
 
 ``"normalized"``
     The same K suppressed losses, standardized so that a round's step means the same at
-    any loss level. With ``mean`` the mean of the round's losses and ``sigma_t`` their
-    (population) standard deviation::
+    any loss level, and scores that forget old rounds so they stay bounded. With
+    ``mean`` the mean of the round's losses and ``sigma_t`` their (population) standard
+    deviation::
 
         m_t = sigma_1                                  (first round)
         m_t = beta * m_{t-1} + (1 - beta) * sigma_t    (later rounds, beta = 0.9)
         c_t = max(sigma_t, m_t)                        (the scale)
         z_k = (mean - l_k) / c_t                       (0 when c_t = 0)
-        A_k = z_k / sqrt(K)
+        A_k = tau * z_k                                (tau = 0.1)
+        s  <- rho * s                                  (rho = 0.9), then the update above
 
     A set whose suppression hurts least gets a positive advantage, so its layers' scores
-    rise and they are trained less. ``c_t >= sigma_t`` bounds the advantages:
-    ``sum_k A_k^2 <= 1`` and ``|A_k| <= sqrt((K-1)/K)``, so one round moves a score by at
-    most ``eta / 4 * sum_k |A_k| <= eta * sqrt(K) / 8`` whatever the loss scale; the
-    factor ``p (1 - p)`` of the update shrinks steps as scores grow, keeping them bounded
-    in practice. The running mean ``m_t`` (saved in checkpoints) makes a round whose
-    losses differ less than usual move scores less: a quiet round is weak evidence.
+    rise and they are trained less. ``c_t >= sigma_t`` gives ``sum_k z_k^2 <= K``, so
+    one round moves a score by at most ``eta * tau * K / 4`` (0.75 at the defaults)
+    whatever the loss level, and the retention ``rho`` bounds every score by
+    ``eta * tau * K / (4 (1 - rho))``; in practice scores settle within about +-2 (a
+    sampling max/min ratio of a few units) and reflect the last ``1 / (1 - rho) = 10``
+    rounds. ``tau`` makes the paper's ``eta = 10`` move a score by about 0.25 per round
+    and unit of standardized advantage. The running mean ``m_t`` (saved in checkpoints)
+    makes a round whose losses differ less than usual move scores less: a quiet round
+    is weak evidence.
 
 ``"first-order"``
     No extra forward pass. Scaling a layer's adapter output ``y`` by ``lambda`` changes
@@ -42,13 +47,16 @@ same sampling; they differ in what is measured and how it becomes the advantages
     per-step values are averaged per layer over the steps that reached it, giving the
     predicted suppression loss change ``d_i = (lambda - 1) * mean <dL/dy_i, y_i>``. Each
     reached layer is then a singleton candidate set ``{i}`` with "loss" ``d_i`` and the
-    ``"normalized"`` advantages above (``K`` = the number of reached layers).
+    ``"normalized"`` update above (``K`` = the number of reached layers). At a minimum
+    of the loss along the adapter's scale the linear term vanishes, so the estimate is
+    most informative while adapters are still moving (docs/benchmarks.md measures its
+    agreement with suppression).
 
 Example:
     >>> import torch
     >>> scale = RunningScale()
-    >>> normalized_advantages(torch.tensor([3.0, 3.1, 3.2]), scale)
-    tensor([ 0.7071,  0.0000, -0.7071], dtype=torch.float64)
+    >>> normalized_advantages(torch.tensor([3.0, 3.5, 4.0]), scale)
+    tensor([ 0.1225,  0.0000, -0.1225], dtype=torch.float64)
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .importance import score_update
 from .suppression import find_tuner_layers
 
 __all__ = [
@@ -70,11 +79,17 @@ __all__ = [
     "FirstOrderProbe",
     "RunningScale",
     "normalized_advantages",
+    "normalized_score_update",
     "predicted_suppression_deltas",
 ]
 
 Estimator = Literal["paper", "normalized", "first-order"]
 ESTIMATORS: tuple[str, ...] = ("paper", "normalized", "first-order")
+ADVANTAGE_SCALE = 0.1
+"""``tau``: standardized advantages are scaled so that eta = 10 moves a score by about
+``eta * tau / 4 = 0.25`` per unit of standardized advantage and round."""
+SCORE_RETENTION = 0.9
+"""``rho``: scores keep this fraction of their value at each normalized round."""
 
 
 @dataclass
@@ -117,14 +132,14 @@ class RunningScale:
 
 
 def normalized_advantages(losses: torch.Tensor, scale: RunningScale) -> torch.Tensor:
-    """``A_k = (mean - l_k) / (max(sigma_t, m_t) * sqrt(K))``; updates ``scale`` in place.
+    """``A_k = tau * (mean - l_k) / max(sigma_t, m_t)``; updates ``scale`` in place.
 
     Args:
         losses: the round's K losses (suppressed losses, or predicted loss changes).
         scale: the running scale, updated with this round's standard deviation.
 
     Returns:
-        float64 advantages, summing to zero, with ``sum A_k^2 <= 1``.
+        float64 advantages, summing to zero, with ``sum A_k^2 <= K tau^2``.
     """
     losses64 = losses.detach().to(torch.float64).flatten()
     if losses64.numel() == 0:
@@ -136,7 +151,29 @@ def normalized_advantages(losses: torch.Tensor, scale: RunningScale) -> torch.Te
     c = scale.update(spread)
     if c == 0.0:
         return torch.zeros_like(losses64)
-    return centered / (c * math.sqrt(losses64.numel()))
+    return ADVANTAGE_SCALE * centered / c
+
+
+def normalized_score_update(
+    scores: torch.Tensor,
+    candidate_sets: Sequence[Sequence[int]],
+    losses: torch.Tensor,
+    scale: RunningScale,
+    step_size: float,
+) -> torch.Tensor:
+    """One round of the ``"normalized"`` / ``"first-order"`` estimators.
+
+    ``s <- score_update(rho * s, sets, A, eta)`` with ``A`` from
+    :func:`normalized_advantages` and ``rho = SCORE_RETENTION``.
+
+    Example:
+        >>> s = torch.zeros(4, dtype=torch.float64)
+        >>> normalized_score_update(s, [[0, 1], [2, 3]], torch.tensor([1.0, 2.0]),
+        ...                         RunningScale(), 10.0).tolist()
+        [0.25, 0.25, -0.25, -0.25]
+    """
+    advantages = normalized_advantages(losses, scale)
+    return score_update(SCORE_RETENTION * scores, candidate_sets, advantages, step_size)
 
 
 def predicted_suppression_deltas(

@@ -25,7 +25,7 @@ from .estimators import (
     Estimator,
     FirstOrderProbe,
     RunningScale,
-    normalized_advantages,
+    normalized_score_update,
     predicted_suppression_deltas,
 )
 from .groups import LayerGroups, LayersSpec, build_layer_groups
@@ -464,10 +464,11 @@ class ISTOptimizer(Optimizer):
                 )
             return
         if self.estimator == "paper":
-            advantages = paper_advantages(losses)
+            self._scores = score_update(self._scores, sets, paper_advantages(losses),
+                                        self.score_lr)
         else:
-            advantages = normalized_advantages(losses, self._scale)
-        self._scores = score_update(self._scores, sets, advantages, self.score_lr)
+            self._scores = normalized_score_update(self._scores, sets, losses, self._scale,
+                                                   self.score_lr)
         self.last_round = {"step": self._num_steps, "sets": sets, "losses": losses.tolist()}
         logger.debug("IST round at step %d: sets=%s losses=%s", self._num_steps, sets,
                      losses.tolist())
