@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -176,11 +177,13 @@ def test_backward_stops_at_the_lowest_active_layer():
     blocks = list(model.base_model.model.model.layers)
     for active in ([3, 5], [1, 4], [0, 2]):
         opt._set_active(active)
-        reached = []
-        handles = [b.register_forward_hook(
-            lambda _m, _a, out, i=i: reached.append(i) if (
-                out[0] if isinstance(out, tuple) else out).requires_grad else None)
-            for i, b in enumerate(blocks)]
+        reached: list[int] = []
+
+        def record(_m, _a, out, i, seen=reached):
+            if (out[0] if isinstance(out, tuple) else out).requires_grad:
+                seen.append(i)
+
+        handles = [b.register_forward_hook(partial(record, i=i)) for i, b in enumerate(blocks)]
         model(**lm_batch()).loss.backward()
         for h in handles:
             h.remove()
