@@ -4,8 +4,8 @@ Backward cost is set by the lowest trained layer: with LoRA and ``freeze_inactiv
 tensor below it requires grad, so autograd stops there (tests/test_depth_sampling.py checks
 this). The configurations run interleaved, one step each in turn (rotating who goes
 first), so machine load hits all alike; medians over the timed steps are reported side
-by side. Importance rounds are excluded (``update_interval`` beyond the run) to time the sampling alone; their cost is
-measured by benchmarks/first_order_agreement.py.
+by side. Importance rounds are excluded (``update_interval`` beyond the run) to time
+the sampling alone; their cost is measured by benchmarks/first_order_agreement.py.
 
 Run (the configuration of docs/benchmarks.md)::
 
