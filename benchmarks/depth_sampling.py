@@ -15,7 +15,6 @@ Run (the configuration of docs/benchmarks.md)::
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -24,17 +23,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from small_llama import build_model, random_batch, shakespeare_bytes  # noqa: E402
+from small_llama import build_model, random_batch, shakespeare_bytes, shape_parser  # noqa: E402
 
 from ist_optim import ISTOptimizer  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=4)
+    parser = shape_parser(__doc__, layers=12, batch=4)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--active", type=float, default=0.25)

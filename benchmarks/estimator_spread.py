@@ -16,26 +16,20 @@ Run (the configuration of docs/benchmarks.md)::
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from small_llama import build_model, random_batch, shakespeare_bytes, spearman  # noqa: E402
+from small_llama import build_model, random_batch, shakespeare_bytes, shape_parser, spearman  # noqa: E402
 
 from ist_optim import ISTOptimizer  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=2)
+    parser = shape_parser(__doc__, layers=8, batch=2)
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args()
     tokens = shakespeare_bytes()
     held_out = random_batch(tokens, 4, args.seq, torch.Generator().manual_seed(99))
@@ -65,7 +59,7 @@ def main() -> None:
         opt_measure.close()
         rho = spearman(opt.importance, losses - base)
         picks = [ratios[i] for i in (0, 2, 4) if i < len(ratios)] + [ratios[-1]]
-        print(f"| {estimator} | " + " | ".join(f"{r:.3f}" for r in picks)
+        print(f"| {estimator} | " + " | ".join(f"{r:.4f}" for r in picks)
               + f" | {kl:.4f} | {rho:+.2f} | {base:.3f} |")
 
 

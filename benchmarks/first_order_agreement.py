@@ -28,7 +28,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from small_llama import build_model, random_batch, shakespeare_bytes, spearman  # noqa: E402
+from small_llama import (  # noqa: E402
+    build_model,
+    random_batch,
+    shakespeare_bytes,
+    shape_parser,
+    spearman,
+)
 
 from ist_optim import ISTOptimizer, Suppressor  # noqa: E402
 from ist_optim.estimators import FirstOrderProbe  # noqa: E402
@@ -122,12 +128,7 @@ def run_cost(args: argparse.Namespace, tokens: torch.Tensor) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser = shape_parser(__doc__, layers=8, batch=2)
     parser.add_argument("--stages", type=int, nargs="+", default=[5, 20, 60])
     parser.add_argument("--timed-steps", type=int, default=20)
     parser.add_argument("--skip-cost", action="store_true")

@@ -3,6 +3,7 @@ a small random-init Llama with peft LoRA, and Shakespeare text as byte tokens (o
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -12,6 +13,17 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def shape_parser(doc: str, layers: int = 8, batch: int = 2) -> argparse.ArgumentParser:
+    """An argument parser with the model and batch shape options every benchmark shares."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    return parser
 
 
 def build_model(num_layers: int, hidden: int, lora: bool = True, seed: int = 0,
