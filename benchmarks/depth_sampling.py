@@ -9,8 +9,8 @@ the sampling alone; their cost is measured by benchmarks/first_order_agreement.p
 
 Run (the configuration of docs/benchmarks.md)::
 
-    OMP_NUM_THREADS=2 python benchmarks/depth_sampling.py --layers 8 --hidden 256 \
-        --seq 128 --batch 2 --steps 20
+    OMP_NUM_THREADS=1 python benchmarks/depth_sampling.py --layers 12 --hidden 256 \
+        --seq 128 --batch 4 --steps 30
 """
 
 from __future__ import annotations
