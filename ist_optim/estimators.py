@@ -148,6 +148,8 @@ def normalized_advantages(losses: torch.Tensor, scale: RunningScale) -> torch.Te
         raise ValueError(f"losses must be finite, got {losses64.tolist()}")
     centered = losses64.mean() - losses64
     spread = float(centered.pow(2).mean().sqrt())
+    if spread <= 16 * torch.finfo(torch.float64).eps * float(losses64.abs().max()):
+        spread, centered = 0.0, torch.zeros_like(centered)  # equal up to rounding
     c = scale.update(spread)
     if c == 0.0:
         return torch.zeros_like(losses64)
@@ -203,7 +205,7 @@ def predicted_suppression_deltas(
 def _dot(grad: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     if grad.dtype not in (torch.float32, torch.float64):
         grad, value = grad.float(), value.float()
-    return torch.dot(grad.reshape(-1), value.reshape(-1)).to(torch.float64)
+    return torch.dot(grad.reshape(-1), value.reshape(-1))
 
 
 def _check_plain_lora(module: nn.Module, layer: int) -> None:
@@ -255,7 +257,7 @@ class FirstOrderProbe:
         self.mode = mode
         self._sums: torch.Tensor | None = None  # on the device of the grads
         self._counts = torch.zeros(self.num_layers, dtype=torch.int64)
-        self._touched: set[int] = set()
+        self._pending: list[tuple[int, torch.Tensor]] = []
         self._handles: list[Any] = []
         for layer, block in enumerate(blocks):
             if mode == "residual":
@@ -271,16 +273,11 @@ class FirstOrderProbe:
     # hooks --------------------------------------------------------------------------
     def _add(self, layer: int, grad: torch.Tensor, value: torch.Tensor,
              base: torch.Tensor | None = None) -> None:
+        """Backward hook body: one dot product, kept until :meth:`end_step` folds it in."""
         dot = _dot(grad, value)
         if base is not None:
             dot = dot - _dot(grad, base)
-        if self._sums is None or self._sums.device != dot.device:
-            previous = self._sums
-            self._sums = torch.zeros(self.num_layers, dtype=torch.float64, device=dot.device)
-            if previous is not None:
-                self._sums += previous.to(dot.device)
-        self._sums[layer] += dot
-        self._touched.add(layer)
+        self._pending.append((layer, dot))
 
     def _adapter_hook(self, layer: int, _module: nn.Module, args: tuple) -> None:
         hidden = args[0] if args else None
@@ -310,10 +307,19 @@ class FirstOrderProbe:
 
     # bookkeeping --------------------------------------------------------------------
     def end_step(self) -> None:
-        """Count one step for every layer the backward reached since the last call."""
-        for layer in self._touched:
+        """Add this step's dot products to the sums (one ``index_add_``, no device sync) and
+        count one step for every layer the backward reached since the last call."""
+        if not self._pending:
+            return
+        layers = [layer for layer, _ in self._pending]
+        values = torch.stack([dot.to(torch.float64) for _, dot in self._pending])
+        self._pending = []
+        if self._sums is None:
+            self._sums = torch.zeros(self.num_layers, dtype=torch.float64, device=values.device)
+        self._sums = self._sums.to(values.device)
+        self._sums.index_add_(0, torch.tensor(layers, device=values.device), values)
+        for layer in set(layers):
             self._counts[layer] += 1
-        self._touched.clear()
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(sums, counts)`` on CPU since the last :meth:`take`, and reset them."""
@@ -334,7 +340,7 @@ class FirstOrderProbe:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._sums = state["sums"].to(torch.float64).clone()
         self._counts = state["counts"].to(torch.int64).clone()
-        self._touched.clear()
+        self._pending = []
 
     def remove(self) -> None:
         """Remove every hook."""

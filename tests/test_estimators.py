@@ -123,7 +123,8 @@ def test_normalized_advantages_do_not_depend_on_loss_level_or_scale(losses, a, b
 
 
 def test_normalized_advantages_zero_for_equal_losses():
-    assert normalized_advantages(torch.full((3,), 2.5), RunningScale()).abs().max() == 0.0
+    for value in (2.5, 0.1):  # 0.1: the mean differs from each loss by rounding only
+        assert normalized_advantages(torch.full((3,), value), RunningScale()).abs().max() == 0
 
 
 def test_quiet_round_moves_less_than_a_loud_one():
