@@ -10,7 +10,9 @@
    layers and differ only in the estimator), steps interleaved; medians side by side:
    no rounds (baseline), ``estimator="first-order"`` (hooks every step, rounds every T=10)
    and ``estimator="paper"`` (K=3 suppressed forwards every T=10 steps); "first-order
-   hooks, no rounds" isolates the per-step cost of the backward hooks.
+   hooks, no rounds" isolates the per-step cost of the backward hooks. Then a paired
+   measurement of the hooks alone: one model at lr 0, each batch stepped with and without
+   the hooks (alternating order), median of the per-pair ratios.
 
 Run (the configuration of docs/benchmarks.md)::
 
@@ -130,6 +132,37 @@ def run_cost(args: argparse.Namespace, tokens: torch.Tensor) -> None:
               f"{1000 * mean:.1f} | {mean / base_mean:.3f} |")
 
 
+def run_paired_hook_cost(args: argparse.Namespace, tokens: torch.Tensor) -> None:
+    """Same model (lr 0, so every step does the same work), same batch, steps with and
+    without the probe's hooks alternating: the median of the per-pair time ratios."""
+    model = build_model(args.layers, args.hidden)
+    opt = ISTOptimizer(torch.optim.SGD, model, lr=0.0, active_layers=1.0,
+                       update_interval=10**9, seed=0)
+    gen = torch.Generator().manual_seed(3)
+    ratios, plain_times = [], []
+    for pair in range(2 + args.timed_steps):
+        batch = random_batch(tokens, args.batch, args.seq, gen)
+        times = {}
+        for hooked in ((False, True) if pair % 2 else (True, False)):
+            probe = FirstOrderProbe(blocks_of(model), "adapters") if hooked else None
+            start = time.perf_counter()
+            model(**batch).loss.backward()
+            if probe is not None:
+                probe.end_step()
+            opt.step()
+            opt.zero_grad()
+            times[hooked] = time.perf_counter() - start
+            if probe is not None:
+                probe.remove()
+        if pair >= 2:
+            ratios.append(times[True] / times[False])
+            plain_times.append(times[False])
+    quartiles = statistics.quantiles(ratios, n=4)
+    print(f"Paired hook cost over {len(ratios)} pairs (step without hooks: median "
+          f"{1000 * statistics.median(plain_times):.1f} ms): with/without ratio median "
+          f"{statistics.median(ratios):.4f}, quartiles {quartiles[0]:.4f} .. {quartiles[2]:.4f}")
+
+
 def main() -> None:
     parser = shape_parser(__doc__, layers=8, batch=2)
     parser.add_argument("--stages", type=int, nargs="+", default=[5, 20, 60])
@@ -143,6 +176,7 @@ def main() -> None:
     run_agreement(args, tokens)
     if not args.skip_cost:
         run_cost(args, tokens)
+        run_paired_hook_cost(args, tokens)
 
 
 if __name__ == "__main__":
