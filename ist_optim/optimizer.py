@@ -472,14 +472,48 @@ class ISTOptimizer(Optimizer):
             )
         self._check_ist_state(ist)
         self.optimizer.load_state_dict(state_dict)
-        self._scores = ist["scores"].to(torch.float64).clone()
-        self._generator.set_state(ist["generator_state"])
+        # .cpu(): accelerate's prepare() and the Trainer's map_location move every tensor of
+        # the dict to the accelerator; the sampler's state lives on the CPU.
+        self._scores = ist["scores"].to("cpu", torch.float64).clone()
+        self._generator.set_state(ist["generator_state"].cpu())
         self._num_steps = int(ist["num_steps"])
         self._skipped_rounds = int(ist["skipped_rounds"])
         self.seed = int(ist["seed"])
         if self._cycler is not None:
             self._cycler.fast_forward(int(ist["importance_batches_seen"]))
         self._set_active([int(i) for i in ist["active_layers"]])
+
+    def set_importance_batches(self, batches: Iterable[Any], *, batches_seen: int = 0) -> None:
+        """Measure the importance rounds on ``batches`` (cycled) instead of captured batches.
+
+        For sources known only after construction, such as a Trainer's eval dataloader
+        (:class:`ist_optim.integrations.ISTCallback` calls it at ``on_train_begin``).
+
+        Args:
+            batches: re-iterable of batches (a list, a DataLoader), as ``importance_batches``.
+            batches_seen: how many batches of ``batches`` earlier rounds used: the cycle
+                resumes after them (``num_steps // update_interval`` when ``batches`` was
+                set before step 1).
+
+        Raises:
+            ValueError: with ``sampling='uniform'`` (no rounds), or when importance batches
+                were already given, at construction or by an earlier call.
+        """
+        if not self.runs_importance_rounds:
+            raise ValueError(
+                "sampling='uniform' runs no importance rounds, so it takes no importance batches"
+            )
+        if self._cycler is not None:
+            raise ValueError(
+                "importance batches are already set (importance_batches= or an earlier "
+                "set_importance_batches call); build the optimizer without them to set them here"
+            )
+        cycler = BatchCycler(batches)
+        cycler.fast_forward(_check_int("batches_seen", batches_seen, 0))
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
+        self._cycler = cycler
 
     def close(self) -> None:
         """Remove the batch-capturing hook from the model and re-enable all layers' grads."""
