@@ -27,18 +27,19 @@ def test_hf_trainer_example_trains_logs_plots_and_resumes(tmp_path):
     pytest.importorskip("matplotlib")
     example = load("hf_trainer")
     out = tmp_path / "run"
-    first = example.main(["--steps", "6", "--layers", "4", "--output-dir", str(out),
-                          "--route", "cls"])
+    first = example.main(["--steps", "6", "--layers", "4", "--output-dir", str(out)])
     assert first["optimizer"].num_steps == 6
     assert first["plot"].read_bytes()[:4] == b"\x89PNG"
     assert (out / "checkpoint-3" / "optimizer.pt").exists()
     logs = [e for e in first["trainer"].state.log_history if "loss" in e]
     assert logs and all("ist/importance_layer_0" in e for e in logs)
     resumed = example.main(["--steps", "6", "--layers", "4", "--output-dir",
-                            str(tmp_path / "resumed"), "--resume", str(out / "checkpoint-3"),
-                            "--route", "cls"])
+                            str(tmp_path / "resumed"), "--resume", str(out / "checkpoint-3")])
     assert torch.equal(resumed["optimizer"].scores, first["optimizer"].scores)
     assert resumed["history"].trained == first["history"].trained[3:]
+    by_cls = example.main(["--steps", "2", "--layers", "4", "--output-dir",
+                           str(tmp_path / "cls"), "--route", "cls"])
+    assert type(by_cls["optimizer"]).__name__ == "ISTAdamW"
 
 
 def test_accelerate_example(tmp_path):
