@@ -19,9 +19,11 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from .backward import BackwardCut
 from .batches import BatchCapture, BatchCycler, LossFn, default_loss_fn, move_batch
 from .groups import LayerGroups, LayersSpec, build_layer_groups
 from .importance import paper_advantages, score_update
+from .residency import STATE_POLICIES, StatePolicy, StateResidency, default_policy, state_bytes
 from .sampling import resolve_count, sample_candidate_sets, sample_layers, sampling_weights
 from .suppression import SuppressionMode, Suppressor
 
@@ -93,6 +95,15 @@ class ISTOptimizer(Optimizer):
             layers, so backward skips their weight gradients. ``False`` keeps every
             parameter's ``requires_grad`` and drops inactive gradients before the update
             (slower; useful where the set of parameters with grads must stay static).
+        state_policy: where the optimizer state of inactive layers lives: ``"keep"``
+            (stays, like the paper), ``"offload"`` (moved to host memory, pinned on CUDA,
+            and back when the layer is drawn; bit-exact) or ``"drop"`` (freed; a layer
+            drawn again restarts its moments and bias correction). Default: ``"offload"``
+            when the parameters are on CUDA, else ``"keep"``. See
+            :class:`ist_optim.StateResidency`.
+        skip_backward: cut the autograd graph at the input of the lowest active layer
+            (see :class:`ist_optim.BackwardCut`), so no backward runs below it even when
+            input gradients are forced (gradient checkpointing). Default ``True``.
         seed: seed of the private ``torch.Generator``; ``None`` seeds it from OS entropy.
             Global RNGs are never used.
         **optimizer_kwargs: passed verbatim to ``optimizer_cls``.
@@ -128,6 +139,8 @@ class ISTOptimizer(Optimizer):
         sampling: Sampling = "importance",
         suppression_mode: SuppressionMode = "auto",
         freeze_inactive: bool = True,
+        state_policy: StatePolicy | None = None,
+        skip_backward: bool = True,
         seed: int | None = None,
         **optimizer_kwargs: Any,
     ) -> None:
@@ -146,6 +159,13 @@ class ISTOptimizer(Optimizer):
             raise ValueError(f"Invalid sampling: {sampling!r}; expected one of {_SAMPLINGS}")
         if not isinstance(freeze_inactive, bool):
             raise TypeError(f"freeze_inactive must be a bool, got {freeze_inactive!r}")
+        if not isinstance(skip_backward, bool):
+            raise TypeError(f"skip_backward must be a bool, got {skip_backward!r}")
+        if state_policy is not None and state_policy not in STATE_POLICIES:
+            raise ValueError(
+                f"Invalid state_policy: {state_policy!r}; expected one of {STATE_POLICIES} "
+                "or None for the device default"
+            )
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
         if loss_fn is not None and not callable(loss_fn):
@@ -202,6 +222,11 @@ class ISTOptimizer(Optimizer):
                 "importance_batches is set but sampling='uniform' runs no importance rounds; "
                 "drop importance_batches or use sampling='importance'"
             )
+        self.state_policy: StatePolicy = state_policy or default_policy(self._device())
+        self._residency = StateResidency(self.optimizer, self.state_policy)
+        self._backward_cut = (
+            BackwardCut(self.groups.modules) if skip_backward and freeze_inactive else None
+        )
         self._active: list[int] = []
         self._set_active(self._sample_active())
 
@@ -308,13 +333,17 @@ class ISTOptimizer(Optimizer):
         return sample_layers(self._active_weights(), self.num_active, self._generator)
 
     def _set_active(self, active: list[int]) -> None:
-        self._active = sorted(active)
+        old, new = set(self._active), set(active)
+        self._residency.deactivate(self.groups.layer_params(sorted(old - new)))
+        self._residency.activate(self.groups.layer_params(sorted(new - old)))
+        self._active = sorted(new)
+        if self._backward_cut is not None:
+            self._backward_cut.set_active(self._active)
         if not self.freeze_inactive:
             return
-        active_set = set(self._active)
         for index, params in enumerate(self.groups.params):
             for p in params:
-                p.requires_grad_(index in active_set)
+                p.requires_grad_(index in new)
 
     def _drop_inactive_grads(self) -> None:
         active_set = set(self._active)
@@ -335,6 +364,7 @@ class ISTOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._drop_inactive_grads()
+        self._residency.wait()
         self.optimizer.step()
         self._num_steps += 1
         if self.runs_importance_rounds and self._num_steps % self.update_interval == 0:
@@ -430,7 +460,13 @@ class ISTOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict plus an ``"ist"`` entry (scores, generator
         state, active set, step) in plain types and tensors (``weights_only``-loadable)."""
-        state = self.optimizer.state_dict()
+        offloaded = self._residency.offloaded_state()
+        self.optimizer.state.update(offloaded)  # let the inner optimizer format them
+        try:
+            state = self.optimizer.state_dict()
+        finally:
+            for param in offloaded:
+                del self.optimizer.state[param]
         state["ist"] = self._ist_state()
         return state
 
@@ -472,6 +508,10 @@ class ISTOptimizer(Optimizer):
             )
         self._check_ist_state(ist)
         self.optimizer.load_state_dict(state_dict)
+        # The inner optimizer now holds every saved entry; the residency policy then moves
+        # (or drops) those of inactive layers, as if every layer had just been active.
+        self._residency.clear()
+        self._active = list(range(self.num_layers))
         # .cpu(): accelerate's prepare() and the Trainer's map_location move every tensor of
         # the dict to the accelerator; the sampler's state lives on the CPU.
         self._scores = ist["scores"].to("cpu", torch.float64).clone()
@@ -515,11 +555,33 @@ class ISTOptimizer(Optimizer):
             self._capture = None
         self._cycler = cycler
 
+    def memory_report(self) -> dict[str, Any]:
+        """Bytes of optimizer state and of the trainable parameters of the active set.
+
+        Returns:
+            ``state_bytes_on_device``: state held by the inner optimizer (on the
+            parameters' devices); ``state_bytes_offloaded``: state moved to host memory by
+            ``state_policy="offload"``; ``active_trainable_bytes``: parameters trained in
+            the coming step (active layers and the outside group); ``active_layers``;
+            ``state_policy``.
+        """
+        params = self.groups.layer_params(self._active) + self.groups.outside
+        return {
+            "state_bytes_on_device": state_bytes(self.optimizer.state.values()),
+            "state_bytes_offloaded": self._residency.offloaded_bytes(),
+            "active_trainable_bytes": sum(p.numel() * p.element_size() for p in params),
+            "active_layers": list(self._active),
+            "state_policy": self.state_policy,
+        }
+
     def close(self) -> None:
-        """Remove the batch-capturing hook from the model and re-enable all layers' grads."""
+        """Remove the hooks from the model and re-enable all layers' grads."""
         if self._capture is not None:
             self._capture.remove()
             self._capture = None
+        if self._backward_cut is not None:
+            self._backward_cut.remove()
+            self._backward_cut = None
         if self.freeze_inactive:
             for params in self.groups.params:
                 for p in params:
