@@ -18,7 +18,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ist_optim import ImportanceHistory, ISTOptimizer
-from ist_optim.integrations import optimizer_state_bytes, unwrap_ist_optimizer
+from ist_optim.integrations import unwrap_ist_optimizer
 
 
 def make_data(size: int, seq: int = 32, seed: int = 0) -> list[dict]:
@@ -71,9 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
         if accelerator.sync_gradients:
             history.record(ist, trained)
             if ist.num_steps % 10 == 0 or ist.num_steps == 1:
+                state_kib = ist.memory_report()["state_bytes_on_device"] / 1024
                 accelerator.print(f"step {ist.num_steps:3d}  loss {loss.item():.3f}  "
-                                  f"trained {trained}  "
-                                  f"state {optimizer_state_bytes(ist) / 1024:.0f} KiB")
+                                  f"trained {trained}  optimizer state {state_kib:.0f} KiB")
         if ist.num_steps >= args.steps:
             break
     if args.save_state:

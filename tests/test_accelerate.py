@@ -114,3 +114,20 @@ def test_save_state_and_load_state_resume_exactly(tmp_path):
         assert torch.equal(p, q)
     assert torch.equal(unwrap_ist_optimizer(full_opt).scores, fresh.scores)
     assert unwrap_ist_optimizer(full_opt).active_layers == fresh.active_layers
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_prepare_on_cuda_keeps_the_sampler_state_on_the_cpu():
+    """accelerate (and the Trainer's map_location) move every state tensor to the device;
+    the private torch.Generator only takes a CPU state."""
+    model = lora_model(4)
+    opt = ISTOptimizer(torch.optim.AdamW, model.cuda(), **IST_KWARGS)
+    accelerator = Accelerator()
+    model, prepared = accelerator.prepare(model, opt)
+    assert opt.scores.device.type == "cpu"
+    batch = {k: v.cuda() for k, v in batches()[0].items()}
+    for _ in range(2):
+        accelerator.backward(model(**batch).loss)
+        prepared.step()
+        prepared.zero_grad()
+    assert opt.last_round is not None

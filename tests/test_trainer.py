@@ -11,7 +11,7 @@ from conftest import lora_model
 
 from ist_optim import ISTOptimizer
 from ist_optim.batches import BatchCycler
-from ist_optim.integrations import ist_optimizer_cls, optimizer_state_bytes
+from ist_optim.integrations import ist_optimizer_cls
 
 transformers = pytest.importorskip("transformers")
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
@@ -174,7 +174,8 @@ def test_callback_logs_reach_reporters_and_log_history(tmp_path):
         assert entry["ist/state_bytes"] > 0
     last = train_logs[-1]
     assert [last[f"ist/importance_layer_{i}"] for i in range(4)] == opt.importance.tolist()
-    assert last["ist/state_bytes"] == optimizer_state_bytes(opt)
+    assert last["ist/state_bytes"] == opt.memory_report()["state_bytes_on_device"]
+    assert last["ist/state_bytes_offloaded"] == 0.0  # state_policy="keep" on the CPU
     counts = callback.history.train_counts()
     last_two = callback.history.trained[-2:]
     assert [last[f"ist/active_layer_{i}"] for i in range(4)] == [
@@ -190,7 +191,7 @@ def test_callback_without_layer_keys(tmp_path):
     add_ist_callback(trainer, log_layers=False)
     trainer.train()
     keys = {k for e in trainer.state.log_history for k in e if k.startswith("ist/")}
-    assert keys == {"ist/num_active", "ist/state_bytes"}
+    assert keys == {"ist/num_active", "ist/state_bytes", "ist/state_bytes_offloaded"}
 
 
 def test_train_source_is_the_shuffled_train_set_and_leaves_global_rng_alone(tmp_path):

@@ -9,7 +9,7 @@ and ``import ist_optim.integrations`` work without transformers installed.
 * :class:`ISTCallback` / :func:`add_ist_callback`: log IST's active layers, importance and
   optimizer-state bytes through the Trainer's ``on_log`` (so TensorBoard / W&B get them),
   feed importance batches from the eval or train set, write an importance plot.
-* :func:`unwrap_ist_optimizer`, :func:`optimizer_state_bytes`: helpers for any loop.
+* :func:`unwrap_ist_optimizer`: the ISTOptimizer inside accelerate's wrapper.
 """
 
 from __future__ import annotations
@@ -17,14 +17,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .common import optimizer_state_bytes, unwrap_ist_optimizer
+from .common import unwrap_ist_optimizer
 from .optimizer_cls import ist_optimizer_cls
 
 __all__ = [
     "ISTCallback",
     "add_ist_callback",
     "ist_optimizer_cls",
-    "optimizer_state_bytes",
     "unwrap_ist_optimizer",
 ]
 

@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 
 from ..history import ImportanceHistory
 from ..optimizer import ISTOptimizer
-from .common import optimizer_state_bytes, unwrap_ist_optimizer
+from .common import unwrap_ist_optimizer
 
 __all__ = ["ISTCallback", "add_ist_callback"]
 
@@ -34,7 +34,9 @@ class ISTCallback(TrainerCallback):
     * ``ist/active_layer_<i>``: fraction of the optimizer steps since the previous log in
       which layer ``i`` trained (1.0 / 0.0 with ``logging_steps=1``);
     * ``ist/importance_layer_<i>``: layer ``i``'s importance (higher = more important);
-    * ``ist/state_bytes``: bytes of the inner optimizer's state tensors.
+    * ``ist/state_bytes``, ``ist/state_bytes_offloaded``: bytes of the inner optimizer's
+      state on the parameters' devices, and in host memory (``state_policy="offload"``),
+      from :meth:`ist_optim.ISTOptimizer.memory_report`.
 
     Reporting callbacks (TensorBoard, W&B) run before callbacks passed in
     ``Trainer(callbacks=[...])``, so they would log before these keys are added: attach the
@@ -137,9 +139,11 @@ class ISTCallback(TrainerCallback):
     # ------------------------------------------------------------------ helpers
     def log_entries(self, opt: ISTOptimizer) -> dict[str, float]:
         """The ``ist/...`` entries that :meth:`on_log` adds."""
+        memory = opt.memory_report()
         entries: dict[str, float] = {
             "ist/num_active": float(opt.num_active),
-            "ist/state_bytes": float(optimizer_state_bytes(opt)),
+            "ist/state_bytes": float(memory["state_bytes_on_device"]),
+            "ist/state_bytes_offloaded": float(memory["state_bytes_offloaded"]),
         }
         if not self.log_layers:
             return entries

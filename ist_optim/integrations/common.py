@@ -1,14 +1,12 @@
-"""Helpers shared by the integrations: find the ISTOptimizer inside wrappers, count state."""
+"""Find the ISTOptimizer inside the wrappers that accelerate and the Trainer put around it."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from ..optimizer import ISTOptimizer
 
-__all__ = ["optimizer_state_bytes", "unwrap_ist_optimizer"]
+__all__ = ["unwrap_ist_optimizer"]
 
 _MAX_DEPTH = 8
 
@@ -45,37 +43,3 @@ def unwrap_ist_optimizer(optimizer: Any) -> ISTOptimizer:
         f"{type(optimizer).__name__} wrapping {type(current).__name__}; build the optimizer "
         "with ISTOptimizer(...) or ist_optim.integrations.ist_optimizer_cls(...)"
     )
-
-
-def optimizer_state_bytes(optimizer: ISTOptimizer) -> int:
-    """Bytes of the tensors held in the inner optimizer's per-parameter state
-    (Adam moments, 8-bit quantisation statistics, step counters), shared storage
-    counted once.
-
-    Example:
-        >>> import torch
-        >>> from ist_optim import ISTOptimizer
-        >>> blocks = torch.nn.ModuleList(torch.nn.Linear(4, 4, bias=False) for _ in range(2))
-        >>> model = torch.nn.Sequential(*blocks)
-        >>> opt = ISTOptimizer(torch.optim.AdamW, model, lr=0.1, layers=list(blocks),
-        ...                    active_layers=1, sampling="uniform", seed=0)
-        >>> optimizer_state_bytes(opt)
-        0
-        >>> model(torch.ones(1, 4)).sum().backward(); opt.step()
-        >>> optimizer_state_bytes(opt)  # exp_avg + exp_avg_sq (16 floats each) + step
-        132
-    """
-    seen: set[tuple[str, int]] = set()
-    total = 0
-    for per_param in optimizer.optimizer.state.values():
-        values = per_param.values() if isinstance(per_param, dict) else [per_param]
-        for value in values:
-            if not isinstance(value, torch.Tensor):
-                continue
-            storage = value.untyped_storage()
-            key = (str(value.device), storage.data_ptr())
-            if storage.data_ptr() != 0 and key in seen:
-                continue
-            seen.add(key)
-            total += storage.nbytes()
-    return total
