@@ -46,15 +46,17 @@ def training_args(out, **overrides) -> TrainingArguments:
     return TrainingArguments(**kwargs)
 
 
-def make_trainer(out, *, opt_route: str = "instance", args_overrides=None, callbacks=None):
+def make_trainer(out, *, opt_route: str = "instance", args_overrides=None, callbacks=None,
+                 **ist_overrides):
     model = lora_model(4)
+    ist_kwargs = {**IST_KWARGS, **ist_overrides}
     common = dict(model=model, args=training_args(out, **(args_overrides or {})),
                   train_dataset=TokenDataset(), eval_dataset=TokenDataset(8, seed=1),
                   callbacks=callbacks)
     if opt_route == "instance":
-        opt = ISTOptimizer(torch.optim.AdamW, model, lr=1e-2, weight_decay=0.0, **IST_KWARGS)
+        opt = ISTOptimizer(torch.optim.AdamW, model, lr=1e-2, weight_decay=0.0, **ist_kwargs)
         return Trainer(optimizers=(opt, None), **common)
-    cls = ist_optimizer_cls(model, torch.optim.AdamW, **IST_KWARGS)
+    cls = ist_optimizer_cls(model, torch.optim.AdamW, **ist_kwargs)
     return Trainer(optimizer_cls_and_kwargs=(cls, {"lr": 1e-2}), **common)
 
 
@@ -100,12 +102,13 @@ def test_gradient_clipping_reaches_the_clipped_gradients(tmp_path):
     assert seen and all(n == pytest.approx(1e-3, rel=1e-3) for n in seen)
 
 
-@pytest.mark.parametrize("source", [None, "eval"])
-def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, source):
-    full = make_trainer(tmp_path / "full")
+@pytest.mark.parametrize(("source", "policy"),
+                         [(None, "keep"), ("eval", "keep"), (None, "offload"), (None, "drop")])
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, source, policy):
+    full = make_trainer(tmp_path / "full", state_policy=policy)
     full_cb = add_ist_callback(full, importance_batches=source)
     full.train()
-    resumed = make_trainer(tmp_path / "resumed")
+    resumed = make_trainer(tmp_path / "resumed", state_policy=policy)
     resumed_cb = add_ist_callback(resumed, importance_batches=source)
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
 
