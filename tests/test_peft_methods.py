@@ -32,6 +32,9 @@ def _config(method: str):
     if method == "dora":
         return peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True,
                                init_lora_weights=False)
+    if method == "adalora":
+        return peft.AdaLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, total_step=10,
+                                  init_lora_weights=False)
     if method == "ia3":
         return peft.IA3Config(target_modules=TARGETS, feedforward_modules=["down_proj"],
                               init_ia3_weights=False)
@@ -42,7 +45,7 @@ def _config(method: str):
     raise AssertionError(method)
 
 
-METHODS = ["lora", "rslora", "dora", "ia3", "loha", "lokr"]
+METHODS = ["lora", "rslora", "dora", "adalora", "ia3", "loha", "lokr"]
 
 
 def build(method: str, config=None, seed: int = 0):
@@ -230,6 +233,9 @@ class _EmbeddingBlock(nn.Module):
 
 
 def test_unsupported_lora_variant_is_refused_naming_it():
+    mica = build("mica", peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="mica"))
+    with pytest.raises(ValueError, match="LoRA variant MiCALinearVariant of adapter 'default'"):
+        ISTOptimizer(torch.optim.AdamW, mica, lr=1e-3)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         net = nn.Sequential(nn.ModuleList(_EmbeddingBlock() for _ in range(2)))
