@@ -47,6 +47,7 @@ def plot_importance(
         >>> fig = plot_importance(history)
         >>> [ax.get_xlabel() for ax in fig.axes[:2]]
         ['optimizer step', 'steps trained (of 2)']
+        >>> import matplotlib.pyplot as plt; plt.close(fig)
     """
     try:
         import matplotlib

@@ -38,10 +38,8 @@ def test_all_layers_active_equals_the_plain_8bit_optimizer(name):
     ist = ISTOptimizer(cls, model_a, active_layers=1.0, sampling="uniform", seed=0, **BNB_KWARGS)
     plain = cls([p for p in model_b.parameters() if p.requires_grad], **BNB_KWARGS)
     for step in range(3):
-        for model, opt in ((model_a, ist), (model_b, plain)):
-            model(**lm_batch(seed=step)).loss.backward()
-            opt.step()
-            opt.zero_grad()
+        train(ist, model_a, 1, start=step)
+        train(plain, model_b, 1, start=step)
         for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True):
             assert torch.equal(p, q)
 
@@ -69,11 +67,8 @@ def test_8bit_state_only_for_trained_layers_and_exact_resume(name):
                            **BNB_KWARGS)
     resumed.load_state_dict(saved)
     assert resumed.active_layers == opt.active_layers
-    for step in range(4, 7):
-        for m, o in ((model, opt), (resumed_model, resumed)):
-            m(**lm_batch(seed=step)).loss.backward()
-            o.step()
-            o.zero_grad()
+    train(opt, model, 3, start=4)
+    train(resumed, resumed_model, 3, start=4)
     for p, q in zip(model.parameters(), resumed_model.parameters(), strict=True):
         assert torch.equal(p, q)
     assert torch.equal(opt.scores, resumed.scores)
