@@ -103,7 +103,8 @@ class ISTOptimizer(Optimizer):
             :class:`ist_optim.StateResidency`.
         skip_backward: cut the autograd graph at the input of the lowest active layer
             (see :class:`ist_optim.BackwardCut`), so no backward runs below it even when
-            input gradients are forced (gradient checkpointing). Default ``True``.
+            input gradients are forced (gradient checkpointing). Default: on whenever
+            ``freeze_inactive`` is (the cut needs frozen inactive layers).
         seed: seed of the private ``torch.Generator``; ``None`` seeds it from OS entropy.
             Global RNGs are never used.
         **optimizer_kwargs: passed verbatim to ``optimizer_cls``.
@@ -140,7 +141,7 @@ class ISTOptimizer(Optimizer):
         suppression_mode: SuppressionMode = "auto",
         freeze_inactive: bool = True,
         state_policy: StatePolicy | None = None,
-        skip_backward: bool = True,
+        skip_backward: bool | None = None,
         seed: int | None = None,
         **optimizer_kwargs: Any,
     ) -> None:
@@ -159,8 +160,15 @@ class ISTOptimizer(Optimizer):
             raise ValueError(f"Invalid sampling: {sampling!r}; expected one of {_SAMPLINGS}")
         if not isinstance(freeze_inactive, bool):
             raise TypeError(f"freeze_inactive must be a bool, got {freeze_inactive!r}")
+        if skip_backward is None:
+            skip_backward = freeze_inactive
         if not isinstance(skip_backward, bool):
-            raise TypeError(f"skip_backward must be a bool, got {skip_backward!r}")
+            raise TypeError(f"skip_backward must be a bool or None, got {skip_backward!r}")
+        if skip_backward and not freeze_inactive:
+            raise ValueError(
+                "skip_backward=True needs freeze_inactive=True: with every layer requiring "
+                "grad there is nothing below the lowest active layer to cut"
+            )
         if state_policy is not None and state_policy not in STATE_POLICIES:
             raise ValueError(
                 f"Invalid state_policy: {state_policy!r}; expected one of {STATE_POLICIES} "
@@ -208,25 +216,22 @@ class ISTOptimizer(Optimizer):
         self._warned_nonfinite = False
         self.last_round: dict[str, Any] | None = None
 
-        self._suppressor: Suppressor | None = None
-        self._capture: BatchCapture | None = None
-        self._cycler: BatchCycler | None = None
-        if self.runs_importance_rounds:
-            self._suppressor = Suppressor(self.groups.modules, self.suppression, suppression_mode)
-            if importance_batches is None:
-                self._capture = BatchCapture(model)
-            else:
-                self._cycler = BatchCycler(importance_batches)
-        elif importance_batches is not None:
+        if not self.runs_importance_rounds and importance_batches is not None:
             raise ValueError(
                 "importance_batches is set but sampling='uniform' runs no importance rounds; "
                 "drop importance_batches or use sampling='importance'"
             )
+        self._suppressor: Suppressor | None = None
+        if self.runs_importance_rounds:
+            self._suppressor = Suppressor(self.groups.modules, self.suppression, suppression_mode)
+        self._cycler = None if importance_batches is None else BatchCycler(importance_batches)
         self.state_policy: StatePolicy = state_policy or default_policy(self._device())
         self._residency = StateResidency(self.optimizer, self.state_policy)
-        self._backward_cut = (
-            BackwardCut(self.groups.modules) if skip_backward and freeze_inactive else None
-        )
+        # Hooks on the model last, once nothing can raise any more.
+        self._capture: BatchCapture | None = None
+        if self.runs_importance_rounds and importance_batches is None:
+            self._capture = BatchCapture(model)
+        self._backward_cut = BackwardCut(self.groups.modules) if skip_backward else None
         self._active: list[int] = []
         self._set_active(self._sample_active())
 

@@ -81,7 +81,7 @@ class StateResidency:
         # param -> {key: (tensor on host, device it came from)}
         self._store: dict[torch.Tensor, dict[str, Any]] = {}
         self._streams: dict[torch.device, Any] = {}
-        self._pending: list[Any] = []  # CUDA events of copies still in flight
+        self._pending: list[tuple[torch.device, Any]] = []  # events of copies in flight
 
     # ------------------------------------------------------------------ transitions
     def deactivate(self, params: Iterable[torch.Tensor]) -> None:
@@ -93,6 +93,7 @@ class StateResidency:
             if not entry or self.policy == "drop":
                 continue
             self._store[p] = {k: self._to_host(v) for k, v in entry.items()}
+        self._record_streams()
 
     def activate(self, params: Iterable[torch.Tensor]) -> None:
         """Give offloaded state of ``params`` back to the optimizer, on its original device."""
@@ -102,6 +103,7 @@ class StateResidency:
             entry = self._store.pop(p, None)
             if entry is not None:
                 self.optimizer.state[p] = {k: self._to_device(v) for k, v in entry.items()}
+        self._record_streams()
 
     def _side_stream(self, device: torch.device) -> Any:
         if device not in self._streams:
@@ -119,7 +121,6 @@ class StateResidency:
             host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
             host.copy_(value, non_blocking=True)
             value.record_stream(stream)  # keep the device buffer alive until copied
-            self._record(stream)
         return (host, value.device)
 
     def _to_device(self, stored: tuple[Any, torch.device | None]) -> Any:
@@ -132,24 +133,25 @@ class StateResidency:
         with torch.cuda.stream(stream):
             moved = torch.empty(value.shape, dtype=value.dtype, device=device)
             moved.copy_(value, non_blocking=True)
-            self._record(stream)
         moved.record_stream(torch.cuda.current_stream(device))
         return moved
 
-    def _record(self, stream: Any) -> None:
-        event = torch.cuda.Event()
-        event.record(stream)
-        self._pending.append(event)
+    def _record_streams(self) -> None:
+        """One event per side stream used, marking the end of the copies just issued."""
+        for device, stream in self._streams.items():
+            event = torch.cuda.Event()
+            event.record(stream)
+            self._pending.append((device, event))
 
     def wait(self) -> None:
         """Make the current CUDA stream wait for copies in flight (before the update)."""
-        for event in self._pending:
-            torch.cuda.current_stream().wait_event(event)
+        for device, event in self._pending:
+            torch.cuda.current_stream(device).wait_event(event)
         self._pending.clear()
 
     def synchronize(self) -> None:
         """Block the host until every copy in flight is done (before reading state)."""
-        for event in self._pending:
+        for _device, event in self._pending:
             event.synchronize()
         self._pending.clear()
 
