@@ -54,6 +54,15 @@ class ISTCallback(TrainerCallback):
     Attributes:
         history: the :class:`ist_optim.ImportanceHistory` of this ``train()`` call (a
             resumed run records from where it resumed).
+
+    Example:
+        >>> import torch
+        >>> from ist_optim import ISTOptimizer
+        >>> blocks = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(4))
+        >>> opt = ISTOptimizer(torch.optim.SGD, torch.nn.Sequential(*blocks), lr=0.1,
+        ...                    layers=list(blocks), active_layers=1, seed=0)
+        >>> sorted(ISTCallback(log_layers=False).log_entries(opt).items())
+        [('ist/num_active', 1.0), ('ist/state_bytes', 0.0), ('ist/state_bytes_offloaded', 0.0)]
     """
 
     def __init__(
@@ -214,6 +223,36 @@ def add_ist_callback(
 
     Raises:
         ValueError: for an unknown source name, a missing dataset, or a second ISTCallback.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from transformers import Trainer, TrainingArguments
+        >>> from ist_optim import ISTOptimizer
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.blocks = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(4))
+        ...     def forward(self, x, labels):
+        ...         for block in self.blocks:
+        ...             x = x + block(x)
+        ...         return {"loss": (x - labels).pow(2).mean()}
+        >>> model = Net()
+        >>> data = [{"x": torch.ones(2), "labels": torch.zeros(2)}] * 8
+        >>> opt = ISTOptimizer(torch.optim.SGD, model, lr=0.1, active_layers=1,
+        ...                    update_interval=2, seed=0)
+        >>> args = TrainingArguments(tempfile.mkdtemp(), max_steps=4, logging_steps=2,
+        ...                          use_cpu=True, report_to=[], disable_tqdm=True,
+        ...                          save_strategy="no")
+        >>> trainer = Trainer(model=model, args=args, train_dataset=data,
+        ...                   optimizers=(opt, None))
+        >>> callback = add_ist_callback(trainer, importance_batches=data[:2])
+        >>> _ = trainer.train()  # doctest: +ELLIPSIS
+        {...'ist/num_active': '1', 'ist/state_bytes': ...}
+        ...
+        >>> callback.history.steps, opt.num_steps
+        ([1, 2, 3, 4], 4)
+        >>> [k for k in trainer.state.log_history[0] if k.startswith("ist/importance")][-1]
+        'ist/importance_layer_3'
     """
     if any(isinstance(cb, ISTCallback) for cb in trainer.callback_handler.callbacks):
         raise ValueError("trainer already has an ISTCallback; add one only")
