@@ -90,7 +90,7 @@ def _scale_scaling(
 def _damp_lora(module: nn.Module, factor: float) -> Iterator[None]:
     """LoRA layers: ``scaling[name] *= factor`` for plain adapters; for DoRA adapters the
     output of the magnitude module (DoRA's whole change of the output) times ``factor``."""
-    magnitudes = module.lora_magnitude_vector  # type: ignore[attr-defined]
+    magnitudes = getattr(module, "lora_magnitude_vector", {})
     active = _active_adapters(module)
     dora = [n for n in active if n in magnitudes]
 
