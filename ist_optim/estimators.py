@@ -259,16 +259,19 @@ class FirstOrderProbe:
         self._counts = torch.zeros(self.num_layers, dtype=torch.int64)
         self._pending: list[tuple[int, torch.Tensor]] = []
         self._handles: list[Any] = []
-        for layer, block in enumerate(blocks):
-            if mode == "residual":
+        if mode == "residual":
+            for layer, block in enumerate(blocks):
                 self._handles.append(block.register_forward_hook(
                     partial(self._residual_hook, layer), with_kwargs=True))
-                continue
+            return
+        targets = []  # validate every adapter before registering any hook
+        for layer, block in enumerate(blocks):
             for tuner in find_tuner_layers(block):
                 _check_plain_lora(tuner, layer)
-                for lora_b in tuner.lora_B.values():  # type: ignore[union-attr]
-                    self._handles.append(lora_b.register_forward_pre_hook(
-                        partial(self._adapter_hook, layer)))
+                targets += [(layer, b) for b in tuner.lora_B.values()]  # type: ignore[union-attr]
+        for layer, lora_b in targets:
+            self._handles.append(lora_b.register_forward_pre_hook(
+                partial(self._adapter_hook, layer)))
 
     # hooks --------------------------------------------------------------------------
     def _add(self, layer: int, grad: torch.Tensor, value: torch.Tensor,

@@ -185,10 +185,13 @@ def test_spread_rejects_bad_input():
 
 
 # ---------------------------------------------------------------- optimizer wiring
-def test_backward_stops_at_the_lowest_active_layer():
-    """With freeze_inactive and LoRA, nothing below the lowest active layer requires grad."""
+@pytest.mark.parametrize("skip_backward", [False, True])
+def test_backward_stops_at_the_lowest_active_layer(skip_backward):
+    """With freeze_inactive and LoRA, nothing below the lowest active layer requires grad,
+    so autograd stops there by itself (skip_backward=False); the explicit cut agrees."""
     model = lora_model(6)
-    opt = ISTOptimizer(torch.optim.SGD, model, lr=0.1, active_layers=2, seed=0)
+    opt = ISTOptimizer(torch.optim.SGD, model, lr=0.1, active_layers=2, seed=0,
+                       skip_backward=skip_backward)
     blocks = list(model.base_model.model.model.layers)
     for active in ([3, 5], [1, 4], [0, 2]):
         opt._set_active(active)

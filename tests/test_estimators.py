@@ -250,10 +250,12 @@ def test_probe_ignores_no_grad_forwards():
     probe.remove()
 
 
-def test_probe_rejects_dora():
+def test_probe_rejects_dora_and_leaves_no_hook():
     model = lora_model(2, use_dora=True)
     with pytest.raises(ValueError, match="plain peft LoRA"):
         ISTOptimizer(torch.optim.SGD, model, lr=0.1, estimator="first-order")
+    hooks = [m for m in model.modules() if m._forward_pre_hooks or m._forward_hooks]
+    assert hooks == []
 
 
 def test_probe_remove_detaches_hooks():
@@ -276,6 +278,9 @@ def test_bad_estimator_options_raise_clear_errors():
     with pytest.raises(ValueError, match="drop importance_batches"):
         ISTOptimizer(torch.optim.SGD, model, lr=0.1, estimator="first-order",
                      importance_batches=[lm_batch()])
+    opt = ISTOptimizer(torch.optim.SGD, model, lr=0.1, estimator="first-order")
+    with pytest.raises(ValueError, match="no importance batches"):
+        opt.set_importance_batches([lm_batch()])
 
 
 def _graded_run(estimator: str, rounds: int, factors: list[float]) -> ISTOptimizer:
