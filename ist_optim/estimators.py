@@ -26,12 +26,13 @@ same sampling; they differ in what is measured and how it becomes the advantages
     A set whose suppression hurts least gets a positive advantage, so its layers' scores
     rise and they are trained less. ``c_t >= sigma_t`` gives ``sum_k z_k^2 <= K``, so
     one round moves a score by at most ``eta * tau * K / 4`` (0.75 at the defaults)
-    whatever the loss level, and the retention ``rho`` bounds every score by
-    ``eta * tau * K / (4 (1 - rho))``; in practice scores settle within about +-2 (a
-    sampling max/min ratio of a few units) and reflect the last ``1 / (1 - rho) = 10``
-    rounds. ``tau`` makes the paper's ``eta = 10`` move a score by about 0.25 per round
-    and unit of standardized advantage. The running mean ``m_t`` (saved in checkpoints)
-    makes a round whose losses differ less than usual move scores less: a quiet round
+    whatever the loss level (``eta * tau * sqrt(K - 1) / 4`` for singleton sets), and the
+    retention ``rho`` bounds every score by that step over ``1 - rho``; in practice
+    scores settle within about +-2 (a sampling max/min ratio of a few units) and reflect
+    the last ``1 / (1 - rho) = 10`` rounds. ``tau`` makes the paper's ``eta = 10`` move a
+    score by about 0.25 per round and unit of standardized advantage. The running mean
+    ``m_t`` (saved in checkpoints) makes a round whose losses differ less than usual move
+    scores less: a quiet round
     is weak evidence.
 
 ``"first-order"``

@@ -171,6 +171,21 @@ def test_normalized_scores_stay_bounded(start, rounds):
         assert scores.abs().max() <= bound + 1e-9
 
 
+@given(st.integers(2, 30), st.integers(1, 60), st.integers(0, 1000))
+@settings(max_examples=30)
+def test_first_order_style_scores_stay_bounded(num_layers, rounds, seed):
+    """Singleton sets (one per reached layer): bound eta tau sqrt(n-1) / (4 (1 - rho))."""
+    bound = 10.0 * ADVANTAGE_SCALE * math.sqrt(num_layers - 1) / (4 * (1 - SCORE_RETENTION))
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.zeros(num_layers, dtype=torch.float64)
+    scale = RunningScale()
+    sets = [[i] for i in range(num_layers)]
+    for _ in range(rounds):
+        deltas = torch.randn(num_layers, generator=g, dtype=torch.float64).pow(3)
+        scores = normalized_score_update(scores, sets, deltas, scale, 10.0)
+        assert scores.abs().max() <= bound + 1e-9
+
+
 @given(st.lists(st.tuples(st.floats(-10, 10), st.integers(0, 5)), min_size=1, max_size=8),
        st.floats(0.0, 0.99))
 def test_predicted_deltas_are_means_times_lambda_minus_one(pairs, lam):
