@@ -32,8 +32,7 @@ same sampling; they differ in what is measured and how it becomes the advantages
     the last ``1 / (1 - rho) = 10`` rounds. ``tau`` makes the paper's ``eta = 10`` move a
     score by about 0.25 per round and unit of standardized advantage. The running mean
     ``m_t`` (saved in checkpoints) makes a round whose losses differ less than usual move
-    scores less: a quiet round
-    is weak evidence.
+    scores less: a quiet round is weak evidence.
 
 ``"first-order"``
     No extra forward pass. Scaling a layer's adapter output ``y`` by ``lambda`` changes
