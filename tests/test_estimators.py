@@ -9,6 +9,7 @@ import torch
 from conftest import lm_batch, lora_model, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_state_dict import _run as run_steps
 from torch import nn
 
 from ist_optim import ISTOptimizer, Suppressor
@@ -337,16 +338,6 @@ def test_first_order_runs_no_extra_forward():
     assert opt.last_round is not None and opt.scores.abs().sum() > 0
 
 
-def _run_steps(opt: ISTOptimizer, model: nn.Module, steps: int, start: int) -> list[list[int]]:
-    actives = []
-    for step in range(start, start + steps):
-        actives.append(opt.active_layers)
-        model(**lm_batch(seed=step)).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return actives
-
-
 @pytest.mark.parametrize("estimator", ["paper", "normalized", "first-order"])
 @pytest.mark.parametrize("sampling", ["importance", "depth-aware"])
 def test_checkpoint_round_trip_continues_identically(estimator, sampling, tmp_path):
@@ -357,9 +348,9 @@ def test_checkpoint_round_trip_continues_identically(estimator, sampling, tmp_pa
         return model, opt
 
     model, opt = build()
-    _run_steps(opt, model, 5, 0)  # mid-interval: probe sums are pending
+    run_steps(model, opt, 5, 0)  # mid-interval: probe sums are pending
     torch.save({"opt": opt.state_dict(), "model": model.state_dict()}, tmp_path / "c.pt")
-    reference = _run_steps(opt, model, 5, 5)
+    reference = run_steps(model, opt, 5, 5)
     ref_params = {n: p.detach().clone() for n, p in model.named_parameters()}
     ref_scores = opt.scores
 
@@ -367,7 +358,7 @@ def test_checkpoint_round_trip_continues_identically(estimator, sampling, tmp_pa
     saved = torch.load(tmp_path / "c.pt", weights_only=True)
     model2.load_state_dict(saved["model"])
     opt2.load_state_dict(saved["opt"])
-    resumed = _run_steps(opt2, model2, 5, 5)
+    resumed = run_steps(model2, opt2, 5, 5)
     assert resumed == reference
     assert torch.equal(opt2.scores, ref_scores)
     for n, p in model2.named_parameters():
