@@ -4,7 +4,11 @@ Backward cost is set by the lowest trained layer: with LoRA and ``freeze_inactiv
 tensor below it requires grad, so autograd stops there (tests/test_depth_sampling.py checks
 this). The configurations run interleaved, one step each in turn (rotating who goes
 first), so machine load hits all alike; medians over the timed steps are reported side
-by side. Importance rounds are excluded (``update_interval`` beyond the run) to time
+by side (the time column as the median over steps of each configuration's time over LoRA
+on all layers' time in the same cycle). Because the machine's load varies, the forward +
+backward FLOPs of each timed step are also counted (untimed, same batch, same active set,
+``torch.utils.flop_counter``): a load-independent measure of the saved work. Importance
+rounds are excluded (``update_interval`` beyond the run) to time
 the sampling alone; their cost is measured by benchmarks/first_order_agreement.py.
 
 Run (the configuration of docs/benchmarks.md)::
@@ -21,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
 from small_llama import build_model, random_batch, shakespeare_bytes, shape_parser  # noqa: E402
@@ -45,7 +50,7 @@ def main() -> None:
             sampling = "depth-aware" if name == "ist-depth-aware" else "importance"
             opt = ISTOptimizer(torch.optim.AdamW, model, lr=1e-3, sampling=sampling,
                                active_layers=args.active, update_interval=10**9, seed=0)
-        configs[name] = {"model": model, "opt": opt, "times": [], "lowest": []}
+        configs[name] = {"model": model, "opt": opt, "times": [], "lowest": [], "flops": []}
 
     gen = torch.Generator().manual_seed(0)
     for step in range(args.warmup + args.steps):
@@ -53,10 +58,15 @@ def main() -> None:
         names = list(configs)
         for name in names[step % len(names):] + names[: step % len(names)]:  # rotate order
             cfg = configs[name]
-            opt = cfg["opt"]
+            opt, model = cfg["opt"], cfg["model"]
             lowest = min(opt.active_layers) if isinstance(opt, ISTOptimizer) else 0
+            if step >= args.warmup:  # untimed FLOP count of the same work, no update
+                with FlopCounterMode(display=False) as counter:
+                    model(**batch).loss.backward()
+                opt.zero_grad()
+                cfg["flops"].append(counter.get_total_flops())
             start = time.perf_counter()
-            cfg["model"](**batch).loss.backward()
+            model(**batch).loss.backward()
             opt.step()
             opt.zero_grad()
             elapsed = time.perf_counter() - start
@@ -64,15 +74,20 @@ def main() -> None:
                 cfg["times"].append(elapsed)
                 cfg["lowest"].append(lowest)
 
-    base = statistics.median(configs["lora-all-layers"]["times"])
+    base = configs["lora-all-layers"]
     print(f"Llama {args.layers} layers x hidden {args.hidden}, LoRA r8 on q,k,v,up,down, "
           f"batch {args.batch} x seq {args.seq}, active {args.active}, "
           f"{args.steps} timed steps, torch threads {torch.get_num_threads()}")
-    print("| configuration | median step (ms) | vs LoRA all layers | mean lowest active layer |")
-    print("| --- | --- | --- | --- |")
+    print("| configuration | median step (ms) | step vs LoRA all layers (median of per-step "
+          "ratios) | GFLOP per step (forward + backward) | FLOPs vs LoRA all layers | mean "
+          "lowest active layer |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for name, cfg in configs.items():
-        median = statistics.median(cfg["times"])
-        print(f"| {name} | {1000 * median:.1f} | {median / base:.3f} | "
+        ratios = [t / b for t, b in zip(cfg["times"], base["times"], strict=True)]
+        flops = statistics.mean(cfg["flops"])
+        print(f"| {name} | {1000 * statistics.median(cfg['times']):.1f} | "
+              f"{statistics.median(ratios):.3f} | {flops / 1e9:.2f} | "
+              f"{flops / statistics.mean(base['flops']):.3f} | "
               f"{statistics.mean(cfg['lowest']):.2f} |")
 
 
