@@ -385,3 +385,23 @@ def test_sampling_spread_of_the_optimizer():
     expected = torch.sigmoid(torch.tensor(2.0)) / torch.sigmoid(torch.tensor(-2.0))
     assert spread["max_min_ratio"] == pytest.approx(float(expected), rel=1e-5)
     assert spread["kl_from_uniform"] > 0
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_probe_counts_once_under_gradient_checkpointing(use_reentrant):
+    def probe_sums(checkpointing: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        model = lora_model(4)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            model.enable_input_require_grads()
+        probe = FirstOrderProbe(_layers(model), "adapters")
+        model(**lm_batch()).loss.backward()
+        probe.end_step()
+        return probe.take()
+
+    plain_sums, plain_counts = probe_sums(False)
+    sums, counts = probe_sums(True)
+    assert counts.tolist() == plain_counts.tolist() == [1, 1, 1, 1]
+    assert torch.allclose(sums, plain_sums, rtol=1e-5, atol=1e-8)
