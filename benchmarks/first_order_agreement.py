@@ -12,7 +12,9 @@
    and ``estimator="paper"`` (K=3 suppressed forwards every T=10 steps); "first-order
    hooks, no rounds" isolates the per-step cost of the backward hooks. Then a paired
    measurement of the hooks alone: one model at lr 0, each batch stepped with and without
-   the hooks (alternating order), median of the per-pair ratios.
+   the hooks (alternating order), median of the per-pair ratios, and the share of the step
+   spent inside the hook functions and ``end_step`` (timed from within; excludes only the
+   dispatch of the hook calls).
 
 Run (the configuration of docs/benchmarks.md)::
 
@@ -132,6 +134,26 @@ def run_cost(args: argparse.Namespace, tokens: torch.Tensor) -> None:
               f"{1000 * mean:.1f} | {mean / base_mean:.3f} |")
 
 
+class TimedProbe(FirstOrderProbe):
+    """The probe, with the wall time spent inside its hooks and ``end_step`` summed."""
+
+    spent = 0.0
+
+    def _timed(self, method, *args):  # noqa: ANN001, ANN202
+        start = time.perf_counter()
+        method(*args)
+        self.spent += time.perf_counter() - start
+
+    def _add(self, *args) -> None:  # noqa: ANN002
+        self._timed(super()._add, *args)
+
+    def _adapter_hook(self, *args) -> None:  # noqa: ANN002
+        self._timed(super()._adapter_hook, *args)
+
+    def end_step(self) -> None:
+        self._timed(super().end_step)
+
+
 def run_paired_hook_cost(args: argparse.Namespace, tokens: torch.Tensor) -> None:
     """Same model (lr 0, so every step does the same work), same batch, steps with and
     without the probe's hooks alternating: the median of the per-pair time ratios."""
@@ -139,12 +161,12 @@ def run_paired_hook_cost(args: argparse.Namespace, tokens: torch.Tensor) -> None
     opt = ISTOptimizer(torch.optim.SGD, model, lr=0.0, active_layers=1.0,
                        update_interval=10**9, seed=0)
     gen = torch.Generator().manual_seed(3)
-    ratios, plain_times = [], []
+    ratios, plain_times, inside = [], [], []
     for pair in range(2 + args.timed_steps):
         batch = random_batch(tokens, args.batch, args.seq, gen)
         times = {}
         for hooked in ((False, True) if pair % 2 else (True, False)):
-            probe = FirstOrderProbe(blocks_of(model), "adapters") if hooked else None
+            probe = TimedProbe(blocks_of(model), "adapters") if hooked else None
             start = time.perf_counter()
             model(**batch).loss.backward()
             if probe is not None:
@@ -154,13 +176,17 @@ def run_paired_hook_cost(args: argparse.Namespace, tokens: torch.Tensor) -> None
             times[hooked] = time.perf_counter() - start
             if probe is not None:
                 probe.remove()
+                if pair >= 2:
+                    inside.append(probe.spent / times[True])
         if pair >= 2:
             ratios.append(times[True] / times[False])
             plain_times.append(times[False])
     quartiles = statistics.quantiles(ratios, n=4)
     print(f"Paired hook cost over {len(ratios)} pairs (step without hooks: median "
           f"{1000 * statistics.median(plain_times):.1f} ms): with/without ratio median "
-          f"{statistics.median(ratios):.4f}, quartiles {quartiles[0]:.4f} .. {quartiles[2]:.4f}")
+          f"{statistics.median(ratios):.4f}, quartiles {quartiles[0]:.4f} .. {quartiles[2]:.4f}; "
+          f"time inside the hooks and end_step: median {100 * statistics.median(inside):.2f}% "
+          "of the hooked step")
 
 
 def main() -> None:
