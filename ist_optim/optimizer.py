@@ -20,6 +20,13 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .batches import BatchCapture, BatchCycler, LossFn, default_loss_fn, move_batch
+from .distributed import (
+    agree_on_seed,
+    average_across_ranks,
+    check_not_initialized_late,
+    check_wrapping,
+    resolve_group,
+)
 from .groups import LayerGroups, LayersSpec, build_layer_groups
 from .importance import paper_advantages, score_update
 from .sampling import resolve_count, sample_candidate_sets, sample_layers, sampling_weights
@@ -94,7 +101,14 @@ class ISTOptimizer(Optimizer):
             parameter's ``requires_grad`` and drops inactive gradients before the update
             (slower; useful where the set of parameters with grads must stay static).
         seed: seed of the private ``torch.Generator``; ``None`` seeds it from OS entropy.
-            Global RNGs are never used.
+            Global RNGs are never used. Under ``torch.distributed`` every rank must pass
+            the same seed, or ``None`` on every rank to use rank 0's (docs/distributed.md).
+        process_group: the ranks that must train the same layers and hold the same
+            scores; ``None`` (default) means every rank, when ``torch.distributed`` is
+            initialized. Ranks agree on the seed at construction and average the
+            importance losses, and with ``freeze_inactive`` the first step keeps every
+            layer's ``requires_grad`` (a DDP wrapper built after this optimizer must see
+            every trainable parameter).
         **optimizer_kwargs: passed verbatim to ``optimizer_cls``.
 
     Example:
@@ -129,6 +143,7 @@ class ISTOptimizer(Optimizer):
         suppression_mode: SuppressionMode = "auto",
         freeze_inactive: bool = True,
         seed: int | None = None,
+        process_group: Any = None,
         **optimizer_kwargs: Any,
     ) -> None:
         if isinstance(optimizer_cls, Optimizer):
@@ -150,6 +165,8 @@ class ISTOptimizer(Optimizer):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable(model, batch) -> loss, got {loss_fn!r}")
+        check_wrapping(model, freeze_inactive)
+        self._group = resolve_group(process_group)
 
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
@@ -180,8 +197,9 @@ class ISTOptimizer(Optimizer):
         self.loss_fn: LossFn = loss_fn or default_loss_fn
 
         self._generator = torch.Generator(device="cpu")
-        self.seed = int(self._generator.seed()) if seed is None else seed
+        self.seed = agree_on_seed(seed, self._group)
         self._generator.manual_seed(self.seed)
+        self._defer_freeze = self._group is not None
         self._scores = torch.zeros(num_layers, dtype=torch.float64)
         self._num_steps = 0
         self._skipped_rounds = 0
@@ -254,7 +272,7 @@ class ISTOptimizer(Optimizer):
                 self.groups.outside.append(p)
             else:
                 self.groups.params[index].append(p)
-                if self.freeze_inactive:
+                if self.freeze_inactive and not self._defer_freeze:
                     p.requires_grad_(index in self._active)
 
     # ------------------------------------------------------------------ public views
@@ -295,6 +313,11 @@ class ISTOptimizer(Optimizer):
         return self._num_steps
 
     @property
+    def process_group(self) -> Any:
+        """The ranks that agree on the IST state; ``None`` when not distributed."""
+        return self._group
+
+    @property
     def runs_importance_rounds(self) -> bool:
         return self.sampling == "importance"
 
@@ -309,7 +332,7 @@ class ISTOptimizer(Optimizer):
 
     def _set_active(self, active: list[int]) -> None:
         self._active = sorted(active)
-        if not self.freeze_inactive:
+        if not self.freeze_inactive or self._defer_freeze:
             return
         active_set = set(self._active)
         for index, params in enumerate(self.groups.params):
@@ -330,6 +353,8 @@ class ISTOptimizer(Optimizer):
         Returns:
             The closure's loss, if a closure was given.
         """
+        if self._group is None:
+            check_not_initialized_late()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -339,6 +364,7 @@ class ISTOptimizer(Optimizer):
         self._num_steps += 1
         if self.runs_importance_rounds and self._num_steps % self.update_interval == 0:
             self._importance_round()
+        self._defer_freeze = False
         self._set_active(self._sample_active())
         return loss
 
@@ -391,7 +417,7 @@ class ISTOptimizer(Optimizer):
         weights = sampling_weights(self._scores, +1.0)
         sets = sample_candidate_sets(weights, self.num_suppressed, self.num_candidates,
                                      self._generator)
-        losses = self.measure_suppressed_losses(sets, batch)
+        losses = average_across_ranks(self.measure_suppressed_losses(sets, batch), self._group)
         if not torch.isfinite(losses).all():
             self._skipped_rounds += 1
             if not self._warned_nonfinite:
@@ -472,6 +498,10 @@ class ISTOptimizer(Optimizer):
             )
         self._check_ist_state(ist)
         self.optimizer.load_state_dict(state_dict)
+        self._load_ist_state(ist)
+
+    def _load_ist_state(self, ist: dict[str, Any]) -> None:
+        """Restore the wrapper's state from a checked ``"ist"`` entry."""
         self._scores = ist["scores"].to(torch.float64).clone()
         self._generator.set_state(ist["generator_state"])
         self._num_steps = int(ist["num_steps"])
