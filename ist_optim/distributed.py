@@ -12,6 +12,10 @@ without a communication layer of its own, from three torch collectives:
   stay identical (and each rank's batch counts);
 * :func:`check_ranks_agree` compares the IST state of every rank, for tests and debugging.
 
+Opt-in: :func:`skip_inactive_buckets` registers a DDP communication hook that skips the
+all-reduce of gradient buckets holding only inactive layers (DDP otherwise all-reduces
+every bucket every step, IST or not).
+
 Wrappers: :func:`check_wrapping` rejects set-ups that cannot work (DDP that cannot see
 per-step changes of ``requires_grad``, FSDP1 flat parameters), and
 :func:`get_optimizer_state_dict` / :func:`set_optimizer_state_dict` checkpoint an
@@ -45,6 +49,7 @@ __all__ = [
     "is_initialized",
     "resolve_group",
     "set_optimizer_state_dict",
+    "skip_inactive_buckets",
 ]
 
 
@@ -294,6 +299,51 @@ def check_wrapping(model: nn.Module, freeze_inactive: bool) -> None:
             "default), or pass freeze_inactive=False (every layer's gradient is computed "
             "and all-reduced, the inactive ones are dropped before the update)"
         )
+
+
+def skip_inactive_buckets(ddp: nn.Module, opt: ISTOptimizer) -> dict[str, int]:
+    """Register a DDP communication hook that all-reduces only buckets IST will use.
+
+    DDP all-reduces every gradient bucket every step, whatever IST trains. Since every
+    rank agrees on the active layers, a bucket whose parameters all belong to inactive
+    layers can skip its all-reduce on every rank: those gradients are dropped (or were
+    never computed) before the update. Other buckets go through DDP's default
+    ``allreduce_hook``. The saving grows with the number of buckets per layer (DDP's
+    ``bucket_cap_mb``, 25 MB by default, against the size of a layer).
+
+    Args:
+        ddp: the ``DistributedDataParallel`` wrapper (no other comm hook registered).
+        opt: the ``ISTOptimizer`` training the wrapped model.
+
+    Returns:
+        Live counters ``{"reduced": n, "skipped": m}`` of buckets, updated every backward.
+
+    Raises:
+        TypeError: when ``ddp`` is not a ``DistributedDataParallel``.
+    """
+    ddp_class = _ddp_class()
+    if ddp_class is None or not isinstance(ddp, ddp_class):
+        raise TypeError(
+            f"skip_inactive_buckets needs a DistributedDataParallel model, got "
+            f"{type(ddp).__name__}"
+        )
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    layer_of = {id(p): i for i, params in enumerate(opt.groups.params) for p in params}
+    counts = {"reduced": 0, "skipped": 0}
+
+    def hook(_state, bucket):  # no annotations: DDP checks them (GradBucket)
+        inactive = set(range(opt.num_layers)) - set(opt.active_layers)
+        if all(layer_of.get(id(p)) in inactive for p in bucket.parameters()):
+            counts["skipped"] += 1
+            future: torch.futures.Future = torch.futures.Future()
+            future.set_result(bucket.buffer())
+            return future
+        counts["reduced"] += 1
+        return allreduce_hook(getattr(ddp, "process_group", None), bucket)
+
+    ddp.register_comm_hook(None, hook)
+    return counts
 
 
 def get_optimizer_state_dict(

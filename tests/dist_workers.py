@@ -218,7 +218,19 @@ def ddp_worker(rank: int, world: int, tmp: str) -> dict[str, Any]:
     ddp = _ddp(model, find_unused_parameters=True)
     results["uninterrupted"] = summary(model, opt, train(ddp, opt, steps, rank, world))
 
-    # 5. Errors, raised on every rank.
+    # 5. skip_inactive_buckets: one bucket per parameter (tiny bucket_cap_mb), counted.
+    from ist_optim.distributed import skip_inactive_buckets
+
+    for freeze in (True, False):
+        model = tiny_net()
+        opt = ISTOptimizer(torch.optim.AdamW, model, freeze_inactive=freeze, **IST_KWARGS)
+        ddp = _ddp(model, find_unused_parameters=freeze, bucket_cap_mb=1e-4)
+        counts = skip_inactive_buckets(ddp, opt)
+        key = f"skip_buckets_freeze={freeze}"
+        results[key] = summary(model, opt, train(ddp, opt, steps, rank, world))
+        results[key]["buckets"] = dict(counts)
+
+    # 6. Errors, raised on every rank.
     results["error_find_unused"] = _error_of(
         lambda: ISTOptimizer(torch.optim.AdamW, _ddp(tiny_net()), **IST_KWARGS))
     results["error_static_graph"] = _error_of(lambda: ISTOptimizer(

@@ -27,6 +27,7 @@ from ist_optim.distributed import (
     check_ranks_agree,
     check_wrapping,
     resolve_group,
+    skip_inactive_buckets,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,6 +82,24 @@ def test_ddp_ranks_identical_and_match_single_process(ddp_results, scenario):
     assert len({tuple(a) for a in run["actives"]}) > 1  # the active set did change
     assert run["scores"].abs().sum() > 0  # importance rounds did update the scores
     assert_matches_single_process(run)
+
+
+@needs_gloo
+@pytest.mark.parametrize("freeze", [True, False])
+def test_ddp_skip_inactive_buckets_is_exact_and_skips(ddp_results, freeze):
+    key = f"skip_buckets_freeze={freeze}"
+    assert_ranks_identical(ddp_results, key)
+    assert_matches_single_process(ddp_results[0][key])
+    counts = [rank[key]["buckets"] for rank in ddp_results]
+    assert counts[0] == counts[1]
+    assert counts[0]["skipped"] > 0 and counts[0]["reduced"] > 0
+
+
+def test_skip_inactive_buckets_needs_ddp():
+    model = workers.tiny_net()
+    opt = ISTOptimizer(torch.optim.SGD, model, lr=0.1, seed=0)
+    with pytest.raises(TypeError, match="DistributedDataParallel"):
+        skip_inactive_buckets(model, opt)
 
 
 @needs_gloo
