@@ -11,6 +11,11 @@ machine noise hits every mode alike):
   HF Trainer's default): inactive layers get no weight gradients.
 * ``ist_nofreeze``: ISTOptimizer ``freeze_inactive=False`` with DDP defaults: every
   layer's gradient is computed and all-reduced, the inactive ones are dropped.
+* ``ist_freeze_skip_buckets``: as ``ist_freeze_find_unused`` plus
+  ``ist_optim.distributed.skip_inactive_buckets`` (buckets of inactive layers are not
+  all-reduced).
+
+Every DDP wrapper uses ``--bucket-mb`` (DDP's default 25 MB).
 
 Run (2 processes)::
 
@@ -32,8 +37,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ist_optim import ISTOptimizer
+from ist_optim.distributed import skip_inactive_buckets
 
-MODES = ("ddp_all", "ddp_all_find_unused", "ist_freeze_find_unused", "ist_nofreeze")
+MODES = ("ddp_all", "ddp_all_find_unused", "ist_freeze_find_unused", "ist_nofreeze",
+         "ist_freeze_skip_buckets")
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
@@ -55,35 +62,46 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
     return model
 
 
-def count_bytes(ddp: DistributedDataParallel) -> dict[str, int]:
-    """Register a comm hook on ``ddp`` that counts the bytes it all-reduces."""
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+def count_bytes(ddp: DistributedDataParallel, opt: torch.optim.Optimizer,
+                skip: bool) -> dict[str, int]:
+    """Register a comm hook on ``ddp`` that counts the bytes it all-reduces (with ``skip``,
+    around ``skip_inactive_buckets``' decision)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     counter = {"bytes": 0}
+    real = default_hooks.allreduce_hook
 
-    def hook(state, bucket):  # no annotations: DDP checks them, and they are strings here
-        state["bytes"] += bucket.buffer().numel() * bucket.buffer().element_size()
-        return allreduce_hook(None, bucket)
+    def counting(group, bucket):  # no annotations: DDP checks them
+        counter["bytes"] += bucket.buffer().numel() * bucket.buffer().element_size()
+        return real(group, bucket)
 
-    ddp.register_comm_hook(counter, hook)
+    if skip:
+        default_hooks.allreduce_hook = counting  # what skip_inactive_buckets imports
+        try:
+            skip_inactive_buckets(ddp, opt)
+        finally:
+            default_hooks.allreduce_hook = real
+    else:
+        ddp.register_comm_hook(None, lambda _state, bucket: counting(None, bucket))
     return counter
 
 
 def build(mode: str, args: argparse.Namespace) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     model = build_model(args)
     ist = dict(lr=1e-4, active_layers=args.active, update_interval=10, seed=0)
+    ddp = dict(bucket_cap_mb=args.bucket_mb)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if mode == "ddp_all":
-        return DistributedDataParallel(model), torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        return DistributedDataParallel(model, **ddp), torch.optim.AdamW(trainable, lr=1e-4)
     if mode == "ddp_all_find_unused":
-        return DistributedDataParallel(model, find_unused_parameters=True), torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    if mode == "ist_freeze_find_unused":
+        wrapped = DistributedDataParallel(model, find_unused_parameters=True, **ddp)
+        return wrapped, torch.optim.AdamW(trainable, lr=1e-4)
+    if mode in ("ist_freeze_find_unused", "ist_freeze_skip_buckets"):
         opt = ISTOptimizer(torch.optim.AdamW, model, **ist)
-        return DistributedDataParallel(model, find_unused_parameters=True), opt
+        return DistributedDataParallel(model, find_unused_parameters=True, **ddp), opt
     if mode == "ist_nofreeze":
         opt = ISTOptimizer(torch.optim.AdamW, model, freeze_inactive=False, **ist)
-        return DistributedDataParallel(model), opt
+        return DistributedDataParallel(model, **ddp), opt
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
 
 
@@ -110,6 +128,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="steps per timed block")
     parser.add_argument("--blocks", type=int, default=3, help="timed blocks per mode")
     parser.add_argument("--lora", action="store_true", help="LoRA r=8 instead of full FT")
+    parser.add_argument("--bucket-mb", type=float, default=25.0, help="DDP bucket_cap_mb")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -121,7 +140,8 @@ def main() -> None:
         ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
         batches.append({"input_ids": ids, "labels": ids})
     runs = {mode: build(mode, args) for mode in MODES}
-    counters = {mode: count_bytes(model) for mode, (model, _) in runs.items()}
+    counters = {mode: count_bytes(model, opt, mode == "ist_freeze_skip_buckets")
+                for mode, (model, opt) in runs.items()}
     for model, opt in runs.values():  # warm-up (and IST's first, all-layer step)
         run_block(model, opt, 2, batches)
     for counter in counters.values():
@@ -135,7 +155,7 @@ def main() -> None:
         print(f"{kind}, {args.layers} layers, hidden {args.hidden}, seq {args.seq}, "
               f"batch {args.batch}/rank, {dist.get_world_size()} ranks, IST "
               f"{args.active}/{args.layers} layers; median of {args.blocks} blocks of "
-              f"{args.steps} steps\n")
+              f"{args.steps} steps, bucket_cap_mb {args.bucket_mb}\n")
         print("| mode | ms/step | vs ddp_all | MB all-reduced/step |\n| --- | ---: | ---: | ---: |")
         base = statistics.median(times["ddp_all"])
         for mode in MODES:
