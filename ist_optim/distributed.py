@@ -369,15 +369,38 @@ def get_optimizer_state_dict(
     return state
 
 
+_WRAPPER_NAMES = {"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"}
+
+
+def _checkpoint_names(model: nn.Module) -> dict[int, str]:
+    """Parameter id -> the name ``torch.distributed.checkpoint`` uses for it (wrapper
+    components such as DDP's leading ``module`` or ``torch.compile``'s ``_orig_mod`` removed)."""
+    ddp = _ddp_class()
+    is_ddp = ddp is not None and isinstance(model, ddp)
+    names = {}
+    for name, p in model.named_parameters():
+        parts = [part for part in name.split(".") if part not in _WRAPPER_NAMES]
+        if is_ddp and parts and parts[0] == "module":
+            parts = parts[1:]
+        names[id(p)] = ".".join(parts)
+    return names
+
+
 def set_optimizer_state_dict(
     model: nn.Module, opt: ISTOptimizer, state_dict: dict[str, Any], *, options: Any = None
 ) -> None:
     """Load what :func:`get_optimizer_state_dict` returned (e.g. after
     ``torch.distributed.checkpoint.load``); the next step trains the saved active set.
 
+    ``torch.distributed.checkpoint`` loads state only into parameters that require grad,
+    and IST freezes inactive layers; so while loading, exactly the layer parameters that
+    have saved state require grad (layers never trained have none), then IST's own
+    ``requires_grad`` settings are put back.
+
     Raises:
-        ValueError: without an ``"ist"`` entry, or for another number of layers or
-            trainable parameters (as ``ISTOptimizer.load_state_dict``).
+        ValueError: without an ``"ist"`` entry, for a flattened optimizer state dict, for
+            saved state of a parameter this model does not have, or for another number of
+            layers or trainable parameters (as ``ISTOptimizer.load_state_dict``).
     """
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict as dcp_set
 
@@ -390,6 +413,26 @@ def set_optimizer_state_dict(
             "with torch.distributed.checkpoint.state_dict.set_optimizer_state_dict(model, "
             "opt.optimizer, ...)"
         )
+    if not isinstance(state_dict.get("state"), dict):
+        raise ValueError(
+            "set_optimizer_state_dict needs the nested optimizer state dict ('state' and "
+            "'param_groups' keys); save it without flatten_optimizer_state_dict=True"
+        )
     opt._check_ist_state(ist)
-    dcp_set(model, opt.optimizer, state_dict, options=options)
+    names = _checkpoint_names(model)
+    layer_params = [p for params in opt.groups.params for p in params]
+    unknown = set(state_dict["state"]) - set(names.values())
+    if unknown:
+        raise ValueError(
+            f"the checkpoint has optimizer state for parameters this model does not have: "
+            f"{sorted(unknown)[:5]}; load it into the model it was saved from"
+        )
+    flags = [(p, p.requires_grad) for p in layer_params]
+    try:
+        for p in layer_params:
+            p.requires_grad_(names.get(id(p)) in state_dict["state"])
+        dcp_set(model, opt.optimizer, state_dict, options=options)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
     opt._load_ist_state(ist)

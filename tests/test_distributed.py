@@ -7,6 +7,7 @@ checked against one process training on the whole global batch (tests/dist_worke
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -26,7 +27,9 @@ from ist_optim.distributed import (
     check_not_initialized_late,
     check_ranks_agree,
     check_wrapping,
+    get_optimizer_state_dict,
     resolve_group,
+    set_optimizer_state_dict,
     skip_inactive_buckets,
 )
 
@@ -66,6 +69,16 @@ def assert_matches_single_process(run: dict) -> None:
     assert run["rounds"] == reference["rounds"] == 4
     torch.testing.assert_close(run["scores"], reference["scores"], atol=1e-6, rtol=0.0)
     assert_same_params(run["params"], reference["params"], atol=1e-5)
+
+
+def assert_resume_matches_uninterrupted(results: list) -> None:
+    """The run resumed at step 10 equals the uninterrupted one, bit for bit, on every rank."""
+    assert_ranks_identical(results, "resumed")
+    resumed, uninterrupted = results[0]["resumed"], results[0]["uninterrupted"]
+    assert resumed["actives"] == uninterrupted["actives"]
+    assert torch.equal(resumed["scores"], uninterrupted["scores"])
+    assert resumed["fingerprint"] == uninterrupted["fingerprint"]
+    assert_same_params(resumed["params"], uninterrupted["params"])
 
 
 # ------------------------------------------------------------------ DDP (2 gloo ranks)
@@ -110,12 +123,7 @@ def test_ddp_entropy_seed_is_rank0s(ddp_results):
 
 @needs_gloo
 def test_ddp_resume_matches_uninterrupted(ddp_results):
-    assert_ranks_identical(ddp_results, "resumed")
-    resumed, uninterrupted = ddp_results[0]["resumed"], ddp_results[0]["uninterrupted"]
-    assert resumed["actives"] == uninterrupted["actives"]
-    assert torch.equal(resumed["scores"], uninterrupted["scores"])
-    assert resumed["fingerprint"] == uninterrupted["fingerprint"]
-    assert_same_params(resumed["params"], uninterrupted["params"])
+    assert_resume_matches_uninterrupted(ddp_results)
 
 
 @needs_gloo
@@ -146,12 +154,7 @@ def test_fsdp2_ranks_identical_and_match_single_process(fsdp_results):
 
 @needs_gloo
 def test_fsdp2_dcp_resume_matches_uninterrupted(fsdp_results):
-    assert_ranks_identical(fsdp_results, "resumed")
-    resumed, uninterrupted = fsdp_results[0]["resumed"], fsdp_results[0]["uninterrupted"]
-    assert resumed["actives"] == uninterrupted["actives"]
-    assert torch.equal(resumed["scores"], uninterrupted["scores"])
-    assert resumed["fingerprint"] == uninterrupted["fingerprint"]
-    assert_same_params(resumed["params"], uninterrupted["params"])
+    assert_resume_matches_uninterrupted(fsdp_results)
 
 
 # ------------------------------------------------------------------ HF Trainer + torchrun
@@ -223,6 +226,30 @@ def test_late_init_raises_at_step(monkeypatch):
     with pytest.raises(RuntimeError, match="after this ISTOptimizer was built"):
         opt.step()
     assert opt.num_steps == 0
+
+
+def test_dcp_helpers_single_process_roundtrip_and_missing_ist():
+    model = workers.tiny_net()
+    opt = ISTOptimizer(torch.optim.AdamW, model, lr=1e-2, seed=3, **{
+        k: v for k, v in workers.IST_KWARGS.items() if k != "lr"})
+    workers.train(model, opt, range(6), None, 1)
+    state = get_optimizer_state_dict(model, opt)
+    assert state["ist"]["num_steps"] == 6 and "state" in state
+    other_model = workers.tiny_net()
+    other_model.load_state_dict(model.state_dict())
+    other = ISTOptimizer(torch.optim.AdamW, other_model, lr=1e-2, seed=9, **{
+        k: v for k, v in workers.IST_KWARGS.items() if k != "lr"})
+    set_optimizer_state_dict(other_model, other, copy.deepcopy(state))  # a saved copy
+    assert check_ranks_agree(other) == check_ranks_agree(opt)
+    workers.train(model, opt, range(6, 9), None, 1)
+    workers.train(other_model, other, range(6, 9), None, 1)
+    assert_same_params(workers.full_params(other_model), workers.full_params(model))
+    with pytest.raises(ValueError, match="no 'ist' entry"):
+        set_optimizer_state_dict(model, opt, {k: v for k, v in state.items() if k != "ist"})
+    bad = copy.deepcopy(state)
+    bad["state"]["blocks.9.lin.weight"] = bad["state"]["head.weight"]
+    with pytest.raises(ValueError, match=r"does not have: \['blocks.9.lin.weight'\]"):
+        set_optimizer_state_dict(model, opt, bad)
 
 
 def test_fsdp1_is_rejected_with_a_pointer_to_fsdp2():
