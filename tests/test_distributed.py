@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -157,18 +159,44 @@ def test_fsdp2_dcp_resume_matches_uninterrupted(fsdp_results):
     assert_resume_matches_uninterrupted(fsdp_results)
 
 
-# ------------------------------------------------------------------ HF Trainer + torchrun
+# ------------------------------------------------------------------ HF Trainer + launchers
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _launcher(name: str) -> list[str]:
+    if name == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", "2"]
+    # accelerate's multi-process launcher (torchrun underneath) also runs on CPU; its
+    # --cpu mode would need mpirun.
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+
+
 @needs_gloo
-def test_hf_trainer_ddp_under_torchrun(tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_hf_trainer_ddp(tmp_path, launcher):
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
+    pytest.importorskip("accelerate")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2", str(Path(__file__).parent / "dist_trainer_script.py"),
-               str(tmp_path)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    command = _launcher(launcher) + [str(Path(__file__).parent / "dist_trainer_script.py"),
+                                     str(tmp_path)]
+    # Own session, so that a hang kills the launcher *and* its workers.
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     for rank in ranks:
         assert rank["world_size"] == 2
