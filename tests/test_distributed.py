@@ -243,6 +243,27 @@ def test_average_single_process_is_identity_in_float64(values):
     torch.testing.assert_close(out, torch.tensor(values, dtype=torch.float64), equal_nan=True)
 
 
+@pytest.mark.parametrize("backend", ["gloo", "cpu:gloo,cuda:nccl", "mpi"])
+def test_collective_device_is_cpu_for_cpu_backends(monkeypatch, backend):
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: backend)
+    assert ist_dist._collective_device(object()) == torch.device("cpu")
+
+
+def test_collective_device_is_the_current_accelerator_for_nccl(monkeypatch):
+    class FakeAccelerator:
+        @staticmethod
+        def current_accelerator():
+            return torch.device("cuda")
+
+        @staticmethod
+        def current_device_index():
+            return 3
+
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch, "accelerator", FakeAccelerator, raising=False)
+    assert ist_dist._collective_device(object()) == torch.device("cuda", 3)
+
+
 def test_late_init_raises_at_step(monkeypatch):
     model = workers.tiny_net()
     opt = ISTOptimizer(torch.optim.SGD, model, lr=0.1, sampling="uniform", seed=0)
