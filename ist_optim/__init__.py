@@ -7,29 +7,35 @@ Replace one line of a training script::
 See README.md for how it works and what it measures.
 """
 
+from .backward import BackwardCut, reaches_trainable_parameter
 from .groups import LayerGroups, build_layer_groups, discover_layers
 from .history import ImportanceHistory
 from .importance import paper_advantages, score_update
 from .optimizer import ISTOptimizer
 from .plotting import plot_importance
+from .residency import StateResidency, state_bytes
 from .sampling import resolve_count, sample_candidate_sets, sample_layers, sampling_weights
 from .suppression import Suppressor, find_tuner_layers
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackwardCut",
     "ISTOptimizer",
     "ImportanceHistory",
     "LayerGroups",
+    "StateResidency",
     "Suppressor",
     "build_layer_groups",
     "discover_layers",
     "find_tuner_layers",
     "paper_advantages",
     "plot_importance",
+    "reaches_trainable_parameter",
     "resolve_count",
     "sample_candidate_sets",
     "sample_layers",
     "sampling_weights",
     "score_update",
+    "state_bytes",
 ]

@@ -62,7 +62,13 @@ class BatchCapture:
 
 
 class BatchCycler:
-    """Cycles through a re-iterable (list, DataLoader); counts batches for exact resume."""
+    """Cycles through a re-iterable (list, DataLoader); counts batches for exact resume.
+
+    Iterating runs under ``torch.random.fork_rng``: a ``DataLoader`` draws its base seed
+    (and an unseeded shuffling sampler its order) from the global CPU RNG, which would
+    otherwise shift the training run's dropout and data order whenever a round starts a
+    new pass.
+    """
 
     def __init__(self, batches: Iterable[Any]):
         if isinstance(batches, Iterator):
@@ -82,6 +88,10 @@ class BatchCycler:
             self.next()
 
     def next(self) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            return self._next()
+
+    def _next(self) -> Any:
         if self._iterator is not None:
             try:
                 batch = next(self._iterator)

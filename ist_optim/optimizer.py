@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from .backward import BackwardCut
 from .batches import BatchCapture, BatchCycler, LossFn, default_loss_fn, move_batch
 from .distributed import (
     agree_on_seed,
@@ -29,6 +30,7 @@ from .distributed import (
 )
 from .groups import LayerGroups, LayersSpec, build_layer_groups
 from .importance import paper_advantages, score_update
+from .residency import STATE_POLICIES, StatePolicy, StateResidency, default_policy, state_bytes
 from .sampling import resolve_count, sample_candidate_sets, sample_layers, sampling_weights
 from .suppression import SuppressionMode, Suppressor
 
@@ -100,6 +102,16 @@ class ISTOptimizer(Optimizer):
             layers, so backward skips their weight gradients. ``False`` keeps every
             parameter's ``requires_grad`` and drops inactive gradients before the update
             (slower; useful where the set of parameters with grads must stay static).
+        state_policy: where the optimizer state of inactive layers lives: ``"keep"``
+            (stays, like the paper), ``"offload"`` (moved to host memory, pinned on CUDA,
+            and back when the layer is drawn; bit-exact) or ``"drop"`` (freed; a layer
+            drawn again restarts its moments and bias correction). Default: ``"offload"``
+            when the parameters are on CUDA, else ``"keep"``. See
+            :class:`ist_optim.StateResidency`.
+        skip_backward: cut the autograd graph at the input of the lowest active layer
+            (see :class:`ist_optim.BackwardCut`), so no backward runs below it even when
+            input gradients are forced (gradient checkpointing). Default: on whenever
+            ``freeze_inactive`` is (the cut needs frozen inactive layers).
         seed: seed of the private ``torch.Generator``; ``None`` seeds it from OS entropy.
             Global RNGs are never used. Under ``torch.distributed`` every rank must pass
             the same seed, or ``None`` on every rank to use rank 0's (docs/distributed.md).
@@ -142,6 +154,8 @@ class ISTOptimizer(Optimizer):
         sampling: Sampling = "importance",
         suppression_mode: SuppressionMode = "auto",
         freeze_inactive: bool = True,
+        state_policy: StatePolicy | None = None,
+        skip_backward: bool | None = None,
         seed: int | None = None,
         process_group: Any = None,
         **optimizer_kwargs: Any,
@@ -161,6 +175,20 @@ class ISTOptimizer(Optimizer):
             raise ValueError(f"Invalid sampling: {sampling!r}; expected one of {_SAMPLINGS}")
         if not isinstance(freeze_inactive, bool):
             raise TypeError(f"freeze_inactive must be a bool, got {freeze_inactive!r}")
+        if skip_backward is None:
+            skip_backward = freeze_inactive
+        if not isinstance(skip_backward, bool):
+            raise TypeError(f"skip_backward must be a bool or None, got {skip_backward!r}")
+        if skip_backward and not freeze_inactive:
+            raise ValueError(
+                "skip_backward=True needs freeze_inactive=True: with every layer requiring "
+                "grad there is nothing below the lowest active layer to cut"
+            )
+        if state_policy is not None and state_policy not in STATE_POLICIES:
+            raise ValueError(
+                f"Invalid state_policy: {state_policy!r}; expected one of {STATE_POLICIES} "
+                "or None for the device default"
+            )
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
         if loss_fn is not None and not callable(loss_fn):
@@ -206,20 +234,22 @@ class ISTOptimizer(Optimizer):
         self._warned_nonfinite = False
         self.last_round: dict[str, Any] | None = None
 
-        self._suppressor: Suppressor | None = None
-        self._capture: BatchCapture | None = None
-        self._cycler: BatchCycler | None = None
-        if self.runs_importance_rounds:
-            self._suppressor = Suppressor(self.groups.modules, self.suppression, suppression_mode)
-            if importance_batches is None:
-                self._capture = BatchCapture(model)
-            else:
-                self._cycler = BatchCycler(importance_batches)
-        elif importance_batches is not None:
+        if not self.runs_importance_rounds and importance_batches is not None:
             raise ValueError(
                 "importance_batches is set but sampling='uniform' runs no importance rounds; "
                 "drop importance_batches or use sampling='importance'"
             )
+        self._suppressor: Suppressor | None = None
+        if self.runs_importance_rounds:
+            self._suppressor = Suppressor(self.groups.modules, self.suppression, suppression_mode)
+        self._cycler = None if importance_batches is None else BatchCycler(importance_batches)
+        self.state_policy: StatePolicy = state_policy or default_policy(self._device())
+        self._residency = StateResidency(self.optimizer, self.state_policy)
+        # Hooks on the model last, once nothing can raise any more.
+        self._capture: BatchCapture | None = None
+        if self.runs_importance_rounds and importance_batches is None:
+            self._capture = BatchCapture(model)
+        self._backward_cut = BackwardCut(self.groups.modules) if skip_backward else None
         self._active: list[int] = []
         self._set_active(self._sample_active())
 
@@ -331,13 +361,17 @@ class ISTOptimizer(Optimizer):
         return sample_layers(self._active_weights(), self.num_active, self._generator)
 
     def _set_active(self, active: list[int]) -> None:
-        self._active = sorted(active)
+        old, new = set(self._active), set(active)
+        self._residency.deactivate(self.groups.layer_params(sorted(old - new)))
+        self._residency.activate(self.groups.layer_params(sorted(new - old)))
+        self._active = sorted(new)
+        if self._backward_cut is not None:
+            self._backward_cut.set_active(self._active)
         if not self.freeze_inactive or self._defer_freeze:
             return
-        active_set = set(self._active)
         for index, params in enumerate(self.groups.params):
             for p in params:
-                p.requires_grad_(index in active_set)
+                p.requires_grad_(index in new)
 
     def _drop_inactive_grads(self) -> None:
         active_set = set(self._active)
@@ -360,6 +394,7 @@ class ISTOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._drop_inactive_grads()
+        self._residency.wait()
         self.optimizer.step()
         self._num_steps += 1
         if self.runs_importance_rounds and self._num_steps % self.update_interval == 0:
@@ -456,7 +491,13 @@ class ISTOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict plus an ``"ist"`` entry (scores, generator
         state, active set, step) in plain types and tensors (``weights_only``-loadable)."""
-        state = self.optimizer.state_dict()
+        offloaded = self._residency.offloaded_state()
+        self.optimizer.state.update(offloaded)  # let the inner optimizer format them
+        try:
+            state = self.optimizer.state_dict()
+        finally:
+            for param in offloaded:
+                del self.optimizer.state[param]
         state["ist"] = self._ist_state()
         return state
 
@@ -501,9 +542,16 @@ class ISTOptimizer(Optimizer):
         self._load_ist_state(ist)
 
     def _load_ist_state(self, ist: dict[str, Any]) -> None:
-        """Restore the wrapper's state from a checked ``"ist"`` entry."""
-        self._scores = ist["scores"].to(torch.float64).clone()
-        self._generator.set_state(ist["generator_state"])
+        """Restore the wrapper's state from a checked ``"ist"`` entry, after the inner
+        optimizer's state was loaded."""
+        # The inner optimizer now holds every saved entry; the residency policy then moves
+        # (or drops) those of inactive layers, as if every layer had just been active.
+        self._residency.clear()
+        self._active = list(range(self.num_layers))
+        # .cpu(): accelerate's prepare() and the Trainer's map_location move every tensor of
+        # the dict to the accelerator; the sampler's state lives on the CPU.
+        self._scores = ist["scores"].to("cpu", torch.float64).clone()
+        self._generator.set_state(ist["generator_state"].cpu())
         self._num_steps = int(ist["num_steps"])
         self._skipped_rounds = int(ist["skipped_rounds"])
         self.seed = int(ist["seed"])
@@ -511,11 +559,65 @@ class ISTOptimizer(Optimizer):
             self._cycler.fast_forward(int(ist["importance_batches_seen"]))
         self._set_active([int(i) for i in ist["active_layers"]])
 
-    def close(self) -> None:
-        """Remove the batch-capturing hook from the model and re-enable all layers' grads."""
+    def set_importance_batches(self, batches: Iterable[Any], *, batches_seen: int = 0) -> None:
+        """Measure the importance rounds on ``batches`` (cycled) instead of captured batches.
+
+        For sources known only after construction, such as a Trainer's eval dataloader
+        (:class:`ist_optim.integrations.ISTCallback` calls it at ``on_train_begin``).
+
+        Args:
+            batches: re-iterable of batches (a list, a DataLoader), as ``importance_batches``.
+            batches_seen: how many batches of ``batches`` earlier rounds used: the cycle
+                resumes after them (``num_steps // update_interval`` when ``batches`` was
+                set before step 1).
+
+        Raises:
+            ValueError: with ``sampling='uniform'`` (no rounds), or when importance batches
+                were already given, at construction or by an earlier call.
+        """
+        if not self.runs_importance_rounds:
+            raise ValueError(
+                "sampling='uniform' runs no importance rounds, so it takes no importance batches"
+            )
+        if self._cycler is not None:
+            raise ValueError(
+                "importance batches are already set (importance_batches= or an earlier "
+                "set_importance_batches call); build the optimizer without them to set them here"
+            )
+        cycler = BatchCycler(batches)
+        cycler.fast_forward(_check_int("batches_seen", batches_seen, 0))
         if self._capture is not None:
             self._capture.remove()
             self._capture = None
+        self._cycler = cycler
+
+    def memory_report(self) -> dict[str, Any]:
+        """Bytes of optimizer state and of the trainable parameters of the active set.
+
+        Returns:
+            ``state_bytes_on_device``: state held by the inner optimizer (on the
+            parameters' devices); ``state_bytes_offloaded``: state moved to host memory by
+            ``state_policy="offload"``; ``active_trainable_bytes``: parameters trained in
+            the coming step (active layers and the outside group); ``active_layers``;
+            ``state_policy``.
+        """
+        params = self.groups.layer_params(self._active) + self.groups.outside
+        return {
+            "state_bytes_on_device": state_bytes(self.optimizer.state.values()),
+            "state_bytes_offloaded": self._residency.offloaded_bytes(),
+            "active_trainable_bytes": sum(p.numel() * p.element_size() for p in params),
+            "active_layers": list(self._active),
+            "state_policy": self.state_policy,
+        }
+
+    def close(self) -> None:
+        """Remove the hooks from the model and re-enable all layers' grads."""
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
+        if self._backward_cut is not None:
+            self._backward_cut.remove()
+            self._backward_cut = None
         if self.freeze_inactive:
             for params in self.groups.params:
                 for p in params:

@@ -319,6 +319,8 @@ def test_full_finetuning_without_adapters():
         (dict(importance_batches=iter([{}])), TypeError, "one-shot iterator"),
         (dict(sampling="uniform", importance_batches=[{}]), ValueError, "runs no importance"),
         (dict(freeze_inactive="yes"), TypeError, "freeze_inactive"),
+        (dict(freeze_inactive=False, skip_backward=True), ValueError, "needs freeze_inactive"),
+        (dict(skip_backward=1), TypeError, "skip_backward"),
     ],
 )
 def test_bad_options(kwargs, error, match):
@@ -344,6 +346,15 @@ def test_bad_optimizer_class_model_and_params():
     plain = torch.nn.Sequential(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="layers="):
         ISTOptimizer(torch.optim.AdamW, plain)
+
+
+def test_failed_construction_leaves_no_hook_on_the_model():
+    model = lora_model(4)
+    bnb = pytest.importorskip("bitsandbytes")
+    with pytest.raises(ValueError, match="paged"):
+        ISTOptimizer(bnb.optim.PagedAdamW8bit, model, lr=1e-3, state_policy="drop")
+    assert not model._forward_pre_hooks
+    assert all(not m._forward_pre_hooks for m in model.modules())
 
 
 def test_round_without_any_forward_explains_the_fix():

@@ -1,0 +1,169 @@
+"""Optimizer-state residency: where the state of layers outside the active set lives.
+
+Policies:
+
+* ``"keep"``: state of every visited layer stays in the inner optimizer (the paper's
+  behaviour; memory grows to the state of all layers).
+* ``"offload"``: when a layer leaves the active set, its per-parameter state is taken out of
+  the inner optimizer and moved to host memory (pinned on CUDA); it is moved back, tensor
+  for tensor and bit for bit, when the layer is drawn again. On CUDA both directions run on
+  a side stream and overlap the next forward/backward; the step waits for them.
+* ``"drop"``: the state is deleted (like BAdam). A re-activated layer starts fresh: Adam
+  moments are zero and its per-parameter ``step`` restarts at 0, so bias correction starts
+  over for that layer.
+
+Only the state of IST layers moves; the outside group (embeddings, heads) always keeps its
+state. Every tensor of a parameter's state moves (bitsandbytes' quantization maps and
+absmax tensors included); non-tensor entries are kept as they are. Paged bitsandbytes
+optimizers manage their own paging and are refused for ``"offload"``/``"drop"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from torch.optim import Optimizer
+
+__all__ = ["StateResidency", "state_bytes", "STATE_POLICIES"]
+
+StatePolicy = Literal["keep", "offload", "drop"]
+STATE_POLICIES = ("keep", "offload", "drop")
+
+
+def state_bytes(state: Iterable[dict[str, Any]]) -> int:
+    """Bytes of every tensor in an iterable of per-parameter state dicts."""
+    return sum(v.numel() * v.element_size() for entry in state for v in entry.values()
+               if isinstance(v, torch.Tensor))
+
+
+def default_policy(device: torch.device) -> StatePolicy:
+    """``"offload"`` on CUDA, ``"keep"`` elsewhere (offloading to host memory from the host
+    gains nothing)."""
+    return "offload" if device.type == "cuda" else "keep"
+
+
+class StateResidency:
+    """Moves or drops the inner optimizer's per-parameter state as layers change.
+
+    Args:
+        optimizer: the inner optimizer, whose ``state`` is keyed by parameter.
+        policy: ``"keep"``, ``"offload"`` or ``"drop"``.
+
+    Raises:
+        ValueError: for an unknown policy, or ``"offload"``/``"drop"`` with a paged
+            bitsandbytes optimizer.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.ones(3))
+        >>> opt = torch.optim.Adam([p])
+        >>> p.grad = torch.ones(3); opt.step()
+        >>> res = StateResidency(opt, "offload")
+        >>> res.deactivate([p]); p in opt.state, res.offloaded_bytes() > 0
+        (False, True)
+        >>> res.activate([p]); p in opt.state
+        True
+    """
+
+    def __init__(self, optimizer: Optimizer, policy: StatePolicy):
+        if policy not in STATE_POLICIES:
+            raise ValueError(f"Invalid state_policy: {policy!r}; expected one of {STATE_POLICIES}")
+        if policy != "keep" and getattr(optimizer, "is_paged", False):
+            raise ValueError(
+                f"state_policy={policy!r} cannot be used with the paged optimizer "
+                f"{type(optimizer).__name__}: it pages its own state buffers, which are not "
+                "released by moving or dropping them. Use state_policy='keep', or a non-paged "
+                "optimizer such as bitsandbytes.optim.AdamW8bit."
+            )
+        self.optimizer = optimizer
+        self.policy: StatePolicy = policy
+        # param -> {key: (tensor on host, device it came from)}
+        self._store: dict[torch.Tensor, dict[str, Any]] = {}
+        self._streams: dict[torch.device, Any] = {}
+        self._pending: list[tuple[torch.device, Any]] = []  # events of copies in flight
+
+    # ------------------------------------------------------------------ transitions
+    def deactivate(self, params: Iterable[torch.Tensor]) -> None:
+        """Take the state of ``params`` out of the optimizer (offload or drop it)."""
+        if self.policy == "keep":
+            return
+        for p in params:
+            entry = self.optimizer.state.pop(p, None)
+            if not entry or self.policy == "drop":
+                continue
+            self._store[p] = {k: self._to_host(v) for k, v in entry.items()}
+        self._record_streams()
+
+    def activate(self, params: Iterable[torch.Tensor]) -> None:
+        """Give offloaded state of ``params`` back to the optimizer, on its original device."""
+        if self.policy != "offload":
+            return
+        for p in params:
+            entry = self._store.pop(p, None)
+            if entry is not None:
+                self.optimizer.state[p] = {k: self._to_device(v) for k, v in entry.items()}
+        self._record_streams()
+
+    def _side_stream(self, device: torch.device) -> Any:
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device=device)
+        return self._streams[device]
+
+    def _to_host(self, value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return (value, None)
+        if value.device.type != "cuda":
+            return (value, value.device)
+        stream = self._side_stream(value.device)
+        stream.wait_stream(torch.cuda.current_stream(value.device))
+        with torch.cuda.stream(stream):
+            host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            host.copy_(value, non_blocking=True)
+            value.record_stream(stream)  # keep the device buffer alive until copied
+        return (host, value.device)
+
+    def _to_device(self, stored: tuple[Any, torch.device | None]) -> Any:
+        value, device = stored
+        if device is None or device == value.device:
+            return value
+        if device.type != "cuda":
+            return value.to(device)
+        stream = self._side_stream(device)
+        with torch.cuda.stream(stream):
+            moved = torch.empty(value.shape, dtype=value.dtype, device=device)
+            moved.copy_(value, non_blocking=True)
+        moved.record_stream(torch.cuda.current_stream(device))
+        return moved
+
+    def _record_streams(self) -> None:
+        """One event per side stream used, marking the end of the copies just issued."""
+        for device, stream in self._streams.items():
+            event = torch.cuda.Event()
+            event.record(stream)
+            self._pending.append((device, event))
+
+    def wait(self) -> None:
+        """Make the current CUDA stream wait for copies in flight (before the update)."""
+        for device, event in self._pending:
+            torch.cuda.current_stream(device).wait_event(event)
+        self._pending.clear()
+
+    def synchronize(self) -> None:
+        """Block the host until every copy in flight is done (before reading state)."""
+        for _device, event in self._pending:
+            event.synchronize()
+        self._pending.clear()
+
+    # ------------------------------------------------------------------ accounting / io
+    def offloaded_bytes(self) -> int:
+        return state_bytes({k: v for k, (v, _) in entry.items()} for entry in self._store.values())
+
+    def offloaded_state(self) -> dict[torch.Tensor, dict[str, Any]]:
+        """The offloaded per-parameter state as plain host tensors (synchronizes first)."""
+        self.synchronize()
+        return {p: {k: v for k, (v, _) in entry.items()} for p, entry in self._store.items()}
+
+    def clear(self) -> None:
+        self.synchronize()
+        self._store.clear()

@@ -1,0 +1,135 @@
+"""Backward skipping: no block below the lowest active layer runs backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import lm_batch, lora_model
+
+from ist_optim import BackwardCut, ISTOptimizer, reaches_trainable_parameter
+
+
+def _blocks(model):
+    return list(model.base_model.model.model.layers)
+
+
+class BackwardCounter:
+    """Counts, per block, backward passes that reach the block's output."""
+
+    def __init__(self, blocks):
+        self.counts = [0] * len(blocks)
+        self.handles = [b.register_forward_hook(self._hook(i)) for i, b in enumerate(blocks)]
+
+    def _hook(self, index):
+        def hook(_module, _args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            if out.requires_grad:
+                out.register_hook(lambda g: self.counts.__setitem__(index, self.counts[index] + 1))
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _setup(checkpointing: str | None, active, train_embeddings=False):
+    model = lora_model(6)
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+    model.enable_input_require_grads()
+    model.train()
+    embed = model.base_model.model.model.embed_tokens.weight
+    embed.requires_grad_(train_embeddings)
+    blocks = _blocks(model)
+    for i, block in enumerate(blocks):
+        for n, p in block.named_parameters():
+            p.requires_grad_("lora_" in n and i in active)
+    return model, blocks
+
+
+@pytest.mark.parametrize("checkpointing", [None, "reentrant", "non-reentrant"])
+def test_no_backward_below_the_lowest_active_layer(checkpointing):
+    active = [3, 5]
+    model, blocks = _setup(checkpointing, active)
+    batch = lm_batch(seed=1)
+    counter = BackwardCounter(blocks)
+    model(**batch).loss.backward()
+    assert counter.counts == [1] * 6  # without the cut, backward reaches every block
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    counter.counts = [0] * 6
+
+    cut = BackwardCut(blocks, active)
+    model(**batch).loss.backward()
+    assert counter.counts[:3] == [0, 0, 0] and counter.counts[3:] == [1, 1, 1]
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == reference.keys() and got
+    for name, grad in reference.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-7)
+    cut.remove()
+    counter.remove()
+
+
+def test_no_cut_when_a_trained_parameter_lives_below():
+    model, blocks = _setup(None, [4], train_embeddings=True)
+    counter = BackwardCounter(blocks)
+    cut = BackwardCut(blocks, [4])
+    model(**lm_batch()).loss.backward()
+    assert counter.counts == [1] * 6 and cut.cuts == 0
+    assert model.base_model.model.model.embed_tokens.weight.grad is not None
+
+
+def test_nothing_to_cut_without_forced_input_grads():
+    model = lora_model(4)
+    blocks = _blocks(model)
+    for i, block in enumerate(blocks):
+        for n, p in block.named_parameters():
+            p.requires_grad_("lora_" in n and i == 2)
+    cut = BackwardCut(blocks, [2])
+    counter = BackwardCounter(blocks)
+    model(**lm_batch()).loss.backward()
+    assert counter.counts == [0, 0, 1, 1] and cut.cuts == 0
+
+
+def test_ist_optimizer_cuts_and_matches_uncut_training():
+    results = []
+    for skip in (True, False):
+        model = lora_model(6)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.enable_input_require_grads()
+        opt = ISTOptimizer(torch.optim.AdamW, model, lr=1e-2, seed=7, skip_backward=skip,
+                           update_interval=2)
+        counter = BackwardCounter(_blocks(model))
+        below = 0
+        for step in range(5):
+            lowest = min(opt.active_layers)
+            counter.counts = [0] * 6
+            model(**lm_batch(seed=step)).loss.backward()
+            below += sum(counter.counts[:lowest])
+            opt.step()
+            opt.zero_grad()
+        results.append((below, {n: p.detach().clone() for n, p in model.named_parameters()}))
+    (below_cut, params_cut), (below_full, params_full) = results
+    assert below_cut == 0 and below_full > 0
+    for name in params_full:
+        torch.testing.assert_close(params_cut[name], params_full[name], rtol=1e-5, atol=1e-6)
+
+
+def test_handles_are_removable():
+    model = lora_model(3)
+    cut = BackwardCut(_blocks(model), [1])
+    assert len(cut.handles) == 3
+    cut.remove()
+    assert not cut.handles
+    assert all(not b._forward_pre_hooks for b in _blocks(model))
+
+
+def test_reaches_trainable_parameter():
+    w = torch.nn.Parameter(torch.ones(2))
+    frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
+    x = torch.ones(2, requires_grad=True)
+    assert reaches_trainable_parameter((w * 2).sum())
+    assert not reaches_trainable_parameter((x * frozen).sum())
+    assert reaches_trainable_parameter(w)
+    assert not reaches_trainable_parameter(x)
