@@ -47,9 +47,11 @@ __all__ = [
     "check_wrapping",
     "get_optimizer_state_dict",
     "is_initialized",
+    "is_sharded",
     "resolve_group",
     "set_optimizer_state_dict",
     "skip_inactive_buckets",
+    "state_policy_for",
 ]
 
 
@@ -344,6 +346,56 @@ def skip_inactive_buckets(ddp: nn.Module, opt: ISTOptimizer) -> dict[str, int]:
 
     ddp.register_comm_hook(None, hook)
     return counts
+
+
+def is_sharded(params: Any) -> bool:
+    """Whether any of ``params`` is a DTensor (FSDP2 ``fully_shard``, tensor parallelism).
+
+    Example:
+        >>> is_sharded([torch.nn.Parameter(torch.ones(2))])
+        False
+    """
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch < 2.5 or built without distributed
+        return False
+    return any(isinstance(p, DTensor) for p in params)
+
+
+def state_policy_for(policy: str | None, default: str, sharded: bool,
+                     device: torch.device) -> str:
+    """The state policy to use, given DTensor (FSDP2) parameters.
+
+    ``"offload"`` on CUDA copies state into pinned plain host tensors, which cannot hold
+    a DTensor's shard with its placement: for sharded parameters on CUDA the default
+    becomes ``"keep"`` (the state is already sharded across the ranks), and an explicit
+    ``"offload"`` is refused. On the CPU "offload" moves nothing and works.
+
+    Args:
+        policy: the user's ``state_policy`` (``None`` for the default).
+        default: the device default (``ist_optim.residency.default_policy``).
+        sharded: :func:`is_sharded` of the trained parameters.
+        device: their device.
+
+    Raises:
+        ValueError: for ``"offload"`` with sharded parameters on CUDA.
+
+    Example:
+        >>> state_policy_for(None, "offload", True, torch.device("cuda"))
+        'keep'
+        >>> state_policy_for(None, "offload", False, torch.device("cuda"))
+        'offload'
+    """
+    if not sharded or device.type != "cuda":
+        return policy or default
+    if policy == "offload":
+        raise ValueError(
+            "state_policy='offload' does not support FSDP2 (DTensor) parameters on CUDA: its "
+            "pinned host copies are plain tensors and lose the shard's placement. Use "
+            "state_policy='keep' (the default here; FSDP2 already shards the state across "
+            "ranks) or 'drop'"
+        )
+    return policy or ("keep" if default == "offload" else default)
 
 
 def get_optimizer_state_dict(

@@ -26,7 +26,9 @@ from .distributed import (
     average_across_ranks,
     check_not_initialized_late,
     check_wrapping,
+    is_sharded,
     resolve_group,
+    state_policy_for,
 )
 from .groups import LayerGroups, LayersSpec, build_layer_groups
 from .importance import paper_advantages, score_update
@@ -106,7 +108,8 @@ class ISTOptimizer(Optimizer):
             (stays, like the paper), ``"offload"`` (moved to host memory, pinned on CUDA,
             and back when the layer is drawn; bit-exact) or ``"drop"`` (freed; a layer
             drawn again restarts its moments and bias correction). Default: ``"offload"``
-            when the parameters are on CUDA, else ``"keep"``. See
+            when the parameters are on CUDA (``"keep"`` for FSDP2 DTensor parameters, see
+            docs/distributed.md), else ``"keep"``. See
             :class:`ist_optim.StateResidency`.
         skip_backward: cut the autograd graph at the input of the lowest active layer
             (see :class:`ist_optim.BackwardCut`), so no backward runs below it even when
@@ -243,7 +246,8 @@ class ISTOptimizer(Optimizer):
         if self.runs_importance_rounds:
             self._suppressor = Suppressor(self.groups.modules, self.suppression, suppression_mode)
         self._cycler = None if importance_batches is None else BatchCycler(importance_batches)
-        self.state_policy: StatePolicy = state_policy or default_policy(self._device())
+        self.state_policy: StatePolicy = state_policy_for(  # type: ignore[assignment]
+            state_policy, default_policy(self._device()), is_sharded(trainable), self._device())
         self._residency = StateResidency(self.optimizer, self.state_policy)
         # Hooks on the model last, once nothing can raise any more.
         self._capture: BatchCapture | None = None

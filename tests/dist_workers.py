@@ -101,6 +101,7 @@ def summary(model: nn.Module, opt: Any, actives: list) -> dict[str, Any]:
         "seed": opt.seed,
         "rounds": opt.num_steps // opt.update_interval - opt._skipped_rounds,
         "fingerprint": check_ranks_agree(opt),
+        "state_policy": opt.state_policy,
     }
 
 
@@ -143,14 +144,12 @@ def launch(worker: Callable, *args: Any, world_size: int = 2, timeout: float = 2
 
 
 # ---------------------------------------------------------------------------- reference
-def reference_run(seed: int, steps: int = 20, freeze_inactive: bool = True,
-                  world: int = 2) -> dict[str, Any]:
+def reference_run(seed: int, steps: int = 20, world: int = 2, **kwargs: Any) -> dict[str, Any]:
     """One process training on the whole global batch: what every rank must reproduce."""
     from ist_optim import ISTOptimizer
 
     model = tiny_net()
-    opt = ISTOptimizer(torch.optim.AdamW, model, seed=seed, freeze_inactive=freeze_inactive,
-                       **IST_KWARGS)
+    opt = ISTOptimizer(torch.optim.AdamW, model, seed=seed, **IST_KWARGS, **kwargs)
     actives = train(model, opt, range(steps), None, world)
     return summary(model, opt, actives)
 
@@ -268,6 +267,11 @@ def fsdp_worker(rank: int, world: int, tmp: str) -> dict[str, Any]:
     opt = ISTOptimizer(torch.optim.AdamW, model, **IST_KWARGS)
     results["fsdp"] = summary(model, opt, train(model, opt, range(20), rank, world))
     results["local_shape"] = tuple(next(model.parameters()).to_local().shape)
+    for policy in ("drop", "offload"):  # optimizer-state residency on sharded state
+        model = _sharded()
+        opt = ISTOptimizer(torch.optim.AdamW, model, state_policy=policy, **IST_KWARGS)
+        results[f"fsdp_{policy}"] = summary(model, opt, train(model, opt, range(20), rank,
+                                                              world))
 
     model = _sharded()
     opt = ISTOptimizer(torch.optim.AdamW, model, seed=5, **IST_KWARGS)
