@@ -190,15 +190,17 @@ def _launcher(name: str) -> list[str]:
 
 
 @needs_gloo
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
-def test_hf_trainer_ddp(tmp_path, launcher):
+@pytest.mark.parametrize(("launcher", "route"), [("torchrun", "instance"), ("accelerate", "cls")])
+def test_hf_trainer_ddp(tmp_path, launcher, route):
+    """instance: Trainer(optimizers=(ISTOptimizer, None)), captured importance batches;
+    cls: Trainer(optimizer_cls_and_kwargs=ist_optimizer_cls(...)) + add_ist_callback("eval")."""
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
     pytest.importorskip("accelerate")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     command = _launcher(launcher) + [str(Path(__file__).parent / "dist_trainer_script.py"),
-                                     str(tmp_path)]
+                                     str(tmp_path), route]
     # Own session, so that a hang kills the launcher *and* its workers.
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, start_new_session=True) as process:
@@ -216,6 +218,7 @@ def test_hf_trainer_ddp(tmp_path, launcher):
         assert rank["find_unused"] is True
         assert rank["fingerprint"]["num_steps"] == 20
         assert rank["rounds"] == 4
+        assert rank["captures"] is (route == "instance")  # "eval" replaced the capture
     assert ranks[0]["fingerprint"] == ranks[1]["fingerprint"]
     assert_same_params(ranks[0]["params"], ranks[1]["params"])
 
