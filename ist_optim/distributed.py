@@ -17,10 +17,10 @@ all-reduce of gradient buckets holding only inactive layers (DDP otherwise all-r
 every bucket every step, IST or not).
 
 Wrappers: :func:`check_wrapping` rejects set-ups that cannot work (DDP that cannot see
-per-step changes of ``requires_grad``, FSDP1 flat parameters), and
-:func:`get_optimizer_state_dict` / :func:`set_optimizer_state_dict` checkpoint an
-``ISTOptimizer`` through ``torch.distributed.checkpoint`` (sharded FSDP2 state plus the
-``"ist"`` entry). See docs/distributed.md.
+per-step changes of ``requires_grad``, FSDP1 flat parameters); :func:`state_policy_for`
+picks a state residency that works on FSDP2's DTensors. Checkpointing through
+``torch.distributed.checkpoint`` is in :mod:`ist_optim.dist_checkpoint`. See
+docs/distributed.md.
 
 Every function is a no-op (or local) when ``group`` is ``None``, i.e. when
 ``torch.distributed`` is not initialized.
@@ -45,11 +45,9 @@ __all__ = [
     "check_not_initialized_late",
     "check_ranks_agree",
     "check_wrapping",
-    "get_optimizer_state_dict",
     "is_initialized",
     "is_sharded",
     "resolve_group",
-    "set_optimizer_state_dict",
     "skip_inactive_buckets",
     "state_policy_for",
 ]
@@ -396,95 +394,3 @@ def state_policy_for(policy: str | None, default: str, sharded: bool,
             "ranks) or 'drop'"
         )
     return policy or ("keep" if default == "offload" else default)
-
-
-def get_optimizer_state_dict(
-    model: nn.Module, opt: ISTOptimizer, *, options: Any = None
-) -> dict[str, Any]:
-    """``torch.distributed.checkpoint``'s optimizer state dict of ``opt`` plus its ``"ist"`` entry.
-
-    The inner optimizer goes through
-    ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` (parameter names
-    as keys, FSDP2 state as sharded DTensors, ready for ``torch.distributed.checkpoint.save``);
-    the wrapper's state (scores, generator, active set, step), identical on every rank,
-    is added under ``"ist"``.
-
-    Args:
-        model: the model as the optimizer sees it (FSDP2-sharded, DDP or plain).
-        opt: the ``ISTOptimizer``.
-        options: a ``torch.distributed.checkpoint.state_dict.StateDictOptions``.
-    """
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict as dcp_get
-
-    state = dcp_get(model, opt.optimizer, options=options)
-    state["ist"] = opt._ist_state()
-    return state
-
-
-_WRAPPER_NAMES = {"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"}
-
-
-def _checkpoint_names(model: nn.Module) -> dict[int, str]:
-    """Parameter id -> the name ``torch.distributed.checkpoint`` uses for it (wrapper
-    components such as DDP's leading ``module`` or ``torch.compile``'s ``_orig_mod`` removed)."""
-    ddp = _ddp_class()
-    is_ddp = ddp is not None and isinstance(model, ddp)
-    names = {}
-    for name, p in model.named_parameters():
-        parts = [part for part in name.split(".") if part not in _WRAPPER_NAMES]
-        if is_ddp and parts and parts[0] == "module":
-            parts = parts[1:]
-        names[id(p)] = ".".join(parts)
-    return names
-
-
-def set_optimizer_state_dict(
-    model: nn.Module, opt: ISTOptimizer, state_dict: dict[str, Any], *, options: Any = None
-) -> None:
-    """Load what :func:`get_optimizer_state_dict` returned (e.g. after
-    ``torch.distributed.checkpoint.load``); the next step trains the saved active set.
-
-    ``torch.distributed.checkpoint`` loads state only into parameters that require grad,
-    and IST freezes inactive layers; so while loading, exactly the layer parameters that
-    have saved state require grad (layers never trained have none), then IST's own
-    ``requires_grad`` settings are put back.
-
-    Raises:
-        ValueError: without an ``"ist"`` entry, for a flattened optimizer state dict, for
-            saved state of a parameter this model does not have, or for another number of
-            layers or trainable parameters (as ``ISTOptimizer.load_state_dict``).
-    """
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict as dcp_set
-
-    state_dict = dict(state_dict)
-    ist = state_dict.pop("ist", None)
-    if ist is None:
-        raise ValueError(
-            "state_dict has no 'ist' entry: it was not made by "
-            "ist_optim.distributed.get_optimizer_state_dict; load a plain optimizer's state "
-            "with torch.distributed.checkpoint.state_dict.set_optimizer_state_dict(model, "
-            "opt.optimizer, ...)"
-        )
-    if not isinstance(state_dict.get("state"), dict):
-        raise ValueError(
-            "set_optimizer_state_dict needs the nested optimizer state dict ('state' and "
-            "'param_groups' keys); save it without flatten_optimizer_state_dict=True"
-        )
-    opt._check_ist_state(ist)
-    names = _checkpoint_names(model)
-    layer_params = [p for params in opt.groups.params for p in params]
-    unknown = set(state_dict["state"]) - set(names.values())
-    if unknown:
-        raise ValueError(
-            f"the checkpoint has optimizer state for parameters this model does not have: "
-            f"{sorted(unknown)[:5]}; load it into the model it was saved from"
-        )
-    flags = [(p, p.requires_grad) for p in layer_params]
-    try:
-        for p in layer_params:
-            p.requires_grad_(names.get(id(p)) in state_dict["state"])
-        dcp_set(model, opt.optimizer, state_dict, options=options)
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-    opt._load_ist_state(ist)

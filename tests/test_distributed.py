@@ -23,15 +23,14 @@ from torch import nn
 
 import ist_optim.distributed as ist_dist
 from ist_optim import ISTOptimizer
+from ist_optim.dist_checkpoint import get_optimizer_state_dict, set_optimizer_state_dict
 from ist_optim.distributed import (
     agree_on_seed,
     average_across_ranks,
     check_not_initialized_late,
     check_ranks_agree,
     check_wrapping,
-    get_optimizer_state_dict,
     resolve_group,
-    set_optimizer_state_dict,
     skip_inactive_buckets,
     state_policy_for,
 )
