@@ -39,6 +39,9 @@ class CapturedCall:
 class BatchCapture:
     """Keeps a reference to the arguments of the latest forward call of ``model``.
 
+    ``num_items_in_batch`` (the HF Trainer's token count of the whole accumulated batch)
+    is left out, so replaying the call gives the batch's own mean loss.
+
     Example:
         >>> net = torch.nn.Linear(2, 1)
         >>> capture = BatchCapture(net)
@@ -55,7 +58,11 @@ class BatchCapture:
 
     def _hook(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.enabled:
-            self.latest = CapturedCall(tuple(args), dict(kwargs))
+            # The HF Trainer passes the token count of the whole accumulated (and, under
+            # DDP, global) batch so that micro-batch losses add up; replayed alone, that
+            # would shrink the measured loss. A round measures this batch's mean loss.
+            kept = {k: v for k, v in kwargs.items() if k != "num_items_in_batch"}
+            self.latest = CapturedCall(tuple(args), kept)
 
     def remove(self) -> None:
         self._handle.remove()

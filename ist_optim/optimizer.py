@@ -21,6 +21,15 @@ from torch.optim import Optimizer
 
 from .backward import BackwardCut
 from .batches import BatchCapture, BatchCycler, LossFn, default_loss_fn, move_batch
+from .distributed import (
+    agree_on_seed,
+    average_across_ranks,
+    check_not_initialized_late,
+    check_wrapping,
+    is_sharded,
+    resolve_group,
+    state_policy_for,
+)
 from .estimators import (
     ESTIMATORS,
     Estimator,
@@ -119,14 +128,22 @@ class ISTOptimizer(Optimizer):
             (stays, like the paper), ``"offload"`` (moved to host memory, pinned on CUDA,
             and back when the layer is drawn; bit-exact) or ``"drop"`` (freed; a layer
             drawn again restarts its moments and bias correction). Default: ``"offload"``
-            when the parameters are on CUDA, else ``"keep"``. See
+            when the parameters are on CUDA (``"keep"`` for FSDP2 DTensor parameters, see
+            docs/distributed.md), else ``"keep"``. See
             :class:`ist_optim.StateResidency`.
         skip_backward: cut the autograd graph at the input of the lowest active layer
             (see :class:`ist_optim.BackwardCut`), so no backward runs below it even when
             input gradients are forced (gradient checkpointing). Default: on whenever
             ``freeze_inactive`` is (the cut needs frozen inactive layers).
         seed: seed of the private ``torch.Generator``; ``None`` seeds it from OS entropy.
-            Global RNGs are never used.
+            Global RNGs are never used. Under ``torch.distributed`` every rank must pass
+            the same seed, or ``None`` on every rank to use rank 0's (docs/distributed.md).
+        process_group: the ranks that must train the same layers and hold the same
+            scores; ``None`` (default) means every rank, when ``torch.distributed`` is
+            initialized. Ranks agree on the seed at construction and average the
+            importance losses, and with ``freeze_inactive`` the first step keeps every
+            layer's ``requires_grad`` (a DDP wrapper built after this optimizer must see
+            every trainable parameter).
         **optimizer_kwargs: passed verbatim to ``optimizer_cls``.
 
     Example:
@@ -164,6 +181,7 @@ class ISTOptimizer(Optimizer):
         state_policy: StatePolicy | None = None,
         skip_backward: bool | None = None,
         seed: int | None = None,
+        process_group: Any = None,
         **optimizer_kwargs: Any,
     ) -> None:
         if isinstance(optimizer_cls, Optimizer):
@@ -206,6 +224,8 @@ class ISTOptimizer(Optimizer):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable(model, batch) -> loss, got {loss_fn!r}")
+        check_wrapping(model, freeze_inactive)
+        self._group = resolve_group(process_group)
 
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
@@ -237,8 +257,9 @@ class ISTOptimizer(Optimizer):
         self.loss_fn: LossFn = loss_fn or default_loss_fn
 
         self._generator = torch.Generator(device="cpu")
-        self.seed = int(self._generator.seed()) if seed is None else seed
+        self.seed = agree_on_seed(seed, self._group)
         self._generator.manual_seed(self.seed)
+        self._defer_freeze = self._group is not None
         self._scores = torch.zeros(num_layers, dtype=torch.float64)
         self._num_steps = 0
         self._skipped_rounds = 0
@@ -259,7 +280,8 @@ class ISTOptimizer(Optimizer):
         if self.runs_importance_rounds:
             self._suppressor = Suppressor(self.groups.modules, self.suppression, suppression_mode)
         self._cycler = None if importance_batches is None else BatchCycler(importance_batches)
-        self.state_policy: StatePolicy = state_policy or default_policy(self._device())
+        self.state_policy: StatePolicy = state_policy_for(  # type: ignore[assignment]
+            state_policy, default_policy(self._device()), is_sharded(trainable), self._device())
         self._residency = StateResidency(self.optimizer, self.state_policy)
         self._scale = RunningScale()
         # Hooks on the model last, once nothing can raise any more (the probe validates
@@ -323,7 +345,7 @@ class ISTOptimizer(Optimizer):
                 self.groups.outside.append(p)
             else:
                 self.groups.params[index].append(p)
-                if self.freeze_inactive:
+                if self.freeze_inactive and not self._defer_freeze:
                     p.requires_grad_(index in self._active)
 
     # ------------------------------------------------------------------ public views
@@ -373,6 +395,11 @@ class ISTOptimizer(Optimizer):
         return self._num_steps
 
     @property
+    def process_group(self) -> Any:
+        """The ranks that agree on the IST state; ``None`` when not distributed."""
+        return self._group
+
+    @property
     def runs_importance_rounds(self) -> bool:
         return self.sampling != "uniform"
 
@@ -394,7 +421,7 @@ class ISTOptimizer(Optimizer):
         self._active = sorted(new)
         if self._backward_cut is not None:
             self._backward_cut.set_active(self._active)
-        if not self.freeze_inactive:
+        if not self.freeze_inactive or self._defer_freeze:
             return
         for index, params in enumerate(self.groups.params):
             for p in params:
@@ -414,6 +441,8 @@ class ISTOptimizer(Optimizer):
         Returns:
             The closure's loss, if a closure was given.
         """
+        if self._group is None:
+            check_not_initialized_late()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -426,6 +455,7 @@ class ISTOptimizer(Optimizer):
         self._num_steps += 1
         if self.runs_importance_rounds and self._num_steps % self.update_interval == 0:
             self._importance_round()
+        self._defer_freeze = False
         self._set_active(self._sample_active())
         return loss
 
@@ -487,6 +517,7 @@ class ISTOptimizer(Optimizer):
             sets = sample_candidate_sets(weights, self.num_suppressed, self.num_candidates,
                                          self._generator)
             losses = self.measure_suppressed_losses(sets, batch)
+        losses = average_across_ranks(losses, self._group)
         if not torch.isfinite(losses).all():
             self._skipped_rounds += 1
             if not self._warned_nonfinite:
@@ -551,6 +582,12 @@ class ISTOptimizer(Optimizer):
                 f"IST state format_version {version!r} is not the supported "
                 f"{STATE_FORMAT_VERSION}"
             )
+        saved_estimator = ist.get("estimator", "paper")
+        if saved_estimator != self.estimator:
+            raise ValueError(
+                f"checkpoint was saved with estimator={saved_estimator!r}, this optimizer uses "
+                f"estimator={self.estimator!r}; build it with estimator={saved_estimator!r}"
+            )
         if ist["num_layers"] != self.num_layers:
             raise ValueError(
                 f"checkpoint has {ist['num_layers']} IST layers, this optimizer has "
@@ -581,13 +618,12 @@ class ISTOptimizer(Optimizer):
                 "into the inner one with ist_opt.optimizer.load_state_dict(...) instead"
             )
         self._check_ist_state(ist)
-        saved_estimator = ist.get("estimator", "paper")
-        if saved_estimator != self.estimator:
-            raise ValueError(
-                f"checkpoint was saved with estimator={saved_estimator!r}, this optimizer uses "
-                f"estimator={self.estimator!r}; build it with estimator={saved_estimator!r}"
-            )
         self.optimizer.load_state_dict(state_dict)
+        self._load_ist_state(ist)
+
+    def _load_ist_state(self, ist: dict[str, Any]) -> None:
+        """Restore the wrapper's state from a checked ``"ist"`` entry, after the inner
+        optimizer's state was loaded."""
         estimator_state = ist.get("estimator_state")
         if estimator_state is not None:
             self._scale.load_state_dict(estimator_state["scale"])
