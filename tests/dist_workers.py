@@ -229,7 +229,17 @@ def ddp_worker(rank: int, world: int, tmp: str) -> dict[str, Any]:
         results[key] = summary(model, opt, train(ddp, opt, steps, rank, world))
         results[key]["buckets"] = dict(counts)
 
-    # 6. Errors, raised on every rank.
+    # 6. First-order importance (rank-local backward, averaged over ranks) with depth-aware
+    # sampling. freeze_inactive=False: every step's backward reaches every layer, on the
+    # ranks as in the single process (with freezing, the deferred freeze makes a DDP run's
+    # first backward reach all layers, a single process's not).
+    model = tiny_net()
+    opt = ISTOptimizer(torch.optim.AdamW, model, estimator="first-order",
+                       sampling="depth-aware", freeze_inactive=False, **IST_KWARGS)
+    ddp = _ddp(model)
+    results["first_order"] = summary(model, opt, train(ddp, opt, steps, rank, world))
+
+    # 7. Errors, raised on every rank.
     results["error_find_unused"] = _error_of(
         lambda: ISTOptimizer(torch.optim.AdamW, _ddp(tiny_net()), **IST_KWARGS))
     results["error_static_graph"] = _error_of(lambda: ISTOptimizer(

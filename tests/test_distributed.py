@@ -102,6 +102,16 @@ def test_ddp_ranks_identical_and_match_single_process(ddp_results, scenario):
 
 
 @needs_gloo
+def test_ddp_first_order_depth_aware_matches_single_process(ddp_results):
+    """Rank-local <dL_r/do, o - x>, averaged over ranks, equals the global-batch value."""
+    assert_ranks_identical(ddp_results, "first_order")
+    run = ddp_results[0]["first_order"]
+    assert run["scores"].abs().sum() > 0
+    assert_matches_single_process(run, estimator="first-order", sampling="depth-aware",
+                                  freeze_inactive=False)
+
+
+@needs_gloo
 @pytest.mark.parametrize("freeze", [True, False])
 def test_ddp_skip_inactive_buckets_is_exact_and_skips(ddp_results, freeze):
     key = f"skip_buckets_freeze={freeze}"
