@@ -13,7 +13,7 @@ import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,7 +31,6 @@ from .distributed import (
     state_policy_for,
 )
 from .estimators import (
-    ESTIMATORS,
     Estimator,
     FirstOrderProbe,
     RunningScale,
@@ -40,7 +39,16 @@ from .estimators import (
 )
 from .groups import LayerGroups, LayersSpec, build_layer_groups
 from .importance import paper_advantages, score_update
-from .residency import STATE_POLICIES, StatePolicy, StateResidency, default_policy, state_bytes
+from .options import (
+    Sampling,
+    check_batches_usable,
+    check_choices,
+    check_int,
+    check_number,
+    collect_params,
+    resolve_skip_backward,
+)
+from .residency import StatePolicy, StateResidency, default_policy, state_bytes
 from .sampling import (
     distribution_spread,
     resolve_count,
@@ -55,34 +63,7 @@ __all__ = ["ISTOptimizer"]
 
 logger = logging.getLogger(__name__)
 
-Sampling = Literal["importance", "uniform", "depth-aware"]
 STATE_FORMAT_VERSION = 1
-_SAMPLINGS = ("importance", "uniform", "depth-aware")
-
-
-def _check_number(name: str, value: Any, low: float, high: float, *, closed_high: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    ok = low <= value <= high if closed_high else low <= value < high
-    if not ok:
-        bracket = "]" if closed_high else ")"
-        raise ValueError(f"Invalid {name}: {value}; expected a value in [{low}, {high}{bracket}")
-    return float(value)
-
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < low:
-        raise ValueError(f"Invalid {name}: {value}; expected an int >= {low}")
-    return value
-
-
-def _flatten_params(params: Any) -> list[torch.Tensor]:
-    groups = list(params)
-    if groups and isinstance(groups[0], dict):
-        return [p for group in groups for p in group["params"]]
-    return groups
 
 
 class ISTOptimizer(Optimizer):
@@ -184,61 +165,13 @@ class ISTOptimizer(Optimizer):
         process_group: Any = None,
         **optimizer_kwargs: Any,
     ) -> None:
-        if isinstance(optimizer_cls, Optimizer):
-            raise TypeError(
-                f"optimizer_cls must be an optimizer class, got an instance of "
-                f"{type(optimizer_cls).__name__}; pass e.g. torch.optim.AdamW and its kwargs"
-            )
-        if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, Optimizer)):
-            raise TypeError(
-                f"optimizer_cls must be a torch.optim.Optimizer subclass, got {optimizer_cls!r}"
-            )
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if sampling not in _SAMPLINGS:
-            raise ValueError(f"Invalid sampling: {sampling!r}; expected one of {_SAMPLINGS}")
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"Invalid estimator: {estimator!r}; expected one of {ESTIMATORS}")
-        if sampling == "uniform" and estimator != "paper":
-            raise ValueError(
-                f"estimator={estimator!r} has no effect with sampling='uniform', which runs no "
-                "importance rounds; use sampling='importance' or 'depth-aware'"
-            )
-        if not isinstance(freeze_inactive, bool):
-            raise TypeError(f"freeze_inactive must be a bool, got {freeze_inactive!r}")
-        if skip_backward is None:
-            skip_backward = freeze_inactive
-        if not isinstance(skip_backward, bool):
-            raise TypeError(f"skip_backward must be a bool or None, got {skip_backward!r}")
-        if skip_backward and not freeze_inactive:
-            raise ValueError(
-                "skip_backward=True needs freeze_inactive=True: with every layer requiring "
-                "grad there is nothing below the lowest active layer to cut"
-            )
-        if state_policy is not None and state_policy not in STATE_POLICIES:
-            raise ValueError(
-                f"Invalid state_policy: {state_policy!r}; expected one of {STATE_POLICIES} "
-                "or None for the device default"
-            )
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
-        if loss_fn is not None and not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable(model, batch) -> loss, got {loss_fn!r}")
+        check_choices(optimizer_cls, model, sampling, estimator, state_policy, seed, loss_fn)
+        skip_backward = resolve_skip_backward(freeze_inactive, skip_backward)
+        check_batches_usable(sampling, estimator, importance_batches)
         check_wrapping(model, freeze_inactive)
         self._group = resolve_group(process_group)
 
-        if params is None:
-            params = [p for p in model.parameters() if p.requires_grad]
-            if not params:
-                raise ValueError(
-                    f"{type(model).__name__} has no parameter with requires_grad=True; add "
-                    "adapters (peft) or unfreeze the weights to train, or pass params="
-                )
-        else:
-            params = list(params)
-        trainable = _flatten_params(params)
-        if not trainable:
-            raise ValueError("params is empty; pass at least one parameter to train")
+        params, trainable = collect_params(model, params)
 
         self.model = model
         self.optimizer: Optimizer = optimizer_cls(params, **optimizer_kwargs)
@@ -247,10 +180,10 @@ class ISTOptimizer(Optimizer):
         num_layers = self.groups.num_layers
         self.num_active = resolve_count(active_layers, num_layers, "active_layers")
         self.num_suppressed = resolve_count(suppressed_layers, num_layers, "suppressed_layers")
-        self.num_candidates = _check_int("num_candidates", num_candidates, 2)
-        self.score_lr = _check_number("score_lr", score_lr, 0.0, math.inf, closed_high=False)
-        self.suppression = _check_number("suppression", suppression, 0.0, 1.0, closed_high=False)
-        self.update_interval = _check_int("update_interval", update_interval, 1)
+        self.num_candidates = check_int("num_candidates", num_candidates, 2)
+        self.score_lr = check_number("score_lr", score_lr, 0.0, math.inf, closed_high=False)
+        self.suppression = check_number("suppression", suppression, 0.0, 1.0, closed_high=False)
+        self.update_interval = check_int("update_interval", update_interval, 1)
         self.sampling: Sampling = sampling
         self.estimator: Estimator = estimator
         self.freeze_inactive = freeze_inactive
@@ -266,16 +199,6 @@ class ISTOptimizer(Optimizer):
         self._warned_nonfinite = False
         self.last_round: dict[str, Any] | None = None
 
-        if not self.runs_importance_rounds and importance_batches is not None:
-            raise ValueError(
-                "importance_batches is set but sampling='uniform' runs no importance rounds; "
-                "drop importance_batches or use sampling='importance' or 'depth-aware'"
-            )
-        if estimator == "first-order" and importance_batches is not None:
-            raise ValueError(
-                "importance_batches is set but estimator='first-order' runs no estimation "
-                "forward passes; drop importance_batches"
-            )
         self._suppressor: Suppressor | None = None
         if self.runs_importance_rounds:
             self._suppressor = Suppressor(self.groups.modules, self.suppression, suppression_mode)
@@ -676,7 +599,7 @@ class ISTOptimizer(Optimizer):
                 "set_importance_batches call); build the optimizer without them to set them here"
             )
         cycler = BatchCycler(batches)
-        cycler.fast_forward(_check_int("batches_seen", batches_seen, 0))
+        cycler.fast_forward(check_int("batches_seen", batches_seen, 0))
         if self._capture is not None:
             self._capture.remove()
             self._capture = None
