@@ -1,0 +1,105 @@
+"""``ist-finetune``: fine-tune a causal LM with IST in one command (also ``python -m ist_optim``).
+
+Only :mod:`torch` is imported with :mod:`ist_optim`; this package imports transformers,
+peft and tqdm when a command runs. Needs the ``cli`` extra: ``pip install 'ist-optim[cli]'``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .errors import CLIError
+
+__all__ = ["CLIError", "main"]
+
+logger = logging.getLogger(__name__)
+
+
+def _settings(args: Any, ist_kwargs: dict[str, Any], lr: float) -> dict[str, Any]:
+    return {"model": args.model, "data": args.data, "peft": args.peft, "rank": args.rank,
+            "optimizer": args.optimizer, "lr": lr, "steps": args.steps,
+            "batch_size": args.batch_size, "seq_len": args.seq_len, "seed": args.seed,
+            "ist_kwargs": ist_kwargs}
+
+
+def _run(argv: list[str] | None) -> int:
+    from .parser import ist_kwargs_from_args, parse_args
+
+    args = parse_args(argv)
+    import torch
+
+    from .compare import compare_specs, run_compare
+    from .report import compare_table, results_table, save_outputs
+    from .runner import MethodSpec, prepare_context, run_method
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    targets: Any = args.target_modules
+    if targets != "all-linear":
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    ist_kwargs = ist_kwargs_from_args(args)
+    if ist_kwargs and args.optimizer != "ist":
+        raise CLIError(f"IST options {sorted(ist_kwargs)} need --optimizer ist, "
+                       f"not {args.optimizer}")
+    started = time.perf_counter()
+    print(f"ist-finetune: model {args.model}, data {args.data}, {args.peft} r{args.rank}, "
+          f"{args.steps} steps of {args.batch_size} x {args.seq_len} tokens on {device}",
+          flush=True)
+    context = prepare_context(
+        args.model, args.data, val_fraction=args.val_fraction, seq_len=args.seq_len,
+        batch_size=args.batch_size, eval_batches=args.eval_batches, rank=args.rank,
+        alpha=args.alpha, target_modules=targets, device=device,
+        badam_switch_every=args.badam_switch_every, progress=not args.no_progress)
+    train_blocks, val_blocks = context.tokens.num_blocks(args.seq_len)
+    print(f"data: {train_blocks} training and {val_blocks} held-out blocks of "
+          f"{args.seq_len} tokens", flush=True)
+    output_dir = Path(args.output_dir)
+
+    def finish(run: Any) -> None:
+        settings = _settings(args, run.spec.ist_kwargs, run.spec.learning_rate)
+        table = results_table(run, settings)
+        written = save_outputs(run, output_dir, table)
+        print("\n\n".join(table.split("\n\n")[1:3]))
+        print("wrote " + ", ".join(str(p) for p in written))
+
+    if args.compare:
+        specs = compare_specs(args.peft, ist_kwargs, args.lr)
+        runs = run_compare(specs, context, steps=args.steps, seed=args.seed,
+                           on_run=lambda r: finish(r) if r.spec is specs[1] else None)
+        table = compare_table(runs)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "compare.md").write_text(
+            f"# ist-finetune --compare\n\n{args.steps} steps of {args.batch_size} x "
+            f"{args.seq_len} tokens, seed {args.seed}, model {args.model}, data {args.data}\n\n"
+            f"{table}\n")
+        with (output_dir / "compare.jsonl").open("w") as handle:
+            for run in runs:
+                handle.write(json.dumps(run.summary()) + "\n")
+        print(table)
+        print(f"wrote {output_dir / 'compare.md'}, {output_dir / 'compare.jsonl'}")
+    else:
+        spec = MethodSpec(f"{args.peft} + {args.optimizer}", args.peft, args.optimizer,
+                          ist_kwargs, args.lr)
+        finish(run_method(spec, context, steps=args.steps, seed=args.seed))
+    print(f"total wall time {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``ist-finetune``; returns the exit status (2 for bad input)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside peft
+    try:
+        return _run(argv)
+    except CLIError as err:
+        message = " ".join(str(err).split())
+        print(f"ist-finetune: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ist-finetune: interrupted", file=sys.stderr)
+        return 130

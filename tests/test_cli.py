@@ -1,0 +1,325 @@
+"""ist-finetune: argument parsing, data loading and splitting, bad input, end-to-end runs on a
+tiny random-init Llama saved with a byte-level tokenizer (nothing downloaded)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import lm_batch, lora_model
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ist_optim.cli import CLIError, main
+from ist_optim.cli.data import (
+    Document,
+    block_batches,
+    heldout_indices,
+    load_documents,
+    split_documents,
+)
+from ist_optim.cli.memory import PeakMemory
+from ist_optim.cli.parser import ist_kwargs_from_args, parse_args
+from ist_optim.cli.train import build_optimizer, optimizer_state_bytes
+
+REPO = Path(__file__).resolve().parents[1]
+
+TEXT = ("Shall I compare thee to a summer's day? Thou art more lovely and more temperate. "
+        "Rough winds do shake the darling buds of May, and summer's lease hath all too short "
+        "a date. ") * 6
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 4-layer random Llama and a byte-level BPE tokenizer trained on TEXT, saved."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([TEXT], vocab_size=300, min_frequency=1, special_tokens=["</s>"],
+                            show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="</s>")
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    """A folder of five short documents."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"doc{i}.txt").write_text(f"Document {i}. " + TEXT)
+    return folder
+
+
+# --------------------------------------------------------------------------- parsing
+def test_parse_defaults_and_ist_options():
+    args = parse_args([])
+    assert (args.model, args.data, args.peft, args.optimizer) == (
+        "smollm2-135m", "shakespeare", "lora", "ist")
+    assert ist_kwargs_from_args(args) == {}
+    args = parse_args(["--active-layers", "0.5", "--suppressed-layers", "2", "--update-interval",
+                       "3", "--num-candidates", "4", "--score-lr", "5", "--suppression", "0.1",
+                       "--sampling", "uniform", "--ist-kwarg", "freeze_inactive=false",
+                       "--ist-kwarg", "suppression_mode=residual", "--rank", "4",
+                       "--steps", "7", "--batch-size", "2", "--seq-len", "16", "--seed", "3",
+                       "--peft", "dora", "--compare", "--output-dir", "o"])
+    assert ist_kwargs_from_args(args) == {
+        "active_layers": 0.5, "suppressed_layers": 2, "update_interval": 3,
+        "num_candidates": 4, "score_lr": 5.0, "suppression": 0.1, "sampling": "uniform",
+        "freeze_inactive": False, "suppression_mode": "residual"}
+    assert (args.rank, args.steps, args.batch_size, args.seq_len, args.seed) == (4, 7, 2, 16, 3)
+    assert args.peft == "dora" and args.compare and args.output_dir == "o"
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--peft", "lorax"], "invalid choice: 'lorax'"),
+    (["--steps", "0"], "expected an integer >= 1, got 0"),
+    (["--active-layers", "many"], "expected a layer count"),
+    (["--ist-kwarg", "novalue"], "expected KEY=VALUE"),
+])
+def test_parse_errors_are_one_line(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and fragment in err and err.startswith("ist-finetune: error:")
+
+
+# --------------------------------------------------------------------------- data
+def test_load_text_file_folder_and_jsonl(tmp_path, corpus):
+    single = tmp_path / "one.txt"
+    single.write_text("hello world")
+    assert load_documents(str(single)) == [Document("one.txt", "hello world")]
+    (corpus / "sub").mkdir()
+    (corpus / "sub" / "deep.md").write_text("deep text")
+    (corpus / "skip.bin").write_bytes(b"\x00\x01")
+    names = [d.name for d in load_documents(str(corpus))]
+    assert names == [f"doc{i}.txt" for i in range(5)] + ["sub/deep.md"]
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text('{"text": "a b c"}\n\n{"text": "  "}\n{"text": "d e", "id": 2}\n')
+    docs = load_documents(str(jsonl))
+    assert [d.text for d in docs] == ["a b c", "d e"]  # blank lines and empty texts dropped
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ('{"text": 1}\n', 'data.jsonl:1: expected an object with a string "text" field'),
+    ('{"text": "ok"}\nnot json\n', "data.jsonl:2: not valid JSON"),
+    ('{"text": ""}\n', "no text found"),
+])
+def test_bad_jsonl(tmp_path, content, fragment):
+    path = tmp_path / "data.jsonl"
+    path.write_text(content)
+    with pytest.raises(CLIError, match=fragment.replace("(", r"\(")):
+        load_documents(str(path))
+
+
+def test_missing_and_empty_paths(tmp_path):
+    with pytest.raises(CLIError, match="no such file or folder"):
+        load_documents(str(tmp_path / "nope.txt"))
+    with pytest.raises(CLIError, match="holds no .txt or .md file"):
+        load_documents(str(tmp_path))
+
+
+@given(st.integers(2, 500), st.floats(0.01, 0.99))
+def test_heldout_indices_are_a_proper_spread_subset(num_docs, fraction):
+    held = heldout_indices(num_docs, fraction)
+    assert held == sorted(set(held))
+    assert 1 <= len(held) <= num_docs - 1
+    assert all(0 <= i < num_docs for i in held)
+    assert len(held) == min(num_docs - 1, max(1, round(fraction * num_docs)))
+
+
+def test_heldout_fraction_out_of_range():
+    with pytest.raises(CLIError, match="--val-fraction 1.0"):
+        heldout_indices(10, 1.0)
+
+
+@given(st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=30), st.floats(0.05, 0.9))
+def test_split_partitions_the_documents(texts, fraction):
+    docs = [Document(str(i), t) for i, t in enumerate(texts)]
+    train, val = split_documents(docs, fraction)
+    assert train and val
+    if len(docs) == 1:
+        assert train[0] + val[0] == texts[0]
+    else:
+        assert sorted(train + val) == sorted(texts)
+        assert len(val) == len(heldout_indices(len(docs), fraction))
+
+
+def test_block_batches_order_and_epochs():
+    tokens = torch.arange(50)
+    evaluation = list(block_batches(tokens, 4, 3))
+    assert len(evaluation) == 4 and evaluation[0]["input_ids"].tolist()[0] == [0, 1, 2, 3]
+    assert all(torch.equal(b["input_ids"], b["labels"]) for b in evaluation)
+    first = list(block_batches(tokens, 4, 3, generator=torch.Generator().manual_seed(1),
+                               max_batches=8))
+    again = list(block_batches(tokens, 4, 3, generator=torch.Generator().manual_seed(1),
+                               max_batches=8))
+    pairs = zip(first, again, strict=True)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in pairs)
+    epoch = torch.cat([b["input_ids"] for b in first[:4]]).flatten()
+    assert len(set(epoch.tolist())) == 48  # one epoch visits 12 distinct blocks
+    with pytest.raises(CLIError, match="one batch needs --batch-size 13"):
+        next(block_batches(tokens, 4, 13))
+
+
+# --------------------------------------------------------------------------- optimizers
+@pytest.mark.parametrize("kind", ["adamw", "ist", "badam"])
+def test_build_optimizer_kinds_train(kind):
+    if kind == "badam":
+        pytest.importorskip("badam")
+    model = lora_model(4)
+    opt = build_optimizer(kind, model, lr=1e-2, seed=0, badam_switch_every=1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora" in n}
+    for seed in range(2):
+        model(**lm_batch(seed=seed)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    changed = [n for n, p in model.named_parameters() if "lora" in n
+               and not torch.equal(p.detach(), before[n])]
+    assert changed
+    assert optimizer_state_bytes(opt) > 0
+
+
+def test_build_optimizer_rejects_bad_options():
+    model = lora_model(4)
+    with pytest.raises(CLIError, match="IST option rejected: .*score_lr"):
+        build_optimizer("ist", model, lr=1e-3, seed=0, ist_kwargs={"score_lr": -1.0})
+    with pytest.raises(CLIError, match="apply only to 'ist'"):
+        build_optimizer("adamw", model, lr=1e-3, seed=0, ist_kwargs={"active_layers": 1})
+    with pytest.raises(CLIError, match="unknown"):
+        build_optimizer("sgd", model, lr=1e-3, seed=0)
+
+
+def test_peak_memory_sees_a_new_allocation():
+    meter = PeakMemory("cpu")
+    meter.reset()
+    base = meter.peak_bytes()
+    block = torch.ones(50_000_000)  # 200 MB
+    block.add_(1)
+    assert meter.peak_bytes() >= base + 150_000_000
+    del block
+
+
+# --------------------------------------------------------------------------- main
+def _run_main(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--data", "/no/such/file.txt"], "--data /no/such/file.txt: no such file or folder"),
+    (["--model", "./no-such-model-dir"], "--model ./no-such-model-dir: no such directory"),
+    (["--model", "nobody-org/no-such-model"], "--model nobody-org/no-such-model: cannot load"),
+    (["--seq-len", "64", "--batch-size", "500"], "fewer than one batch of --batch-size 500"),
+    (["--optimizer", "adamw", "--active-layers", "2"], "need --optimizer ist"),
+    (["--sampling", "sideways"], "IST option rejected: Invalid sampling"),
+])
+def test_bad_input_one_line_exit_2(tiny_model_dir, corpus, tmp_path, capsys, extra, fragment):
+    argv = ["--model", str(tiny_model_dir), "--data", str(corpus), "--steps", "1",
+            "--batch-size", "2", "--seq-len", "16", "--no-progress",
+            "--output-dir", str(tmp_path / "out"), *extra]
+    code, _out, err = _run_main(argv, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_end_to_end_tiny_model(tiny_model_dir, corpus, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    code, out, _err = _run_main(
+        ["--model", str(tiny_model_dir), "--data", str(corpus), "--steps", "3",
+         "--batch-size", "2", "--seq-len", "16", "--update-interval", "1",
+         "--active-layers", "2", "--output-dir", str(out_dir), "--no-progress"], capsys)
+    assert code == 0
+    assert (out_dir / "adapter" / "adapter_config.json").is_file()
+    assert (out_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out_dir / "importance.png").stat().st_size > 1000
+    results = (out_dir / "results.md").read_text()
+    assert "| held-out loss |" in results and "| held-out perplexity |" in results
+    summary = json.loads((out_dir / "results.json").read_text())
+    assert summary["steps"] == 3 and len(summary["train_losses"]) == 3
+    assert [e[0] for e in summary["evals"]] == [0, 3]
+    assert summary["train_cpu_seconds"] > 0 and summary["train_seconds"] > 0
+    history = json.loads((out_dir / "importance.json").read_text())
+    assert history["steps"] == [1, 2, 3] and all(len(t) == 2 for t in history["trained"])
+    assert any(v != 0 for v in history["importance"][-1])  # importance rounds ran
+    assert "held-out loss" in out and "total wall time" in out
+
+
+def test_compare_tiny_model(tiny_model_dir, corpus, tmp_path, capsys):
+    out_dir = tmp_path / "cmp"
+    code, out, _err = _run_main(
+        ["--model", str(tiny_model_dir), "--data", str(corpus), "--steps", "2",
+         "--batch-size", "2", "--seq-len", "16", "--update-interval", "1", "--compare",
+         "--output-dir", str(out_dir), "--no-progress"], capsys)
+    assert code == 0
+    table = (out_dir / "compare.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| lora")]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "lora (all layers, AdamW)", "lora + IST", "lora + uniform"]
+    before = {r.split("|")[2].strip() for r in rows}
+    assert len(before) == 1  # same adapters init and held-out data for every method
+    runs = [json.loads(line) for line in (out_dir / "compare.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in runs] == [r.split("|")[1].strip() for r in rows]
+    assert all(r["optimizer_state_bytes"] > 0 and r["peak_bytes"] > 0 for r in runs)
+    assert all(r["steps"] == 2 and r["seed"] == 0 for r in runs)
+    assert (out_dir / "importance.png").is_file() and (out_dir / "adapter").is_dir()
+    assert "lora + uniform" in out
+
+
+def test_import_is_light_and_module_entry_works():
+    code = ("import sys, torch; before = set(sys.modules); import ist_optim, ist_optim.cli; "
+            "new = set(sys.modules) - before; print(sorted(m for m in "
+            "('transformers', 'peft', 'tqdm', 'matplotlib') if m in new))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO, check=True)
+    assert done.stdout.strip() == "[]"
+    help_run = subprocess.run([sys.executable, "-m", "ist_optim", "--help"],
+                              capture_output=True, text=True, cwd=REPO)
+    assert help_run.returncode == 0 and "--active-layers" in help_run.stdout
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "rslora", "ia3", "full"])
+def test_add_adapters_methods_train_with_ist(method):
+    from conftest import tiny_llama
+
+    from ist_optim.cli.models import add_adapters
+
+    model = add_adapters(tiny_llama(4), method, rank=2, seed=0)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable
+    if method == "full":
+        assert all(".layers." in n for n in trainable)
+    else:
+        assert all(("lora_" in n) or ("ia3_" in n) for n in trainable)
+    opt = build_optimizer("ist", model, lr=1e-2, seed=0, ist_kwargs={"update_interval": 1})
+    model(**lm_batch()).loss.backward()
+    opt.step()
+    assert opt.last_round is not None  # the importance round ran with this adapter type
+
+
+def test_add_adapters_rejects_unknown_method_and_rank():
+    from conftest import tiny_llama
+
+    from ist_optim.cli.models import add_adapters
+
+    with pytest.raises(CLIError, match="--peft lokr: unknown method"):
+        add_adapters(tiny_llama(2), "lokr")
+    with pytest.raises(CLIError, match="--rank 0"):
+        add_adapters(tiny_llama(2), "lora", rank=0)

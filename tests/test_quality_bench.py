@@ -1,0 +1,52 @@
+"""benchmarks/quality.py: method specs from the command line and the equal-time report."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+spec = importlib.util.spec_from_file_location("quality_bench", PATH)
+quality = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(quality)
+
+
+def test_parse_method_adds_ist_kwargs_and_lr():
+    m = quality.parse_method('lora+ist-n=lora:ist:{"estimator": "normalized", "lr": 0.002}')
+    assert (m.name, m.peft, m.optimizer) == ("lora+ist-n", "lora", "ist")
+    assert m.ist_kwargs == {"estimator": "normalized"} and m.learning_rate == 0.002
+    assert quality.parse_method("d=dora:adamw").ist_kwargs == {}
+    with pytest.raises(Exception, match="NAME=PEFT:OPTIMIZER"):
+        quality.parse_method("nocolon")
+
+
+def _run(method, seed, evals, cpu_total, wall_total):
+    return {"method": method, "seed": seed, "steps": evals[-1][0], "evals": evals,
+            "val_loss_before": evals[0][2], "val_loss_after": evals[-1][2],
+            "train_cpu_seconds": cpu_total, "train_seconds": wall_total,
+            "cpu_seconds_per_step": 1.0, "seconds_per_step": 1.0,
+            "optimizer_state_bytes": 2**20, "peak_bytes": 2**30, "memory_kind": "peak RSS"}
+
+
+def test_report_equal_time_uses_the_fastest_methods_budget():
+    # fast: 10 CPU s for 20 steps; slow: 10 CPU s reach only step 10.
+    fast = _run("fast", 0, [[0, 0, 5.0, 0], [10, 9, 4.5, 5], [20, 18, 4.0, 10]], 10, 18)
+    slow = _run("slow", 0, [[0, 0, 5.0, 0], [10, 4, 4.2, 10], [20, 8, 3.9, 20]], 20, 8)
+    cpu = quality.report([fast, slow], "cpu")
+    rows = {line.split("|")[1].strip(): line.split("|") for line in cpu.splitlines()
+            if line.startswith("| fast") or line.startswith("| slow")}
+    assert rows["fast"][5].strip() == "4.0000" and rows["fast"][6].strip() == "20"
+    assert rows["slow"][5].strip() == "4.2000" and rows["slow"][6].strip() == "10"
+    assert rows["slow"][4].strip() == "3.9000"  # equal steps
+    wall = quality.report([fast, slow], "wall")  # by wall time the slow one is the fast one
+    rows = {line.split("|")[1].strip(): line.split("|") for line in wall.splitlines()
+            if line.startswith("| fast") or line.startswith("| slow")}
+    assert rows["fast"][5].strip() == "5.0000" and rows["slow"][5].strip() == "3.9000"
+
+
+def test_mean_range_ignores_nan():
+    assert quality._mean_range([1.0, 3.0]) == "2.0000 (1.0000-3.0000)"
+    assert quality._mean_range([math.nan]) == "n/a"
