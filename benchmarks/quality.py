@@ -135,12 +135,15 @@ def report(runs: list[dict[str, Any]], clock: str = "cpu") -> str:
             _mean_range([r["seconds_per_step"] for r in mine], 2),
             _mean_range([r["optimizer_state_bytes"] / 2**20 for r in mine], 1),
             _mean_range([r["peak_bytes"] / 2**20 for r in mine], 0),
+            _mean_range([(r.get("sampling_spread") or {}).get("max_min_ratio", math.nan)
+                         for r in mine], 3),
         ])
     steps = sorted({r["steps"] for r in runs})
     header = ["method", "seeds", "held-out loss at step 0", f"held-out loss at step {steps[-1]}",
               f"held-out loss at equal {clock} time", "steps reached in that time",
               "CPU s/step", "wall s/step",
-              "optimizer state MiB", f"{runs[0]['memory_kind']} MiB"]
+              "optimizer state MiB", f"{runs[0]['memory_kind']} MiB",
+              "sampling max/min at the end"]
     budgets = ", ".join(f"seed {s}: {b:.0f} s" for s, b in budget.items())
     return (markdown_table(header, rows)
             + f"\n\nMean (min-max) over seeds. Equal-time budget per seed = the fastest "

@@ -8,19 +8,28 @@ See README.md for how it works and what it measures.
 """
 
 from .backward import BackwardCut, reaches_trainable_parameter
+from .estimators import FirstOrderProbe, normalized_score_update
 from .groups import LayerGroups, build_layer_groups, discover_layers
 from .history import ImportanceHistory
 from .importance import paper_advantages, score_update
 from .optimizer import ISTOptimizer
 from .plotting import plot_importance
 from .residency import StateResidency, state_bytes
-from .sampling import resolve_count, sample_candidate_sets, sample_layers, sampling_weights
+from .sampling import (
+    distribution_spread,
+    resolve_count,
+    sample_candidate_sets,
+    sample_depth_aware,
+    sample_layers,
+    sampling_weights,
+)
 from .suppression import Suppressor, find_tuner_layers
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackwardCut",
+    "FirstOrderProbe",
     "ISTOptimizer",
     "ImportanceHistory",
     "LayerGroups",
@@ -28,12 +37,15 @@ __all__ = [
     "Suppressor",
     "build_layer_groups",
     "discover_layers",
+    "distribution_spread",
     "find_tuner_layers",
+    "normalized_score_update",
     "paper_advantages",
     "plot_importance",
     "reaches_trainable_parameter",
     "resolve_count",
     "sample_candidate_sets",
+    "sample_depth_aware",
     "sample_layers",
     "sampling_weights",
     "score_update",

@@ -39,6 +39,9 @@ class CapturedCall:
 class BatchCapture:
     """Keeps a reference to the arguments of the latest forward call of ``model``.
 
+    ``num_items_in_batch`` (the HF Trainer's token count of the whole accumulated batch)
+    is left out, so replaying the call gives the batch's own mean loss.
+
     Example:
         >>> net = torch.nn.Linear(2, 1)
         >>> capture = BatchCapture(net)
@@ -55,14 +58,24 @@ class BatchCapture:
 
     def _hook(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.enabled:
-            self.latest = CapturedCall(tuple(args), dict(kwargs))
+            # The HF Trainer passes the token count of the whole accumulated (and, under
+            # DDP, global) batch so that micro-batch losses add up; replayed alone, that
+            # would shrink the measured loss. A round measures this batch's mean loss.
+            kept = {k: v for k, v in kwargs.items() if k != "num_items_in_batch"}
+            self.latest = CapturedCall(tuple(args), kept)
 
     def remove(self) -> None:
         self._handle.remove()
 
 
 class BatchCycler:
-    """Cycles through a re-iterable (list, DataLoader); counts batches for exact resume."""
+    """Cycles through a re-iterable (list, DataLoader); counts batches for exact resume.
+
+    Iterating runs under ``torch.random.fork_rng``: a ``DataLoader`` draws its base seed
+    (and an unseeded shuffling sampler its order) from the global CPU RNG, which would
+    otherwise shift the training run's dropout and data order whenever a round starts a
+    new pass.
+    """
 
     def __init__(self, batches: Iterable[Any]):
         if isinstance(batches, Iterator):
@@ -82,6 +95,10 @@ class BatchCycler:
             self.next()
 
     def next(self) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            return self._next()
+
+    def _next(self) -> Any:
         if self._iterator is not None:
             try:
                 batch = next(self._iterator)

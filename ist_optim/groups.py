@@ -127,6 +127,19 @@ class LayerGroups:
         return [p for i in indices for p in self.params[i]]
 
 
+def _prompt_learning_hint(model: nn.Module) -> str:
+    """A sentence naming the peft prompt-learning method of ``model``, if it uses one."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict):
+        return ""
+    kinds = sorted({str(getattr(c.peft_type, "value", c.peft_type)) for c in configs.values()
+                    if getattr(c, "is_prompt_learning", False)})
+    if not kinds:
+        return ""
+    return (f"The peft method {', '.join(kinds)} trains virtual tokens outside the blocks, so "
+            "it has no per-layer parameters to sample: it is not supported by IST. ")
+
+
 def build_layer_groups(
     model: nn.Module, trainable: Sequence[torch.Tensor], layers: LayersSpec = None
 ) -> LayerGroups:
@@ -160,6 +173,7 @@ def build_layer_groups(
         raise ValueError(
             f"none of the {len(blocks)} blocks found ({blocks[0][0]}, ...) holds a trainable "
             "parameter; IST samples layers among the blocks, so at least one must train. "
+            f"{_prompt_learning_hint(model)}"
             "Check requires_grad / your adapter config, or pass layers= explicitly."
         )
     return LayerGroups(

@@ -13,7 +13,7 @@ import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,44 +21,49 @@ from torch.optim import Optimizer
 
 from .backward import BackwardCut
 from .batches import BatchCapture, BatchCycler, LossFn, default_loss_fn, move_batch
+from .distributed import (
+    agree_on_seed,
+    average_across_ranks,
+    check_not_initialized_late,
+    check_wrapping,
+    is_sharded,
+    resolve_group,
+    state_policy_for,
+)
+from .estimators import (
+    Estimator,
+    FirstOrderProbe,
+    RunningScale,
+    normalized_score_update,
+    predicted_suppression_deltas,
+)
 from .groups import LayerGroups, LayersSpec, build_layer_groups
 from .importance import paper_advantages, score_update
-from .residency import STATE_POLICIES, StatePolicy, StateResidency, default_policy, state_bytes
-from .sampling import resolve_count, sample_candidate_sets, sample_layers, sampling_weights
+from .options import (
+    Sampling,
+    check_batches_usable,
+    check_choices,
+    check_int,
+    check_number,
+    collect_params,
+    resolve_skip_backward,
+)
+from .residency import StatePolicy, StateResidency, default_policy, state_bytes
+from .sampling import (
+    distribution_spread,
+    resolve_count,
+    sample_candidate_sets,
+    sample_depth_aware,
+    sample_layers,
+    sampling_weights,
+)
 from .suppression import SuppressionMode, Suppressor
 
 __all__ = ["ISTOptimizer"]
 
 logger = logging.getLogger(__name__)
 
-Sampling = Literal["importance", "uniform"]
 STATE_FORMAT_VERSION = 1
-_SAMPLINGS = ("importance", "uniform")
-
-
-def _check_number(name: str, value: Any, low: float, high: float, *, closed_high: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    ok = low <= value <= high if closed_high else low <= value < high
-    if not ok:
-        bracket = "]" if closed_high else ")"
-        raise ValueError(f"Invalid {name}: {value}; expected a value in [{low}, {high}{bracket}")
-    return float(value)
-
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < low:
-        raise ValueError(f"Invalid {name}: {value}; expected an int >= {low}")
-    return value
-
-
-def _flatten_params(params: Any) -> list[torch.Tensor]:
-    groups = list(params)
-    if groups and isinstance(groups[0], dict):
-        return [p for group in groups for p in group["params"]]
-    return groups
 
 
 class ISTOptimizer(Optimizer):
@@ -87,8 +92,13 @@ class ISTOptimizer(Optimizer):
             most recent training batch, kept by a forward pre-hook on ``model``.
         loss_fn: ``callable(model, batch) -> loss`` for the rounds. Default
             ``model(**batch).loss``.
-        sampling: ``"importance"`` (weights ``sigmoid(-s)``, the paper) or ``"uniform"``
-            (LISA-style; runs no importance rounds).
+        sampling: ``"importance"`` (weights ``sigmoid(-s)``, the paper), ``"uniform"``
+            (LISA-style; runs no importance rounds) or ``"depth-aware"`` (importance
+            weights, layers drawn clustered in depth so backward stops higher; see
+            :func:`ist_optim.sampling.sample_depth_aware`).
+        estimator: how importance rounds update scores: ``"paper"`` (default),
+            ``"normalized"`` (loss-scale-free advantages) or ``"first-order"`` (no
+            extra forward; reads the training backward). See :mod:`ist_optim.estimators`.
         suppression_mode: ``"auto"``, ``"adapters"`` or ``"residual"``, see
             :class:`ist_optim.Suppressor`.
         freeze_inactive: ``True`` (default) sets ``requires_grad=False`` on inactive
@@ -99,14 +109,22 @@ class ISTOptimizer(Optimizer):
             (stays, like the paper), ``"offload"`` (moved to host memory, pinned on CUDA,
             and back when the layer is drawn; bit-exact) or ``"drop"`` (freed; a layer
             drawn again restarts its moments and bias correction). Default: ``"offload"``
-            when the parameters are on CUDA, else ``"keep"``. See
+            when the parameters are on CUDA (``"keep"`` for FSDP2 DTensor parameters, see
+            docs/distributed.md), else ``"keep"``. See
             :class:`ist_optim.StateResidency`.
         skip_backward: cut the autograd graph at the input of the lowest active layer
             (see :class:`ist_optim.BackwardCut`), so no backward runs below it even when
             input gradients are forced (gradient checkpointing). Default: on whenever
             ``freeze_inactive`` is (the cut needs frozen inactive layers).
         seed: seed of the private ``torch.Generator``; ``None`` seeds it from OS entropy.
-            Global RNGs are never used.
+            Global RNGs are never used. Under ``torch.distributed`` every rank must pass
+            the same seed, or ``None`` on every rank to use rank 0's (docs/distributed.md).
+        process_group: the ranks that must train the same layers and hold the same
+            scores; ``None`` (default) means every rank, when ``torch.distributed`` is
+            initialized. Ranks agree on the seed at construction and average the
+            importance losses, and with ``freeze_inactive`` the first step keeps every
+            layer's ``requires_grad`` (a DDP wrapper built after this optimizer must see
+            every trainable parameter).
         **optimizer_kwargs: passed verbatim to ``optimizer_cls``.
 
     Example:
@@ -138,59 +156,22 @@ class ISTOptimizer(Optimizer):
         importance_batches: Iterable[Any] | None = None,
         loss_fn: LossFn | None = None,
         sampling: Sampling = "importance",
+        estimator: Estimator = "paper",
         suppression_mode: SuppressionMode = "auto",
         freeze_inactive: bool = True,
         state_policy: StatePolicy | None = None,
         skip_backward: bool | None = None,
         seed: int | None = None,
+        process_group: Any = None,
         **optimizer_kwargs: Any,
     ) -> None:
-        if isinstance(optimizer_cls, Optimizer):
-            raise TypeError(
-                f"optimizer_cls must be an optimizer class, got an instance of "
-                f"{type(optimizer_cls).__name__}; pass e.g. torch.optim.AdamW and its kwargs"
-            )
-        if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, Optimizer)):
-            raise TypeError(
-                f"optimizer_cls must be a torch.optim.Optimizer subclass, got {optimizer_cls!r}"
-            )
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if sampling not in _SAMPLINGS:
-            raise ValueError(f"Invalid sampling: {sampling!r}; expected one of {_SAMPLINGS}")
-        if not isinstance(freeze_inactive, bool):
-            raise TypeError(f"freeze_inactive must be a bool, got {freeze_inactive!r}")
-        if skip_backward is None:
-            skip_backward = freeze_inactive
-        if not isinstance(skip_backward, bool):
-            raise TypeError(f"skip_backward must be a bool or None, got {skip_backward!r}")
-        if skip_backward and not freeze_inactive:
-            raise ValueError(
-                "skip_backward=True needs freeze_inactive=True: with every layer requiring "
-                "grad there is nothing below the lowest active layer to cut"
-            )
-        if state_policy is not None and state_policy not in STATE_POLICIES:
-            raise ValueError(
-                f"Invalid state_policy: {state_policy!r}; expected one of {STATE_POLICIES} "
-                "or None for the device default"
-            )
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
-        if loss_fn is not None and not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable(model, batch) -> loss, got {loss_fn!r}")
+        check_choices(optimizer_cls, model, sampling, estimator, state_policy, seed, loss_fn)
+        skip_backward = resolve_skip_backward(freeze_inactive, skip_backward)
+        check_batches_usable(sampling, estimator, importance_batches)
+        check_wrapping(model, freeze_inactive)
+        self._group = resolve_group(process_group)
 
-        if params is None:
-            params = [p for p in model.parameters() if p.requires_grad]
-            if not params:
-                raise ValueError(
-                    f"{type(model).__name__} has no parameter with requires_grad=True; add "
-                    "adapters (peft) or unfreeze the weights to train, or pass params="
-                )
-        else:
-            params = list(params)
-        trainable = _flatten_params(params)
-        if not trainable:
-            raise ValueError("params is empty; pass at least one parameter to train")
+        params, trainable = collect_params(model, params)
 
         self.model = model
         self.optimizer: Optimizer = optimizer_cls(params, **optimizer_kwargs)
@@ -199,37 +180,40 @@ class ISTOptimizer(Optimizer):
         num_layers = self.groups.num_layers
         self.num_active = resolve_count(active_layers, num_layers, "active_layers")
         self.num_suppressed = resolve_count(suppressed_layers, num_layers, "suppressed_layers")
-        self.num_candidates = _check_int("num_candidates", num_candidates, 2)
-        self.score_lr = _check_number("score_lr", score_lr, 0.0, math.inf, closed_high=False)
-        self.suppression = _check_number("suppression", suppression, 0.0, 1.0, closed_high=False)
-        self.update_interval = _check_int("update_interval", update_interval, 1)
+        self.num_candidates = check_int("num_candidates", num_candidates, 2)
+        self.score_lr = check_number("score_lr", score_lr, 0.0, math.inf, closed_high=False)
+        self.suppression = check_number("suppression", suppression, 0.0, 1.0, closed_high=False)
+        self.update_interval = check_int("update_interval", update_interval, 1)
         self.sampling: Sampling = sampling
+        self.estimator: Estimator = estimator
         self.freeze_inactive = freeze_inactive
         self.loss_fn: LossFn = loss_fn or default_loss_fn
 
         self._generator = torch.Generator(device="cpu")
-        self.seed = int(self._generator.seed()) if seed is None else seed
+        self.seed = agree_on_seed(seed, self._group)
         self._generator.manual_seed(self.seed)
+        self._defer_freeze = self._group is not None
         self._scores = torch.zeros(num_layers, dtype=torch.float64)
         self._num_steps = 0
         self._skipped_rounds = 0
         self._warned_nonfinite = False
         self.last_round: dict[str, Any] | None = None
 
-        if not self.runs_importance_rounds and importance_batches is not None:
-            raise ValueError(
-                "importance_batches is set but sampling='uniform' runs no importance rounds; "
-                "drop importance_batches or use sampling='importance'"
-            )
         self._suppressor: Suppressor | None = None
         if self.runs_importance_rounds:
             self._suppressor = Suppressor(self.groups.modules, self.suppression, suppression_mode)
         self._cycler = None if importance_batches is None else BatchCycler(importance_batches)
-        self.state_policy: StatePolicy = state_policy or default_policy(self._device())
+        self.state_policy: StatePolicy = state_policy_for(  # type: ignore[assignment]
+            state_policy, default_policy(self._device()), is_sharded(trainable), self._device())
         self._residency = StateResidency(self.optimizer, self.state_policy)
-        # Hooks on the model last, once nothing can raise any more.
+        self._scale = RunningScale()
+        # Hooks on the model last, once nothing can raise any more (the probe validates
+        # every adapter before it registers a hook, so it goes first).
+        self._probe: FirstOrderProbe | None = None
+        if estimator == "first-order" and self._suppressor is not None:
+            self._probe = FirstOrderProbe(self.groups.modules, self._suppressor.mode)
         self._capture: BatchCapture | None = None
-        if self.runs_importance_rounds and importance_batches is None:
+        if self.runs_importance_rounds and importance_batches is None and self._probe is None:
             self._capture = BatchCapture(model)
         self._backward_cut = BackwardCut(self.groups.modules) if skip_backward else None
         self._active: list[int] = []
@@ -284,7 +268,7 @@ class ISTOptimizer(Optimizer):
                 self.groups.outside.append(p)
             else:
                 self.groups.params[index].append(p)
-                if self.freeze_inactive:
+                if self.freeze_inactive and not self._defer_freeze:
                     p.requires_grad_(index in self._active)
 
     # ------------------------------------------------------------------ public views
@@ -319,14 +303,28 @@ class ISTOptimizer(Optimizer):
         weights = self._active_weights()
         return (weights / weights.sum()).to(torch.float32)
 
+    def sampling_spread(self) -> dict[str, float]:
+        """How far :attr:`sampling_probabilities` is from uniform (for logs).
+
+        Returns:
+            ``max_min_ratio``, ``kl_from_uniform`` (nats) and ``entropy_ratio``, see
+            :func:`ist_optim.sampling.distribution_spread`.
+        """
+        return distribution_spread(self.sampling_probabilities)
+
     @property
     def num_steps(self) -> int:
         """Optimizer steps taken so far."""
         return self._num_steps
 
     @property
+    def process_group(self) -> Any:
+        """The ranks that agree on the IST state; ``None`` when not distributed."""
+        return self._group
+
+    @property
     def runs_importance_rounds(self) -> bool:
-        return self.sampling == "importance"
+        return self.sampling != "uniform"
 
     # ------------------------------------------------------------------ stepping
     def _active_weights(self) -> torch.Tensor:
@@ -335,6 +333,8 @@ class ISTOptimizer(Optimizer):
         return sampling_weights(self._scores, -1.0)
 
     def _sample_active(self) -> list[int]:
+        if self.sampling == "depth-aware":
+            return sample_depth_aware(self._active_weights(), self.num_active, self._generator)
         return sample_layers(self._active_weights(), self.num_active, self._generator)
 
     def _set_active(self, active: list[int]) -> None:
@@ -344,7 +344,7 @@ class ISTOptimizer(Optimizer):
         self._active = sorted(new)
         if self._backward_cut is not None:
             self._backward_cut.set_active(self._active)
-        if not self.freeze_inactive:
+        if not self.freeze_inactive or self._defer_freeze:
             return
         for index, params in enumerate(self.groups.params):
             for p in params:
@@ -364,16 +364,21 @@ class ISTOptimizer(Optimizer):
         Returns:
             The closure's loss, if a closure was given.
         """
+        if self._group is None:
+            check_not_initialized_late()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._probe is not None:
+            self._probe.end_step()
         self._drop_inactive_grads()
         self._residency.wait()
         self.optimizer.step()
         self._num_steps += 1
         if self.runs_importance_rounds and self._num_steps % self.update_interval == 0:
             self._importance_round()
+        self._defer_freeze = False
         self._set_active(self._sample_active())
         return loss
 
@@ -422,11 +427,20 @@ class ISTOptimizer(Optimizer):
         return torch.tensor(losses, dtype=torch.float64)
 
     def _importance_round(self) -> None:
-        batch = self._importance_batch()
-        weights = sampling_weights(self._scores, +1.0)
-        sets = sample_candidate_sets(weights, self.num_suppressed, self.num_candidates,
-                                     self._generator)
-        losses = self.measure_suppressed_losses(sets, batch)
+        if self._probe is not None:
+            reached, losses = predicted_suppression_deltas(*self._probe.take(), self.suppression)
+            sets = [[i] for i in reached]
+            if len(sets) < 2:
+                logger.debug("IST first-order round at step %d: %d layer(s) reached, no update",
+                             self._num_steps, len(sets))
+                return
+        else:
+            batch = self._importance_batch()
+            weights = sampling_weights(self._scores, +1.0)
+            sets = sample_candidate_sets(weights, self.num_suppressed, self.num_candidates,
+                                         self._generator)
+            losses = self.measure_suppressed_losses(sets, batch)
+        losses = average_across_ranks(losses, self._group)
         if not torch.isfinite(losses).all():
             self._skipped_rounds += 1
             if not self._warned_nonfinite:
@@ -439,8 +453,12 @@ class ISTOptimizer(Optimizer):
                     stacklevel=3,
                 )
             return
-        advantages = paper_advantages(losses)
-        self._scores = score_update(self._scores, sets, advantages, self.score_lr)
+        if self.estimator == "paper":
+            self._scores = score_update(self._scores, sets, paper_advantages(losses),
+                                        self.score_lr)
+        else:
+            self._scores = normalized_score_update(self._scores, sets, losses, self._scale,
+                                                   self.score_lr)
         self.last_round = {"step": self._num_steps, "sets": sets, "losses": losses.tolist()}
         logger.debug("IST round at step %d: sets=%s losses=%s", self._num_steps, sets,
                      losses.tolist())
@@ -460,6 +478,11 @@ class ISTOptimizer(Optimizer):
             "importance_batches_seen": self._cycler.seen if self._cycler else 0,
             "sampling": self.sampling,
             "seed": self.seed,
+            "estimator": self.estimator,
+            "estimator_state": {
+                "scale": self._scale.state_dict(),
+                "probe": self._probe.state_dict() if self._probe is not None else None,
+            },
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -481,6 +504,12 @@ class ISTOptimizer(Optimizer):
             raise ValueError(
                 f"IST state format_version {version!r} is not the supported "
                 f"{STATE_FORMAT_VERSION}"
+            )
+        saved_estimator = ist.get("estimator", "paper")
+        if saved_estimator != self.estimator:
+            raise ValueError(
+                f"checkpoint was saved with estimator={saved_estimator!r}, this optimizer uses "
+                f"estimator={self.estimator!r}; build it with estimator={saved_estimator!r}"
             )
         if ist["num_layers"] != self.num_layers:
             raise ValueError(
@@ -513,18 +542,68 @@ class ISTOptimizer(Optimizer):
             )
         self._check_ist_state(ist)
         self.optimizer.load_state_dict(state_dict)
+        self._load_ist_state(ist)
+
+    def _load_ist_state(self, ist: dict[str, Any]) -> None:
+        """Restore the wrapper's state from a checked ``"ist"`` entry, after the inner
+        optimizer's state was loaded."""
+        estimator_state = ist.get("estimator_state")
+        if estimator_state is not None:
+            self._scale.load_state_dict(estimator_state["scale"])
+            if self._probe is not None and estimator_state["probe"] is not None:
+                self._probe.load_state_dict(estimator_state["probe"])
         # The inner optimizer now holds every saved entry; the residency policy then moves
         # (or drops) those of inactive layers, as if every layer had just been active.
         self._residency.clear()
         self._active = list(range(self.num_layers))
-        self._scores = ist["scores"].to(torch.float64).clone()
-        self._generator.set_state(ist["generator_state"])
+        # .cpu(): accelerate's prepare() and the Trainer's map_location move every tensor of
+        # the dict to the accelerator; the sampler's state lives on the CPU.
+        self._scores = ist["scores"].to("cpu", torch.float64).clone()
+        self._generator.set_state(ist["generator_state"].cpu())
         self._num_steps = int(ist["num_steps"])
         self._skipped_rounds = int(ist["skipped_rounds"])
         self.seed = int(ist["seed"])
         if self._cycler is not None:
             self._cycler.fast_forward(int(ist["importance_batches_seen"]))
         self._set_active([int(i) for i in ist["active_layers"]])
+
+    def set_importance_batches(self, batches: Iterable[Any], *, batches_seen: int = 0) -> None:
+        """Measure the importance rounds on ``batches`` (cycled) instead of captured batches.
+
+        For sources known only after construction, such as a Trainer's eval dataloader
+        (:class:`ist_optim.integrations.ISTCallback` calls it at ``on_train_begin``).
+
+        Args:
+            batches: re-iterable of batches (a list, a DataLoader), as ``importance_batches``.
+            batches_seen: how many batches of ``batches`` earlier rounds used: the cycle
+                resumes after them (``num_steps // update_interval`` when ``batches`` was
+                set before step 1).
+
+        Raises:
+            ValueError: with ``sampling='uniform'`` (no rounds) or
+                ``estimator='first-order'`` (no estimation forwards), or when importance
+                batches were already given, at construction or by an earlier call.
+        """
+        if not self.runs_importance_rounds:
+            raise ValueError(
+                "sampling='uniform' runs no importance rounds, so it takes no importance batches"
+            )
+        if self.estimator == "first-order":
+            raise ValueError(
+                "estimator='first-order' runs no estimation forward passes, so it takes no "
+                "importance batches"
+            )
+        if self._cycler is not None:
+            raise ValueError(
+                "importance batches are already set (importance_batches= or an earlier "
+                "set_importance_batches call); build the optimizer without them to set them here"
+            )
+        cycler = BatchCycler(batches)
+        cycler.fast_forward(check_int("batches_seen", batches_seen, 0))
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
+        self._cycler = cycler
 
     def memory_report(self) -> dict[str, Any]:
         """Bytes of optimizer state and of the trainable parameters of the active set.
@@ -553,6 +632,9 @@ class ISTOptimizer(Optimizer):
         if self._backward_cut is not None:
             self._backward_cut.remove()
             self._backward_cut = None
+        if self._probe is not None:
+            self._probe.remove()
+            self._probe = None
         if self.freeze_inactive:
             for params in self.groups.params:
                 for p in params:

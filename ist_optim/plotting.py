@@ -16,21 +16,38 @@ def plot_importance(
     *,
     layer_labels: list[str] | None = None,
     title: str = "IST layer importance",
+    show_trained: bool | None = None,
 ) -> Any:
     """Heatmap of importance over steps x layers, beside how often each layer trained.
+
+    Importance is signed (0 = neutral, the start), so the colour map diverges around 0:
+    red = more important, blue = less. Each record covers the steps since the previous
+    one, so histories recorded every k steps or resumed mid-run are drawn to scale.
 
     Args:
         history: what :class:`ist_optim.ImportanceHistory` recorded.
         path: where to write a PNG; ``None`` only returns the figure.
         layer_labels: tick labels for the layers (default: their indices).
         title: the figure title.
+        show_trained: mark the layers trained at each record with dots; ``None`` does it
+            for histories of at most 400 records (beyond, dots only clutter).
 
     Returns:
-        The ``matplotlib.figure.Figure``.
+        The ``matplotlib.figure.Figure`` (close it with ``plt.close(fig)`` when done).
 
     Raises:
         ImportError: when matplotlib is not installed, naming the extra to install.
-        ValueError: when the history holds no record.
+        ValueError: when the history holds no record, or ``layer_labels`` has another
+            length than the number of layers.
+
+    Example:
+        >>> from ist_optim import ImportanceHistory
+        >>> history = ImportanceHistory(3, steps=[1, 2], importance=[[0, 0, 0], [.1, 0, -.1]],
+        ...                             trained=[[0], [2]])
+        >>> fig = plot_importance(history)
+        >>> [ax.get_xlabel() for ax in fig.axes[:2]]
+        ['optimizer step', 'steps trained (of 2)']
+        >>> import matplotlib.pyplot as plt; plt.close(fig)
     """
     try:
         import matplotlib
@@ -43,25 +60,40 @@ def plot_importance(
         ) from err
     if not history.steps:
         raise ValueError("the history is empty; record(opt, ...) after each step first")
+    num_layers = history.num_layers
+    if layer_labels is not None and len(layer_labels) != num_layers:
+        raise ValueError(
+            f"layer_labels has {len(layer_labels)} labels for {num_layers} layers"
+        )
     matrix = history.importance_matrix().numpy()
     counts = history.train_counts().numpy()
+    steps = list(history.steps)
+    x_edges = [steps[0] - 1, *steps]
+    y_edges = [i - 0.5 for i in range(num_layers + 1)]
+    limit = max(float(abs(matrix).max()), 1e-12)
     fig, (ax_map, ax_bar) = plt.subplots(
-        1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 1]}, constrained_layout=True
+        1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 1]}, constrained_layout=True,
+        sharey=True,
     )
-    image = ax_map.imshow(
-        matrix.T, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest",
-        extent=(history.steps[0] - 0.5, history.steps[-1] + 0.5, -0.5, history.num_layers - 0.5),
-    )
+    mesh = ax_map.pcolormesh(x_edges, y_edges, matrix.T, cmap="coolwarm", vmin=-limit,
+                             vmax=limit, shading="flat")
+    if show_trained if show_trained is not None else len(steps) <= 400:
+        xs = [step - 0.5 for step, layers in zip(steps, history.trained, strict=True)
+              for _ in layers]
+        ys = [layer for layers in history.trained for layer in layers]
+        ax_map.scatter(xs, ys, s=6, c="black", marker="o", linewidths=0, label="trained")
+        ax_map.legend(loc="upper left", fontsize=7, framealpha=0.8, markerscale=1.5)
     ax_map.set_xlabel("optimizer step")
     ax_map.set_ylabel("layer")
     ax_map.set_title(title)
-    fig.colorbar(image, ax=ax_map, label="importance (higher = more important)")
-    ax_bar.barh(range(history.num_layers), counts, color="tab:orange")
-    ax_bar.set_xlabel("steps trained")
-    ax_bar.set_ylim(-0.5, history.num_layers - 0.5)
-    if layer_labels is not None:
-        for ax in (ax_map, ax_bar):
-            ax.set_yticks(range(history.num_layers), layer_labels, fontsize=7)
+    ax_map.set_ylim(-0.5, num_layers - 0.5)
+    fig.colorbar(mesh, ax=ax_map, label="importance (red = more important)", pad=0.01)
+    ax_bar.barh(range(num_layers), counts, color="tab:gray")
+    ax_bar.set_xlabel(f"steps trained (of {len(steps)})")
+    ax_bar.set_title("training frequency")
+    ticks = layer_labels if layer_labels is not None else [str(i) for i in range(num_layers)]
+    if num_layers <= 40:
+        ax_map.set_yticks(range(num_layers), ticks, fontsize=7 if num_layers > 16 else 9)
     if path is not None:
         fig.savefig(path, dpi=110)
     return fig

@@ -4,11 +4,15 @@ Two mechanisms, chosen per model:
 
 * ``"adapters"`` (any model with peft tuner layers inside its blocks): tuner layers are
   found by type (``peft``'s ``BaseTunerLayer``), never by a duck-typed ``scaling``
-  attribute (HF attention modules have one too). LoRA, DoRA, rsLoRA, AdaLoRA, LoHa and
-  LoKr scale their per-adapter ``scaling[name]`` by ``lambda``; for DoRA that damps the
-  low-rank direction before the magnitude re-normalisation, as the official code does.
-  (IA)^3 moves its scaling vector ``l`` toward the identity: ``1 + lambda * (l - 1)``,
-  which scales the adapter's change of the output by exactly ``lambda``.
+  attribute (HF attention modules have one too). Every rule scales the adapter's change
+  of its module's output by exactly ``lambda``: ``base(x) + lambda * (adapted(x) - base(x))``,
+  so ``lambda = 0`` equals disabling the adapter and ``lambda = 1`` changes nothing.
+  LoRA, rsLoRA, AdaLoRA, LoHa and LoKr are linear in their per-adapter ``scaling[name]``,
+  which is multiplied by ``lambda``. DoRA is not (its magnitude re-normalisation), so the
+  output of its magnitude module, which is exactly DoRA's change of the output, is
+  multiplied by ``lambda`` through a forward hook. (IA)^3 moves its vector ``l`` toward
+  the identity: ``1 + lambda * (l - 1)``. Other LoRA variants and other tuner types
+  (VeRA, OFT, BOFT, ...) raise a ``ValueError`` naming them.
 * ``"residual"`` (full fine-tuning, no adapters): each block's residual branch is
   damped, ``x + lambda * (block(x) - x)``, through forward hooks.
 
@@ -34,11 +38,21 @@ def _peft_types() -> dict[str, type] | None:
     try:
         from peft.tuners.ia3 import IA3Layer
         from peft.tuners.lora import LoraLayer
+        from peft.tuners.lora.dora import DoraEmbeddingLayer, DoraLinearLayer
         from peft.tuners.lycoris_utils import LycorisLayer
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:
         return None
-    return {"base": BaseTunerLayer, "lora": LoraLayer, "lycoris": LycorisLayer, "ia3": IA3Layer}
+    return {"base": BaseTunerLayer, "lora": LoraLayer, "lycoris": LycorisLayer, "ia3": IA3Layer,
+            "dora": DoraLinearLayer, "dora_embedding": DoraEmbeddingLayer}
+
+
+def _adapter_kind(module: nn.Module) -> str:
+    """``'vera (peft.tuners.vera.layer.Linear)'``: the peft tuner package and the class."""
+    cls = type(module)
+    parts = cls.__module__.split(".")
+    tuner = parts[2] if len(parts) > 2 and parts[:2] == ["peft", "tuners"] else "unknown"
+    return f"{tuner!r} ({cls.__module__}.{cls.__qualname__})"
 
 
 def find_tuner_layers(block: nn.Module) -> list[nn.Module]:
@@ -55,10 +69,14 @@ def _active_adapters(module: nn.Module) -> list[str]:
 
 
 @contextmanager
-def _scale_scaling(module: nn.Module, factor: float) -> Iterator[None]:
-    """LoRA-family and LyCORIS layers: ``scaling[name] *= factor`` for active adapters."""
+def _scale_scaling(
+    module: nn.Module, factor: float, names: Sequence[str] | None = None
+) -> Iterator[None]:
+    """LoRA-family and LyCORIS layers: ``scaling[name] *= factor`` for active adapters
+    (or for ``names``)."""
     scaling: dict[str, Any] = module.scaling  # type: ignore[assignment]
-    saved = {n: scaling[n] for n in _active_adapters(module) if n in scaling}
+    names = _active_adapters(module) if names is None else names
+    saved = {n: scaling[n] for n in names if n in scaling}
     try:
         for name, value in saved.items():
             scaling[name] = value * factor
@@ -66,6 +84,26 @@ def _scale_scaling(module: nn.Module, factor: float) -> Iterator[None]:
     finally:
         for name, value in saved.items():
             scaling[name] = value
+
+
+@contextmanager
+def _damp_lora(module: nn.Module, factor: float) -> Iterator[None]:
+    """LoRA layers: ``scaling[name] *= factor`` for plain adapters; for DoRA adapters the
+    output of the magnitude module (DoRA's whole change of the output) times ``factor``."""
+    magnitudes = getattr(module, "lora_magnitude_vector", {})
+    active = _active_adapters(module)
+    dora = [n for n in active if n in magnitudes]
+
+    def hook(_mod: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output * factor
+
+    handles = [magnitudes[name].register_forward_hook(hook) for name in dora]
+    try:
+        with _scale_scaling(module, factor, [n for n in active if n not in magnitudes]):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextmanager
@@ -122,6 +160,12 @@ def _damp_residual(block: nn.Module, factor: float) -> Iterator[None]:
             handle.remove()
 
 
+_SUPPORTED = (
+    "supported: LoRA, rsLoRA, DoRA (linear and conv layers), AdaLoRA, LoHa, LoKr and (IA)^3. "
+    "Use sampling='uniform' (no importance rounds) to train it with layer sampling."
+)
+
+
 class Suppressor:
     """Damps the response of chosen layers by ``factor`` inside a context.
 
@@ -168,15 +212,34 @@ class Suppressor:
         assert types is not None  # tuner layers were found, so peft imports
         if isinstance(module, types["ia3"]):
             return _damp_ia3
-        if isinstance(module, types["lora"] | types["lycoris"]) and isinstance(
-            getattr(module, "scaling", None), dict
-        ):
+        has_scaling = isinstance(getattr(module, "scaling", None), dict)
+        if isinstance(module, types["lora"]) and has_scaling:
+            self._check_lora_variants(module, types)
+            return _damp_lora
+        if isinstance(module, types["lycoris"]) and has_scaling:
             return _scale_scaling
         raise ValueError(
-            f"IST has no suppression rule for the peft adapter type {type(module).__name__}; "
-            "supported: LoRA, DoRA, rsLoRA, AdaLoRA, LoHa, LoKr and (IA)^3. Use "
-            "sampling='uniform' (no importance rounds) to train it with layer sampling."
+            f"IST has no suppression rule for the peft adapter type {_adapter_kind(module)}; "
+            f"{_SUPPORTED}"
         )
+
+    @staticmethod
+    def _check_lora_variants(module: nn.Module, types: dict[str, type]) -> None:
+        """Plain LoRA / rsLoRA / AdaLoRA and DoRA on linear or conv layers pass."""
+        variants = getattr(module, "lora_variant", {}) or {}
+        magnitudes = getattr(module, "lora_magnitude_vector", {})
+        for name in _active_adapters(module):
+            variant = variants.get(name)
+            magnitude = magnitudes[name] if name in magnitudes else None
+            is_dora = isinstance(magnitude, types["dora"]) and not isinstance(
+                magnitude, types["dora_embedding"])
+            if (variant is None and magnitude is None) or is_dora:
+                continue
+            what = type(variant).__name__ if variant is not None else type(magnitude).__name__
+            raise ValueError(
+                f"IST has no suppression rule for the LoRA variant {what} of adapter {name!r} "
+                f"in {_adapter_kind(module)}; {_SUPPORTED}"
+            )
 
     @contextmanager
     def suppress(self, layer_indices: Sequence[int]) -> Iterator[None]:

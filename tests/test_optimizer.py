@@ -381,3 +381,24 @@ def test_close_removes_hook_and_unfreezes():
     model(**lm_batch())
     assert opt._capture is None
     assert "ISTOptimizer(SGD, layers=4, active=1" in repr(opt)
+
+
+def test_captured_batch_drops_num_items_in_batch():
+    """A round replays the micro-batch's own mean loss, not a share of the Trainer's sum."""
+    model = lora_model(4)
+    seen = []
+
+    def loss_fn(m, batch):
+        seen.append(sorted(batch))
+        return m(**batch).loss
+
+    opt = ISTOptimizer(torch.optim.SGD, model, lr=0.0, seed=0, update_interval=1,
+                       loss_fn=loss_fn, num_candidates=2, suppression=0.999)
+    batch = lm_batch()
+    out = model(**batch, num_items_in_batch=torch.tensor(1000))
+    out.loss.backward()
+    opt.step()
+    assert seen and all("num_items_in_batch" not in keys for keys in seen)
+    with torch.no_grad():
+        mean_loss = model(**batch).loss.item()
+    assert opt.last_round["losses"][0] == pytest.approx(mean_loss, rel=1e-2)

@@ -101,6 +101,7 @@ class MethodRun:
     peak_bytes: int
     memory_kind: str
     layer_names: list[str] | None = None
+    sampling_spread: dict[str, float] | None = None
 
     @property
     def val_before(self) -> float:
@@ -123,6 +124,7 @@ class MethodRun:
             "evals": [[e.step, e.train_seconds, e.val_loss, e.train_cpu_seconds]
                       for e in r.evals],
             "train_losses": r.train_losses,
+            "sampling_spread": self.sampling_spread,
         }
 
 
@@ -146,4 +148,7 @@ def run_method(spec: MethodSpec, context: RunContext, *, steps: int, seed: int,
                                       context.batch_size, generator=generator))
     result = train(model, optimizer, batches, steps, val_batches=context.val_batches(),
                    eval_every=eval_every, progress=context.progress, desc=spec.name)
-    return MethodRun(spec, seed, model, result, meter.peak_bytes(), meter.kind, layer_names)
+    spread_of = getattr(optimizer, "sampling_spread", None)
+    spread = spread_of() if callable(spread_of) else None
+    return MethodRun(spec, seed, model, result, meter.peak_bytes(), meter.kind, layer_names,
+                     spread)
