@@ -323,3 +323,27 @@ def test_add_adapters_rejects_unknown_method_and_rank():
         add_adapters(tiny_llama(2), "lokr")
     with pytest.raises(CLIError, match="--rank 0"):
         add_adapters(tiny_llama(2), "lora", rank=0)
+
+
+def test_concurrent_conversion_keeps_the_first_finished_copy(tmp_path, monkeypatch):
+    """Two processes converting the default model at once: the loser uses the winner's copy."""
+    import transformers
+    from conftest import tiny_llama
+
+    from ist_optim.cli import models
+
+    class FakeTokenizer:
+        def save_pretrained(self, path):
+            (Path(path) / "tokenizer.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_gguf_path", lambda: tmp_path / "model.gguf")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: tiny_llama(2))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: FakeTokenizer())
+    target = tmp_path / "cache" / "SmolLM2-135M-Instruct-fp32"
+    target.mkdir(parents=True)
+    (target / "config.json").write_text('{"winner": true}')  # the other process won
+    models._convert_gguf(target)
+    assert (target / "config.json").read_text() == '{"winner": true}'
+    assert [p.name for p in target.parent.iterdir()] == [target.name]  # temp copy removed

@@ -91,6 +91,11 @@ def _convert_gguf(target: Path) -> None:
         tokenizer.save_pretrained(tmp)
         tmp.chmod(0o755)
         os.replace(tmp, target)  # atomic: a concurrent or killed run never sees half a copy
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+        # another process finished the same conversion first: use its copy
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
