@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from .checkpoint import pop_ist_entry
 from .distributed import _ddp_class
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -90,15 +91,10 @@ def set_optimizer_state_dict(
     """
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict as dcp_set
 
-    state_dict = dict(state_dict)
-    ist = state_dict.pop("ist", None)
-    if ist is None:
-        raise ValueError(
-            "state_dict has no 'ist' entry: it was not made by "
-            "ist_optim.distributed.get_optimizer_state_dict; load a plain optimizer's state "
-            "with torch.distributed.checkpoint.state_dict.set_optimizer_state_dict(model, "
-            "opt.optimizer, ...)"
-        )
+    state_dict, ist = pop_ist_entry(
+        state_dict, "it was not made by ist_optim.distributed.get_optimizer_state_dict; load a "
+        "plain optimizer's state with torch.distributed.checkpoint.state_dict."
+        "set_optimizer_state_dict(model, opt.optimizer, ...)")
     if not isinstance(state_dict.get("state"), dict):
         raise ValueError(
             "set_optimizer_state_dict needs the nested optimizer state dict ('state' and "

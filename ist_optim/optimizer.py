@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 
 from .backward import BackwardCut
 from .batches import BatchCapture, BatchCycler, LossFn, default_loss_fn, move_batch
+from .checkpoint import STATE_FORMAT_VERSION, check_ist_state, pop_ist_entry
 from .distributed import (
     agree_on_seed,
     average_across_ranks,
@@ -63,7 +64,6 @@ __all__ = ["ISTOptimizer"]
 
 logger = logging.getLogger(__name__)
 
-STATE_FORMAT_VERSION = 1
 
 
 class ISTOptimizer(Optimizer):
@@ -499,32 +499,8 @@ class ISTOptimizer(Optimizer):
         return state
 
     def _check_ist_state(self, ist: dict[str, Any]) -> None:
-        version = ist.get("format_version")
-        if version != STATE_FORMAT_VERSION:
-            raise ValueError(
-                f"IST state format_version {version!r} is not the supported "
-                f"{STATE_FORMAT_VERSION}"
-            )
-        saved_estimator = ist.get("estimator", "paper")
-        if saved_estimator != self.estimator:
-            raise ValueError(
-                f"checkpoint was saved with estimator={saved_estimator!r}, this optimizer uses "
-                f"estimator={self.estimator!r}; build it with estimator={saved_estimator!r}"
-            )
-        if ist["num_layers"] != self.num_layers:
-            raise ValueError(
-                f"checkpoint has {ist['num_layers']} IST layers, this optimizer has "
-                f"{self.num_layers}; load it into a model with the same layers and adapters"
-            )
-        if list(ist["layer_numels"]) != self.groups.numels():
-            differ = [i for i, (a, b) in enumerate(zip(ist["layer_numels"], self.groups.numels(),
-                                                       strict=True)) if a != b]
-            raise ValueError(
-                f"checkpoint's trainable parameter counts differ in layers {differ}: "
-                f"{[ist['layer_numels'][i] for i in differ]} saved vs "
-                f"{[self.groups.numels()[i] for i in differ]} here (other adapter rank or "
-                "targets?)"
-            )
+        check_ist_state(ist, num_layers=self.num_layers, layer_numels=self.groups.numels(),
+                        estimator=self.estimator)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict`; the next step trains the saved active set.
@@ -533,13 +509,9 @@ class ISTOptimizer(Optimizer):
             ValueError: when the checkpoint has no ``"ist"`` entry, or another number of
                 layers or trainable parameters, naming what differs.
         """
-        state_dict = dict(state_dict)
-        ist = state_dict.pop("ist", None)
-        if ist is None:
-            raise ValueError(
-                "state_dict has no 'ist' entry: it was saved by a plain optimizer. Load it "
-                "into the inner one with ist_opt.optimizer.load_state_dict(...) instead"
-            )
+        state_dict, ist = pop_ist_entry(
+            state_dict, "it was saved by a plain optimizer. Load it into the inner one with "
+            "ist_opt.optimizer.load_state_dict(...) instead")
         self._check_ist_state(ist)
         self.optimizer.load_state_dict(state_dict)
         self._load_ist_state(ist)
