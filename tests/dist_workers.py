@@ -176,21 +176,29 @@ def ddp_worker(rank: int, world: int, tmp: str) -> dict[str, Any]:
     results: dict[str, Any] = {}
     steps = range(20)
 
+    # 0. seed=None: every rank must take rank 0's OS-entropy seed (compared exactly across
+    #    ranks; the other scenarios use fixed seeds so that their comparison with a single
+    #    process is deterministic, not a new random trajectory on every run).
+    model = tiny_net()
+    opt = ISTOptimizer(torch.optim.AdamW, model, **IST_KWARGS)
+    ddp = _ddp(model, find_unused_parameters=True)
+    results["entropy"] = summary(model, opt, train(ddp, opt, range(6), rank, world))
+
     # 1. DDP wrap first, ISTOptimizer on the wrapper (freeze_inactive + find_unused).
     model = tiny_net()
     ddp = _ddp(model, find_unused_parameters=True)
-    opt = ISTOptimizer(torch.optim.AdamW, ddp, **IST_KWARGS)
+    opt = ISTOptimizer(torch.optim.AdamW, ddp, seed=11, **IST_KWARGS)
     results["ddp_first"] = summary(model, opt, train(ddp, opt, steps, rank, world))
 
     # 2. ISTOptimizer first, DDP wrap after (the HF Trainer's order).
     model = tiny_net()
-    opt = ISTOptimizer(torch.optim.AdamW, model, **IST_KWARGS)
+    opt = ISTOptimizer(torch.optim.AdamW, model, seed=12, **IST_KWARGS)
     ddp = _ddp(model, find_unused_parameters=True)
     results["ist_first"] = summary(model, opt, train(ddp, opt, steps, rank, world))
 
     # 3. freeze_inactive=False with DDP's defaults (static requires_grad).
     model = tiny_net()
-    opt = ISTOptimizer(torch.optim.AdamW, model, freeze_inactive=False, **IST_KWARGS)
+    opt = ISTOptimizer(torch.optim.AdamW, model, freeze_inactive=False, seed=13, **IST_KWARGS)
     ddp = _ddp(model)
     results["nofreeze"] = summary(model, opt, train(ddp, opt, steps, rank, world))
 
@@ -222,7 +230,8 @@ def ddp_worker(rank: int, world: int, tmp: str) -> dict[str, Any]:
 
     for freeze in (True, False):
         model = tiny_net()
-        opt = ISTOptimizer(torch.optim.AdamW, model, freeze_inactive=freeze, **IST_KWARGS)
+        opt = ISTOptimizer(torch.optim.AdamW, model, freeze_inactive=freeze, seed=14 + freeze,
+                           **IST_KWARGS)
         ddp = _ddp(model, find_unused_parameters=freeze, bucket_cap_mb=1e-4)
         counts = skip_inactive_buckets(ddp, opt)
         key = f"skip_buckets_freeze={freeze}"
@@ -235,7 +244,7 @@ def ddp_worker(rank: int, world: int, tmp: str) -> dict[str, Any]:
     # first backward reach all layers, a single process's not).
     model = tiny_net()
     opt = ISTOptimizer(torch.optim.AdamW, model, estimator="first-order",
-                       sampling="depth-aware", freeze_inactive=False, **IST_KWARGS)
+                       sampling="depth-aware", freeze_inactive=False, seed=16, **IST_KWARGS)
     ddp = _ddp(model)
     results["first_order"] = summary(model, opt, train(ddp, opt, steps, rank, world))
 
@@ -274,12 +283,13 @@ def fsdp_worker(rank: int, world: int, tmp: str) -> dict[str, Any]:
 
     results: dict[str, Any] = {}
     model = _sharded()
-    opt = ISTOptimizer(torch.optim.AdamW, model, **IST_KWARGS)
+    opt = ISTOptimizer(torch.optim.AdamW, model, seed=17, **IST_KWARGS)
     results["fsdp"] = summary(model, opt, train(model, opt, range(20), rank, world))
     results["local_shape"] = tuple(next(model.parameters()).to_local().shape)
     for policy in ("drop", "offload"):  # optimizer-state residency on sharded state
         model = _sharded()
-        opt = ISTOptimizer(torch.optim.AdamW, model, state_policy=policy, **IST_KWARGS)
+        opt = ISTOptimizer(torch.optim.AdamW, model, state_policy=policy, seed=18,
+                           **IST_KWARGS)
         results[f"fsdp_{policy}"] = summary(model, opt, train(model, opt, range(20), rank,
                                                               world))
 

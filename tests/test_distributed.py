@@ -131,8 +131,10 @@ def test_skip_inactive_buckets_needs_ddp():
 
 @needs_gloo
 def test_ddp_entropy_seed_is_rank0s(ddp_results):
-    seeds = {ddp_results[0][key]["seed"] for key in ("ddp_first", "ist_first", "nofreeze")}
-    assert len(seeds) == 3  # a fresh seed per optimizer, shared by the ranks (checked above)
+    assert_ranks_identical(ddp_results, "entropy")  # same seed, sets, scores, params
+    fixed = {ddp_results[0][key]["seed"] for key in ("ddp_first", "ist_first", "nofreeze")}
+    assert fixed == {11, 12, 13}
+    assert ddp_results[0]["entropy"]["seed"] not in fixed
 
 
 @needs_gloo
