@@ -268,7 +268,7 @@ class ISTOptimizer(Optimizer):
                 self.groups.outside.append(p)
             else:
                 self.groups.params[index].append(p)
-                if self.freeze_inactive and not self._defer_freeze:
+                if self._freezes_now:
                     p.requires_grad_(index in self._active)
 
     # ------------------------------------------------------------------ public views
@@ -337,6 +337,11 @@ class ISTOptimizer(Optimizer):
             return sample_depth_aware(self._active_weights(), self.num_active, self._generator)
         return sample_layers(self._active_weights(), self.num_active, self._generator)
 
+    @property
+    def _freezes_now(self) -> bool:
+        """Whether inactive layers get ``requires_grad=False`` (not during a deferred step 1)."""
+        return self.freeze_inactive and not self._defer_freeze
+
     def _set_active(self, active: list[int]) -> None:
         old, new = set(self._active), set(active)
         self._residency.deactivate(self.groups.layer_params(sorted(old - new)))
@@ -344,7 +349,7 @@ class ISTOptimizer(Optimizer):
         self._active = sorted(new)
         if self._backward_cut is not None:
             self._backward_cut.set_active(self._active)
-        if not self.freeze_inactive or self._defer_freeze:
+        if not self._freezes_now:
             return
         for index, params in enumerate(self.groups.params):
             for p in params:
