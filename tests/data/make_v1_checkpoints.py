@@ -1,0 +1,60 @@
+"""Writes tests/data/ist_v1_checkpoints.pt: checkpoints in IST state format 1.
+
+Run once at commit 53233cf (the last commit before the ISTOptimizer split, format 1) from
+the repository root: ``python tests/data/make_v1_checkpoints.py``. The file holds, per
+configuration, the trainable parameters and ``opt.state_dict()`` after 5 steps, and what
+the old code then did in 4 more steps (the active sets and the final trainable
+parameters), so tests/test_state_dict.py can check that today's code resumes it exactly.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import lm_batch, lora_model  # noqa: E402
+
+from ist_optim import ISTOptimizer  # noqa: E402
+
+CONFIGS = {
+    "paper-adamw": dict(lr=1e-2, seed=11, update_interval=2, active_layers=2),
+    "normalized-depth": dict(lr=1e-2, seed=5, update_interval=2, active_layers=3,
+                             estimator="normalized", sampling="depth-aware"),
+    "first-order-drop": dict(lr=1e-2, seed=7, update_interval=3, active_layers=2,
+                             estimator="first-order", state_policy="drop"),
+}
+
+
+def trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def run(model, opt, start, steps):
+    sets = []
+    for step in range(start, start + steps):
+        sets.append(opt.active_layers)
+        model(**lm_batch(seed=step)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return sets
+
+
+def main() -> None:
+    out = {}
+    for name, kwargs in CONFIGS.items():
+        model = lora_model(8)
+        opt = ISTOptimizer(torch.optim.AdamW, model, **kwargs)
+        run(model, opt, 0, 5)
+        entry = {"kwargs": kwargs, "params": trainable(model), "optimizer": opt.state_dict()}
+        entry["next_sets"] = run(model, opt, 5, 4)
+        entry["final_params"] = trainable(model)
+        entry["final_scores"] = opt.scores
+        out[name] = entry
+    torch.save(out, Path(__file__).with_name("ist_v1_checkpoints.pt"))
+
+
+if __name__ == "__main__":
+    main()
