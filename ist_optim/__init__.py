@@ -7,7 +7,9 @@ Replace one line of a training script::
 See README.md for how it works and what it measures.
 """
 
-from .backward import BackwardCut, reaches_trainable_parameter
+from .activator import LayerActivator
+from .backward import BackwardCut, GraphMemo, reaches_trainable_parameter
+from .config import ISTConfig
 from .estimators import FirstOrderProbe, normalized_score_update
 from .groups import LayerGroups, build_layer_groups, discover_layers
 from .history import ImportanceHistory
@@ -15,6 +17,8 @@ from .importance import paper_advantages, score_update
 from .optimizer import ISTOptimizer
 from .plotting import plot_importance
 from .residency import StateResidency, state_bytes
+from .rounds import FirstOrderRound, ImportanceRound, NormalizedRound, PaperRound
+from .sampler import LayerSampler
 from .sampling import (
     distribution_spread,
     resolve_count,
@@ -30,9 +34,17 @@ __version__ = "0.1.0"
 __all__ = [
     "BackwardCut",
     "FirstOrderProbe",
+    "FirstOrderRound",
+    "GraphMemo",
+    "ISTConfig",
     "ISTOptimizer",
     "ImportanceHistory",
+    "ImportanceRound",
+    "LayerActivator",
     "LayerGroups",
+    "LayerSampler",
+    "NormalizedRound",
+    "PaperRound",
     "StateResidency",
     "Suppressor",
     "build_layer_groups",

@@ -25,16 +25,41 @@ layers, so the cut works with reentrant and non-reentrant gradient checkpointing
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["BackwardCut", "reaches_trainable_parameter"]
+__all__ = ["BackwardCut", "GraphMemo", "reaches_trainable_parameter"]
 
 
-def reaches_trainable_parameter(tensor: torch.Tensor) -> bool:
+class GraphMemo:
+    """What earlier walks of one forward pass learned about autograd nodes.
+
+    A node from which a trainable parameter is reachable makes every tensor computed from
+    it reach one too; nodes fully explored without finding one need no second visit. With
+    a memo, walking the inputs of all blocks of a forward costs the graph's size once,
+    not once per block.
+    """
+
+    def __init__(self) -> None:
+        self.reaching: set[Any] = set()
+        self.not_reaching: set[Any] = set()
+        self.visits = 0  # nodes visited by all walks so far (diagnostics; not cleared)
+
+    def clear(self) -> None:
+        self.reaching.clear()
+        self.not_reaching.clear()
+
+
+def reaches_trainable_parameter(tensor: torch.Tensor, memo: GraphMemo | None = None) -> bool:
     """Whether ``tensor``'s autograd graph leads to an ``nn.Parameter`` that requires grad.
+
+    Args:
+        tensor: any tensor.
+        memo: results of earlier walks over the same graph (see :class:`GraphMemo`);
+            updated with this walk's.
 
     Example:
         >>> w = torch.nn.Parameter(torch.ones(2))
@@ -45,16 +70,21 @@ def reaches_trainable_parameter(tensor: torch.Tensor) -> bool:
         return False
     if tensor.grad_fn is None:
         return isinstance(tensor, nn.Parameter)
+    memo = memo if memo is not None else GraphMemo()
     stack, seen = [tensor.grad_fn], set()
     while stack:
         node = stack.pop()
-        if node is None or node in seen:
+        if node is None or node in seen or node in memo.not_reaching:
             continue
-        seen.add(node)
         variable = getattr(node, "variable", None)
-        if isinstance(variable, nn.Parameter) and variable.requires_grad:
+        if node in memo.reaching or (isinstance(variable, nn.Parameter)
+                                     and variable.requires_grad):
+            memo.reaching.add(tensor.grad_fn)
             return True
+        seen.add(node)
+        memo.visits += 1
         stack.extend(fn for fn, _ in node.next_functions)
+    memo.not_reaching.update(seen)
     return False
 
 
@@ -95,6 +125,7 @@ class BackwardCut:
         self.lowest: int | None = None
         self._first_input_required_grad = False
         self.cuts = 0  # how many tensors were cut (diagnostics)
+        self._memo = GraphMemo()  # graph walks of the current forward pass
         self.handles = [
             block.register_forward_pre_hook(self._make_hook(i), with_kwargs=True)
             for i, block in enumerate(self.blocks)
@@ -106,30 +137,41 @@ class BackwardCut:
         """Set the trained blocks; the cut goes to the input of the lowest one."""
         self.lowest = min(active) if len(active) else None
 
-    def _make_hook(self, index: int):  # noqa: ANN202
-        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> Any:
-            if self.lowest is None or index > self.lowest or not torch.is_grad_enabled():
-                return None
-            hidden = _hidden(args, kwargs)
-            if not isinstance(hidden, torch.Tensor):
-                return None
-            if index == 0:
-                self._first_input_required_grad = hidden.requires_grad
-            if reaches_trainable_parameter(hidden):
-                return None
-            if index < self.lowest:
-                if not hidden.requires_grad:
-                    return None
-                cut = hidden.detach()
-            else:  # the lowest active block
-                wanted = self._first_input_required_grad or hidden.requires_grad
-                if hidden.requires_grad == wanted and hidden.grad_fn is None:
-                    return None  # already a leaf of the right kind
-                cut = hidden.detach().requires_grad_(wanted)
-            self.cuts += 1
-            return _replace_hidden(args, kwargs, cut)
+    def _make_hook(self, index: int) -> Any:
+        # a partial of a method, not a closure: models holding the hook stay picklable
+        return partial(self._hook, index)
 
-        return hook
+    def _hook(self, index: int, _module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if self.lowest is None or index > self.lowest or not torch.is_grad_enabled():
+            return None
+        hidden = _hidden(args, kwargs)
+        if not isinstance(hidden, torch.Tensor):
+            return None
+        if index == 0:
+            self._first_input_required_grad = hidden.requires_grad
+            self._memo.clear()
+        try:
+            if reaches_trainable_parameter(hidden, self._memo):
+                return None
+        finally:
+            if index == self.lowest:
+                self._memo.clear()  # hold no autograd node past this forward
+        if index < self.lowest:
+            if not hidden.requires_grad:
+                return None
+            cut = hidden.detach()
+        else:  # the lowest active block
+            wanted = self._first_input_required_grad or hidden.requires_grad
+            if hidden.requires_grad == wanted and hidden.grad_fn is None:
+                return None  # already a leaf of the right kind
+            cut = hidden.detach().requires_grad_(wanted)
+        self.cuts += 1
+        return _replace_hidden(args, kwargs, cut)
+
+    @property
+    def nodes_walked(self) -> int:
+        """Autograd nodes visited by the graph walks so far (diagnostics)."""
+        return self._memo.visits
 
     def remove(self) -> None:
         """Remove every hook."""

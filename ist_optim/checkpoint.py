@@ -1,16 +1,55 @@
-"""The ``"ist"`` entry of an ISTOptimizer checkpoint: splitting it off and checking it."""
+"""The ``"ist"`` entry of an ISTOptimizer checkpoint, and the one view of the full state.
+
+An ``ISTOptimizer`` checkpoint is the inner optimizer's state dict plus one ``"ist"`` entry
+composed of named sub-dicts, one per concept, each written and checked by its owner::
+
+    {"format_version": 2,
+     "layers":  {"num_layers", "layer_names", "layer_numels"},   # the checkpoint signature
+     "sampler": LayerSampler.state_dict(),     # scores, generator, active set, step, seed
+     "rounds":  ImportanceRound.state_dict()}  # estimator, skipped rounds, scale, probe...
+
+Loading validates every part first (:func:`validate_ist_entry`), then applies: a bad entry
+changes nothing. Format 1 (flat keys, written before version 0.2) is upgraded on load.
+
+:func:`full_optimizer_state` is the single view through which ``state_dict()``, the DCP
+helpers and ``memory_report()`` read the inner optimizer's state *including* the entries
+that ``state_policy="offload"`` moved to host memory.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Protocol
 
-__all__ = ["STATE_FORMAT_VERSION", "check_ist_state", "pop_ist_entry"]
+from torch.optim import Optimizer
 
-STATE_FORMAT_VERSION = 1
+from .residency import StateResidency
+
+__all__ = [
+    "STATE_FORMAT_VERSION",
+    "Stateful",
+    "full_optimizer_state",
+    "layer_signature",
+    "pop_ist_entry",
+    "upgrade_ist_entry",
+    "validate_ist_entry",
+]
+
+STATE_FORMAT_VERSION = 2
 
 
-def pop_ist_entry(state_dict: Mapping[str, Any], fix: str) -> tuple[dict[str, Any], dict]:
+class Stateful(Protocol):
+    """What each part of the ``"ist"`` entry provides."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def check_state(self, state: Mapping[str, Any]) -> None: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+def pop_ist_entry(state_dict: Mapping[str, Any], fix: str) -> tuple[dict[str, Any], Any]:
     """Split a checkpoint into the inner optimizer's part and the ``"ist"`` entry.
 
     Args:
@@ -25,6 +64,8 @@ def pop_ist_entry(state_dict: Mapping[str, Any], fix: str) -> tuple[dict[str, An
         >>> sorted(inner), ist
         (['param_groups', 'state'], {'x': 1})
     """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
     inner = dict(state_dict)
     ist = inner.pop("ist", None)
     if ist is None:
@@ -32,35 +73,130 @@ def pop_ist_entry(state_dict: Mapping[str, Any], fix: str) -> tuple[dict[str, An
     return inner, ist
 
 
-def check_ist_state(
-    ist: Mapping[str, Any], *, num_layers: int, layer_numels: list[int], estimator: str
-) -> None:
-    """Refuse an ``"ist"`` entry saved for other layers, adapters, estimator or format.
+def layer_signature(names: list[str], numels: list[int]) -> dict[str, Any]:
+    """The ``"layers"`` part: what a checkpoint must match to be loaded.
+
+    Example:
+        >>> layer_signature(["h.0", "h.1"], [8, 8])["num_layers"]
+        2
+    """
+    return {"num_layers": len(names), "layer_names": list(names), "layer_numels": list(numels)}
+
+
+def upgrade_ist_entry(ist: Mapping[str, Any]) -> dict[str, Any]:
+    """Format 1 (flat keys) -> format 2 (named parts); format 2 is returned as it is.
 
     Raises:
-        ValueError: naming what differs and how to load the checkpoint.
+        ValueError: for an unknown format version, or an entry that is not a mapping.
+
+    Example:
+        >>> v1 = {"format_version": 1, "num_layers": 1, "layer_names": ["h.0"],
+        ...       "layer_numels": [4], "scores": None, "generator_state": None,
+        ...       "active_layers": [0], "num_steps": 3, "seed": 0, "skipped_rounds": 0}
+        >>> upgrade_ist_entry(v1)["sampler"]["num_steps"]
+        3
     """
+    if not isinstance(ist, Mapping):
+        raise ValueError(f"the checkpoint's 'ist' entry is a {type(ist).__name__}, not a dict")
     version = ist.get("format_version")
-    if version != STATE_FORMAT_VERSION:
+    if version == STATE_FORMAT_VERSION:
+        return dict(ist)
+    if version != 1:
         raise ValueError(
-            f"IST state format_version {version!r} is not the supported {STATE_FORMAT_VERSION}"
+            f"IST state format_version {version!r} is not one this version reads "
+            f"(1 or {STATE_FORMAT_VERSION})"
         )
-    saved_estimator = ist.get("estimator", "paper")
-    if saved_estimator != estimator:
+    missing = [k for k in ("num_layers", "layer_names", "layer_numels") if k not in ist]
+    if missing:
+        raise ValueError(f"IST checkpoint (format 1) has no {missing} entries")
+    estimator_state = ist.get("estimator_state") or {}
+    rounds = {
+        "estimator": ist.get("estimator", "paper"),
+        "skipped_rounds": ist.get("skipped_rounds", 0),
+        "importance_batches_seen": ist.get("importance_batches_seen", 0),
+        "scale": estimator_state.get("scale"),
+        "probe": estimator_state.get("probe"),
+    }
+    sampler_keys = ("scores", "generator_state", "active_layers", "num_steps", "seed")
+    return {
+        "format_version": STATE_FORMAT_VERSION,
+        "layers": {k: ist[k] for k in ("num_layers", "layer_names", "layer_numels")},
+        "sampling": ist.get("sampling"),
+        "sampler": {k: ist[k] for k in sampler_keys if k in ist},
+        "rounds": rounds,
+    }
+
+
+def _check_layers(saved: Any, here: Mapping[str, Any]) -> None:
+    if not isinstance(saved, Mapping) or "num_layers" not in saved:
+        raise ValueError("IST checkpoint has no valid 'layers' entry")
+    if saved["num_layers"] != here["num_layers"]:
         raise ValueError(
-            f"checkpoint was saved with estimator={saved_estimator!r}, this optimizer uses "
-            f"estimator={estimator!r}; build it with estimator={saved_estimator!r}"
+            f"checkpoint has {saved['num_layers']} IST layers, this optimizer has "
+            f"{here['num_layers']}; load it into a model with the same layers and adapters"
         )
-    if ist["num_layers"] != num_layers:
-        raise ValueError(
-            f"checkpoint has {ist['num_layers']} IST layers, this optimizer has "
-            f"{num_layers}; load it into a model with the same layers and adapters"
-        )
-    saved = list(ist["layer_numels"])
-    if saved != layer_numels:
-        differ = [i for i, (a, b) in enumerate(zip(saved, layer_numels, strict=True)) if a != b]
+    numels_saved, numels_here = list(saved["layer_numels"]), here["layer_numels"]
+    if numels_saved != numels_here:
+        differ = [i for i, (a, b) in enumerate(zip(numels_saved, numels_here, strict=True))
+                  if a != b]
         raise ValueError(
             f"checkpoint's trainable parameter counts differ in layers {differ}: "
-            f"{[saved[i] for i in differ]} saved vs {[layer_numels[i] for i in differ]} "
+            f"{[numels_saved[i] for i in differ]} saved vs {[numels_here[i] for i in differ]} "
             "here (other adapter rank or targets?)"
         )
+
+
+def validate_ist_entry(ist: Any, signature: Mapping[str, Any],
+                       parts: Mapping[str, Stateful | None]) -> dict[str, Any]:
+    """Upgrade and check a whole ``"ist"`` entry, changing nothing; return it upgraded.
+
+    Args:
+        ist: the checkpoint's ``"ist"`` entry (format 1 or 2).
+        signature: :func:`layer_signature` of the optimizer loading it.
+        parts: the optimizer's parts by name (``None`` for a part it does not have, such
+            as the rounds of uniform sampling); each checks its own sub-dict.
+
+    Raises:
+        ValueError: naming the first thing that does not fit.
+    """
+    ist = upgrade_ist_entry(ist)
+    _check_layers(ist.get("layers"), signature)
+    for name, part in parts.items():
+        state = ist.get(name)
+        if part is None:
+            continue
+        if not isinstance(state, Mapping):
+            if name == "rounds" and state is None:
+                state = {"estimator": "paper"}  # saved by a run without rounds (uniform)
+                ist[name] = state
+            else:
+                raise ValueError(f"IST checkpoint has no valid {name!r} entry")
+        part.check_state(state)
+    return ist
+
+
+@contextmanager
+def full_optimizer_state(optimizer: Optimizer, residency: StateResidency) -> Iterator[Optimizer]:
+    """The inner optimizer with every offloaded state entry put back, for reading.
+
+    Inside the context ``optimizer.state`` holds the state of every layer (offloaded
+    entries as their host tensors); on exit the offloaded entries leave it again.
+
+    Example:
+        >>> import torch
+        >>> p = torch.nn.Parameter(torch.ones(2)); opt = torch.optim.Adam([p])
+        >>> p.grad = torch.ones(2); opt.step()
+        >>> res = StateResidency(opt, "offload"); res.deactivate([p])
+        >>> with full_optimizer_state(opt, res) as full:
+        ...     p in full.state
+        True
+        >>> p in opt.state
+        False
+    """
+    offloaded = residency.offloaded_state()
+    optimizer.state.update(offloaded)
+    try:
+        yield optimizer
+    finally:
+        for param in offloaded:
+            optimizer.state.pop(param, None)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from .checkpoint import pop_ist_entry
-from .distributed import _ddp_class
+from .distributed import ddp_class
 
 if TYPE_CHECKING:  # pragma: no cover
     from .optimizer import ISTOptimizer
@@ -45,14 +45,15 @@ def get_optimizer_state_dict(
         >>> opt = ISTOptimizer(torch.optim.SGD, model, lr=0.1, layers=list(blocks),
         ...                    sampling="uniform", seed=0)
         >>> state = get_optimizer_state_dict(model, opt)
-        >>> sorted(state), state["ist"]["num_steps"]
+        >>> sorted(state), state["ist"]["sampler"]["num_steps"]
         (['ist', 'param_groups', 'state'], 0)
         >>> set_optimizer_state_dict(model, opt, state)
     """
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict as dcp_get
 
-    state = dcp_get(model, opt.optimizer, options=options)
-    state["ist"] = opt._ist_state()
+    with opt.full_state() as inner:  # offloaded layers' state included
+        state = dcp_get(model, inner, options=options)
+    state["ist"] = opt.ist_state_dict()
     return state
 
 
@@ -62,7 +63,7 @@ _WRAPPER_NAMES = {"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_modu
 def _checkpoint_names(model: nn.Module) -> dict[int, str]:
     """Parameter id -> the name ``torch.distributed.checkpoint`` uses for it (wrapper
     components such as DDP's leading ``module`` or ``torch.compile``'s ``_orig_mod`` removed)."""
-    ddp = _ddp_class()
+    ddp = ddp_class()
     is_ddp = ddp is not None and isinstance(model, ddp)
     names = {}
     for name, p in model.named_parameters():
@@ -100,9 +101,9 @@ def set_optimizer_state_dict(
             "set_optimizer_state_dict needs the nested optimizer state dict ('state' and "
             "'param_groups' keys); save it without flatten_optimizer_state_dict=True"
         )
-    opt._check_ist_state(ist)
+    ist = opt.check_ist_state_dict(ist)
     names = _checkpoint_names(model)
-    layer_params = [p for params in opt.groups.params for p in params]
+    layer_params = [p for params in opt.layer_groups.params for p in params]
     unknown = set(state_dict["state"]) - set(names.values())
     if unknown:
         raise ValueError(
@@ -117,4 +118,4 @@ def set_optimizer_state_dict(
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-    opt._load_ist_state(ist)
+    opt.load_ist_state_dict(ist)

@@ -28,8 +28,8 @@ Every function is a no-op (or local) when ``group`` is ``None``, i.e. when
 
 from __future__ import annotations
 
-import hashlib
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -37,7 +37,27 @@ from torch import nn
 if TYPE_CHECKING:  # pragma: no cover
     from torch.distributed import ProcessGroup
 
-    from .optimizer import ISTOptimizer
+
+class _LayerGroupsLike(Protocol):
+    params: Sequence[Sequence[torch.Tensor]]
+
+
+class ISTOptimizerLike(Protocol):
+    """What these helpers read of an ``ISTOptimizer`` (public attributes only)."""
+
+    @property
+    def process_group(self) -> Any: ...
+
+    @property
+    def layer_groups(self) -> _LayerGroupsLike: ...
+
+    @property
+    def active_layers(self) -> list[int]: ...
+
+    @property
+    def num_layers(self) -> int: ...
+
+    def fingerprint(self) -> dict[str, Any]: ...
 
 __all__ = [
     "agree_on_seed",
@@ -45,6 +65,7 @@ __all__ = [
     "check_not_initialized_late",
     "check_ranks_agree",
     "check_wrapping",
+    "ddp_class",
     "is_initialized",
     "is_sharded",
     "resolve_group",
@@ -201,18 +222,7 @@ def average_across_ranks(values: torch.Tensor, group: ProcessGroup | None) -> to
     return (buffer / dist.get_world_size(group)).cpu()
 
 
-def _fingerprint(opt: ISTOptimizer) -> dict[str, Any]:
-    generator = hashlib.sha256(opt._generator.get_state().numpy().tobytes()).hexdigest()
-    return {
-        "num_steps": opt.num_steps,
-        "active_layers": opt.active_layers,
-        "scores": opt.scores.tolist(),
-        "generator": generator[:16],
-        "seed": opt.seed,
-    }
-
-
-def check_ranks_agree(opt: ISTOptimizer) -> dict[str, Any]:
+def check_ranks_agree(opt: ISTOptimizerLike) -> dict[str, Any]:
     """Check that every rank holds the same IST state (a collective: call it on every rank).
 
     Compares step count, active set, scores (bit-exact), generator state and seed.
@@ -223,7 +233,7 @@ def check_ranks_agree(opt: ISTOptimizer) -> dict[str, Any]:
     Raises:
         RuntimeError: on every rank when they differ, naming the fields and values.
     """
-    mine = _fingerprint(opt)
+    mine = opt.fingerprint()
     group = opt.process_group
     if group is None:
         return mine
@@ -238,7 +248,8 @@ def check_ranks_agree(opt: ISTOptimizer) -> dict[str, Any]:
     return mine
 
 
-def _ddp_class() -> type | None:
+def ddp_class() -> type | None:
+    """``torch.nn.parallel.DistributedDataParallel``, or ``None`` without distributed."""
     try:
         from torch.nn.parallel import DistributedDataParallel
     except ImportError:  # pragma: no cover - torch built without distributed
@@ -279,7 +290,7 @@ def check_wrapping(model: nn.Module, freeze_inactive: bool) -> None:
             "a subset of layers; shard it with FSDP2 instead "
             "(torch.distributed.fsdp.fully_shard on each block, then on the model)"
         )
-    ddp = _ddp_class()
+    ddp = ddp_class()
     if ddp is None or not isinstance(model, ddp) or not freeze_inactive:
         return
     if getattr(model, "static_graph", False):
@@ -301,7 +312,7 @@ def check_wrapping(model: nn.Module, freeze_inactive: bool) -> None:
         )
 
 
-def skip_inactive_buckets(ddp: nn.Module, opt: ISTOptimizer) -> dict[str, int]:
+def skip_inactive_buckets(ddp: nn.Module, opt: ISTOptimizerLike) -> dict[str, int]:
     """Register a DDP communication hook that all-reduces only buckets IST will use.
 
     DDP all-reduces every gradient bucket every step, whatever IST trains. Since every
@@ -321,15 +332,15 @@ def skip_inactive_buckets(ddp: nn.Module, opt: ISTOptimizer) -> dict[str, int]:
     Raises:
         TypeError: when ``ddp`` is not a ``DistributedDataParallel``.
     """
-    ddp_class = _ddp_class()
-    if ddp_class is None or not isinstance(ddp, ddp_class):
+    wrapper = ddp_class()
+    if wrapper is None or not isinstance(ddp, wrapper):
         raise TypeError(
             f"skip_inactive_buckets needs a DistributedDataParallel model, got "
             f"{type(ddp).__name__}"
         )
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    layer_of = {id(p): i for i, params in enumerate(opt.groups.params) for p in params}
+    layer_of = {id(p): i for i, params in enumerate(opt.layer_groups.params) for p in params}
     counts = {"reduced": 0, "skipped": 0}
 
     def hook(_state, bucket):  # no annotations: DDP checks them (GradBucket)

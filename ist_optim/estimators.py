@@ -131,12 +131,15 @@ class RunningScale:
         self.rounds = int(state["rounds"])
 
 
-def normalized_advantages(losses: torch.Tensor, scale: RunningScale) -> torch.Tensor:
+def normalized_advantages(
+    losses: torch.Tensor, scale: RunningScale, advantage_scale: float = ADVANTAGE_SCALE
+) -> torch.Tensor:
     """``A_k = tau * (mean - l_k) / max(sigma_t, m_t)``; updates ``scale`` in place.
 
     Args:
         losses: the round's K losses (suppressed losses, or predicted loss changes).
         scale: the running scale, updated with this round's standard deviation.
+        advantage_scale: ``tau``.
 
     Returns:
         float64 advantages, summing to zero, with ``sum A_k^2 <= K tau^2``.
@@ -153,7 +156,7 @@ def normalized_advantages(losses: torch.Tensor, scale: RunningScale) -> torch.Te
     c = scale.update(spread)
     if c == 0.0:
         return torch.zeros_like(losses64)
-    return ADVANTAGE_SCALE * centered / c
+    return advantage_scale * centered / c
 
 
 def normalized_score_update(
@@ -162,11 +165,14 @@ def normalized_score_update(
     losses: torch.Tensor,
     scale: RunningScale,
     step_size: float,
+    *,
+    advantage_scale: float = ADVANTAGE_SCALE,
+    retention: float = SCORE_RETENTION,
 ) -> torch.Tensor:
     """One round of the ``"normalized"`` / ``"first-order"`` estimators.
 
     ``s <- score_update(rho * s, sets, A, eta)`` with ``A`` from
-    :func:`normalized_advantages` and ``rho = SCORE_RETENTION``.
+    :func:`normalized_advantages`, ``tau = advantage_scale`` and ``rho = retention``.
 
     Example:
         >>> s = torch.zeros(4, dtype=torch.float64)
@@ -174,8 +180,8 @@ def normalized_score_update(
         ...                         RunningScale(), 10.0).tolist()
         [0.25, 0.25, -0.25, -0.25]
     """
-    advantages = normalized_advantages(losses, scale)
-    return score_update(SCORE_RETENTION * scores, candidate_sets, advantages, step_size)
+    advantages = normalized_advantages(losses, scale, advantage_scale)
+    return score_update(retention * scores, candidate_sets, advantages, step_size)
 
 
 def predicted_suppression_deltas(

@@ -9,6 +9,7 @@ parameter the optimizer trains either to one layer or to the *outside* group
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -35,15 +36,38 @@ def _num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def discover_layers(model: nn.Module, layers: LayersSpec = None) -> list[tuple[str, nn.Module]]:
+def _within(name: str, outer: str) -> bool:
+    """Whether module ``name`` lies strictly inside module ``outer``."""
+    return name != outer and (outer == "" or name.startswith(outer + "."))
+
+
+def _trained_stacks(candidates: list[tuple[str, nn.ModuleList]],
+                    trainable: Sequence[torch.Tensor]) -> list[tuple[str, nn.ModuleList]]:
+    """The outermost candidate lists that hold a trainable parameter, in model order."""
+    ids = {id(p) for p in trainable}
+    holding = [(name, blocks) for name, blocks in candidates
+               if any(id(p) in ids for p in blocks.parameters())]
+    return [(name, blocks) for name, blocks in holding
+            if not any(_within(name, other) for other, _ in holding)]
+
+
+def discover_layers(model: nn.Module, layers: LayersSpec = None,
+                    trainable: Sequence[torch.Tensor] | None = None
+                    ) -> list[tuple[str, nn.Module]]:
     """Return ``(name, module)`` for each transformer block of ``model``, in order.
 
     Args:
         model: any ``nn.Module``; HF models wrapped by ``peft`` work as they are.
-        layers: ``None`` to discover the block list (the homogeneous ``nn.ModuleList``
-            holding the most parameters); a sequence of block modules; the dotted name of
-            a ``nn.ModuleList`` (``"model.layers"``); or a regular expression that fully
-            matches the names of the block modules (``r"encoder\\.block\\.\\d+"``).
+        layers: ``None`` to discover the block lists: every outermost homogeneous
+            ``nn.ModuleList`` that holds a parameter of ``trainable``, concatenated in
+            model order (an encoder-decoder gives its encoder blocks, then its decoder
+            blocks; a vision-language model with adapters on the language model only gives
+            the language model's blocks); without ``trainable`` (or when no list holds
+            one), the list holding the most parameters. Otherwise a sequence of block
+            modules; the dotted name of a ``nn.ModuleList`` (``"model.layers"``); or a
+            regular expression that fully matches the names of the block modules
+            (``r"encoder\\.block\\.\\d+"``).
+        trainable: the parameters that will be trained (frozen base weights do not count).
 
     Raises:
         ValueError: when no block list can be found, naming how to pass ``layers=``.
@@ -65,8 +89,11 @@ def discover_layers(model: nn.Module, layers: LayersSpec = None) -> list[tuple[s
                 "explicitly, e.g. layers=model.model.layers, layers='model.layers' or a "
                 "regex over module names such as layers=r'encoder\\.layer\\.\\d+'."
             )
-        name, blocks = max(candidates, key=lambda item: _num_params(item[1]))
-        return [(f"{name}.{i}" if name else str(i), block) for i, block in enumerate(blocks)]
+        stacks = _trained_stacks(candidates, trainable) if trainable is not None else []
+        if not stacks:
+            stacks = [max(candidates, key=lambda item: _num_params(item[1]))]
+        return [(f"{name}.{i}" if name else str(i), block)
+                for name, blocks in stacks for i, block in enumerate(blocks)]
     if isinstance(layers, str):
         try:
             sub = model.get_submodule(layers)
@@ -140,18 +167,43 @@ def _prompt_learning_hint(model: nn.Module) -> str:
             "it has no per-layer parameters to sample: it is not supported by IST. ")
 
 
+OUTSIDE_SHARE_WARNING = 0.5
+"""Warn when the outside group holds more than this share of the trainable elements."""
+
+
+def _warn_large_outside(model: nn.Module, trainable: Sequence[torch.Tensor],
+                        outside: Sequence[torch.Tensor]) -> None:
+    total = sum(p.numel() for p in trainable)
+    share = sum(p.numel() for p in outside) / total if total else 0.0
+    if share <= OUTSIDE_SHARE_WARNING:
+        return
+    names = {id(p): n for n, p in model.named_parameters()}
+    largest = sorted(outside, key=lambda p: -p.numel())[:3]
+    shown = ", ".join(names.get(id(p), f"<{tuple(p.shape)}>") for p in largest)
+    warnings.warn(
+        f"{share:.0%} of the trainable elements belong to no discovered layer (largest: "
+        f"{shown}) and train every step; IST samples only the rest. If these are blocks, "
+        "pass layers= (a list of modules, a ModuleList name or a regex)",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
 def build_layer_groups(
     model: nn.Module, trainable: Sequence[torch.Tensor], layers: LayersSpec = None
 ) -> LayerGroups:
     """Assign each trainable parameter to the block that owns it, or to the outside group.
 
     Blocks that own no trainable parameter are left out (e.g. LoRA with
-    ``layers_to_transform``), so every layer in the result can be trained.
+    ``layers_to_transform``), so every layer in the result can be trained. When the
+    blocks were discovered and the outside group holds more than half of the trainable
+    elements, a warning names the largest outside parameters (IST then samples a minor
+    part of what trains).
 
     Raises:
         ValueError: when no block holds a trainable parameter.
     """
-    blocks = discover_layers(model, layers)
+    blocks = discover_layers(model, layers, trainable)
     owner: dict[int, int] = {}
     for index, (name, block) in enumerate(blocks):
         for p in block.parameters():
@@ -176,6 +228,8 @@ def build_layer_groups(
             f"{_prompt_learning_hint(model)}"
             "Check requires_grad / your adapter config, or pass layers= explicitly."
         )
+    if layers is None:
+        _warn_large_outside(model, trainable, outside)
     return LayerGroups(
         names=[blocks[i][0] for i in kept],
         modules=[blocks[i][1] for i in kept],

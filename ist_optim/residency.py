@@ -78,50 +78,97 @@ class StateResidency:
             )
         self.optimizer = optimizer
         self.policy: StatePolicy = policy
-        # param -> {key: (tensor on host, device it came from)}
+        # param -> {key: (value on host, device it came from or None for non-tensors)}
         self._store: dict[torch.Tensor, dict[str, Any]] = {}
+        # param -> the batch of one deactivate() call it was offloaded with (CUDA only):
+        # {"params": set of params, "flats": [(host flat buffer, device, [(param, key,
+        # offset, shape)])]}; a batch that comes back whole needs one copy per flat buffer
+        self._batch_of: dict[torch.Tensor, dict[str, Any]] = {}
         self._streams: dict[torch.device, Any] = {}
         self._pending: list[tuple[torch.device, Any]] = []  # events of copies in flight
 
     # ------------------------------------------------------------------ transitions
     def deactivate(self, params: Iterable[torch.Tensor]) -> None:
-        """Take the state of ``params`` out of the optimizer (offload or drop it)."""
+        """Take the state of ``params`` out of the optimizer (offload or drop it).
+
+        Pass one layer's parameters per call: on CUDA their state tensors are copied to
+        host memory with one copy per (device, dtype), and come back the same way.
+        """
         if self.policy == "keep":
             return
+        entries = []
         for p in params:
             entry = self.optimizer.state.pop(p, None)
-            if not entry or self.policy == "drop":
-                continue
-            self._store[p] = {k: self._to_host(v) for k, v in entry.items()}
-        self._record_streams()
+            if entry and self.policy == "offload":
+                entries.append((p, entry))
+        if entries:
+            self._offload(entries)
+            self._record_streams()
+
+    def _offload(self, entries: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
+        on_cuda: dict[tuple[torch.device, torch.dtype], list] = {}
+        for p, entry in entries:
+            stored = self._store.setdefault(p, {})
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+                    on_cuda.setdefault((value.device, value.dtype), []).append((p, key, value))
+                elif isinstance(value, torch.Tensor):
+                    stored[key] = (value, value.device)  # host memory already
+                else:
+                    stored[key] = (value, None)
+        if not on_cuda:
+            return
+        batch: dict[str, Any] = {"params": {p for p, _ in entries}, "flats": []}
+        for device in {device for device, _ in on_cuda}:
+            self._side_stream(device).wait_stream(torch.cuda.current_stream(device))
+        for (device, dtype), items in on_cuda.items():
+            stream = self._side_stream(device)
+            total = sum(value.numel() for _, _, value in items)
+            with torch.cuda.stream(stream):
+                host = torch.empty(total, dtype=dtype, pin_memory=True)
+                flat = torch.cat([value.reshape(-1) for _, _, value in items])
+                host.copy_(flat, non_blocking=True)
+            layout, offset = [], 0
+            for p, key, value in items:
+                value.record_stream(stream)  # keep the device buffer alive until copied
+                view = host[offset:offset + value.numel()].view(value.shape)
+                self._store[p][key] = (view, device)
+                layout.append((p, key, offset, value.shape))
+                offset += value.numel()
+            batch["flats"].append((host, device, layout))
+        for p in batch["params"]:
+            self._batch_of[p] = batch
 
     def activate(self, params: Iterable[torch.Tensor]) -> None:
         """Give offloaded state of ``params`` back to the optimizer, on its original device."""
         if self.policy != "offload":
             return
-        for p in params:
-            entry = self._store.pop(p, None)
-            if entry is not None:
-                self.optimizer.state[p] = {k: self._to_device(v) for k, v in entry.items()}
+        wanted = [p for p in params if p in self._store]
+        whole = []  # batches coming back complete: one copy per flat buffer
+        for p in wanted:
+            batch = self._batch_of.get(p)
+            if (batch is not None and all(b is not batch for b in whole)
+                    and batch["params"] <= set(wanted)):
+                whole.append(batch)
+        restored: dict[torch.Tensor, dict[str, Any]] = {}
+        for batch in whole:
+            for host, device, layout in batch["flats"]:
+                moved = self._to_device((host, device))
+                for p, key, offset, shape in layout:
+                    restored.setdefault(p, {})[key] = moved[offset:offset + shape.numel()
+                                                            ].view(shape)
+        for p in wanted:
+            entry = self._store.pop(p)
+            self._batch_of.pop(p, None)
+            done = restored.get(p, {})
+            self.optimizer.state[p] = {
+                k: done[k] if k in done else self._to_device(v) for k, v in entry.items()}
         self._record_streams()
 
     def _side_stream(self, device: torch.device) -> Any:
         if device not in self._streams:
             self._streams[device] = torch.cuda.Stream(device=device)
         return self._streams[device]
-
-    def _to_host(self, value: Any) -> Any:
-        if not isinstance(value, torch.Tensor):
-            return (value, None)
-        if value.device.type != "cuda":
-            return (value, value.device)
-        stream = self._side_stream(value.device)
-        stream.wait_stream(torch.cuda.current_stream(value.device))
-        with torch.cuda.stream(stream):
-            host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-            host.copy_(value, non_blocking=True)
-            value.record_stream(stream)  # keep the device buffer alive until copied
-        return (host, value.device)
 
     def _to_device(self, stored: tuple[Any, torch.device | None]) -> Any:
         value, device = stored
@@ -165,5 +212,7 @@ class StateResidency:
         return {p: {k: v for k, (v, _) in entry.items()} for p, entry in self._store.items()}
 
     def clear(self) -> None:
+        """Forget every offloaded entry (a checkpoint load put them in the optimizer)."""
         self.synchronize()
         self._store.clear()
+        self._batch_of.clear()

@@ -53,8 +53,8 @@ def main(out: str, route: str) -> None:
         "wrapper": type(wrapped).__name__,
         "find_unused": getattr(wrapped, "find_unused_parameters", None),
         "fingerprint": check_ranks_agree(opt),
-        "rounds": opt.num_steps // opt.update_interval - opt._skipped_rounds,
-        "captures": opt._capture is not None,
+        "rounds": opt.num_steps // opt.update_interval - opt.skipped_rounds,
+        "captures": opt.rounds.batches.captures,
         "params": {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n},
     }, f"{out}/rank{dist.get_rank()}.pt")
 

@@ -99,7 +99,7 @@ def summary(model: nn.Module, opt: Any, actives: list) -> dict[str, Any]:
         "actives": actives,
         "scores": opt.scores,
         "seed": opt.seed,
-        "rounds": opt.num_steps // opt.update_interval - opt._skipped_rounds,
+        "rounds": opt.num_steps // opt.update_interval - opt.skipped_rounds,
         "fingerprint": check_ranks_agree(opt),
         "state_policy": opt.state_policy,
     }

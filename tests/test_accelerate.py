@@ -73,12 +73,12 @@ def accelerate_loop(accumulation: int, max_norm: float, *, steps_limit: int | No
 def test_prepare_wraps_and_round_trips_the_ist_state():
     model = lora_model(4)
     opt = ISTOptimizer(torch.optim.AdamW, model, **IST_KWARGS)
-    before = opt.state_dict()["ist"]
+    before = opt.state_dict()["ist"]["sampler"]
     accelerator = Accelerator(cpu=True)
     model, prepared = accelerator.prepare(model, opt)
     assert type(prepared).__name__ == "AcceleratedOptimizer"
     assert unwrap_ist_optimizer(prepared) is opt
-    after = prepared.state_dict()["ist"]
+    after = prepared.state_dict()["ist"]["sampler"]
     assert after["active_layers"] == before["active_layers"]
     assert torch.equal(after["generator_state"], before["generator_state"])
     assert prepared.param_groups is opt.param_groups

@@ -194,7 +194,7 @@ def test_backward_stops_at_the_lowest_active_layer(skip_backward):
                        skip_backward=skip_backward)
     blocks = list(model.base_model.model.model.layers)
     for active in ([3, 5], [1, 4], [0, 2]):
-        opt._set_active(active)
+        opt.set_active_layers(active)
         reached: list[int] = []
 
         def record(_m, _a, out, i, seen=reached):

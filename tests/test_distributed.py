@@ -329,7 +329,7 @@ def test_dcp_helpers_single_process_roundtrip_and_missing_ist():
         k: v for k, v in workers.IST_KWARGS.items() if k != "lr"})
     workers.train(model, opt, range(6), None, 1)
     state = get_optimizer_state_dict(model, opt)
-    assert state["ist"]["num_steps"] == 6 and "state" in state
+    assert state["ist"]["sampler"]["num_steps"] == 6 and "state" in state
     other_model = workers.tiny_net()
     other_model.load_state_dict(model.state_dict())
     other = ISTOptimizer(torch.optim.AdamW, other_model, lr=1e-2, seed=9, **{

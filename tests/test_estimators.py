@@ -246,10 +246,10 @@ def test_probe_reaches_frozen_layers_above_the_lowest_trained_one():
     model = lora_model(4)
     opt = ISTOptimizer(torch.optim.SGD, model, lr=0.0, active_layers=1, estimator="first-order",
                        update_interval=100, seed=0)
-    opt._set_active([2])
+    opt.set_active_layers([2])
     model(**lm_batch()).loss.backward()
     opt.step()
-    sums, counts = opt._probe.take()
+    sums, counts = opt.rounds.probe.take()
     assert counts.tolist() == [0, 0, 1, 1]
     assert sums[0] == 0 and sums[1] == 0 and sums[3] != 0
     opt.close()
@@ -277,7 +277,7 @@ def test_probe_rejects_dora_and_leaves_no_hook():
 def test_probe_remove_detaches_hooks():
     model = lora_model(2)
     opt = ISTOptimizer(torch.optim.SGD, model, lr=0.1, estimator="first-order", seed=0)
-    probe = opt._probe
+    probe = opt.rounds.probe
     opt.close()
     model(**lm_batch()).loss.backward()
     probe.end_step()
@@ -380,7 +380,7 @@ def test_sampling_spread_of_the_optimizer():
     opt = ISTOptimizer(torch.optim.SGD, model, lr=0.1, seed=0)
     assert opt.sampling_spread() == {"max_min_ratio": 1.0, "kl_from_uniform": 0.0,
                                      "entropy_ratio": pytest.approx(1.0)}
-    opt._scores = torch.tensor([2.0, 0.0, 0.0, -2.0], dtype=torch.float64)
+    opt.sampler.set_scores(torch.tensor([2.0, 0.0, 0.0, -2.0], dtype=torch.float64))
     spread = opt.sampling_spread()
     expected = torch.sigmoid(torch.tensor(2.0)) / torch.sigmoid(torch.tensor(-2.0))
     assert spread["max_min_ratio"] == pytest.approx(float(expected), rel=1e-5)

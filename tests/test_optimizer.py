@@ -204,7 +204,7 @@ def test_non_finite_estimation_loss_skips_round_with_one_warning():
             _train_step(model, opt, step)
     assert sum("non-finite" in str(w.message) for w in caught) == 1
     assert torch.equal(opt.scores, torch.zeros(4, dtype=torch.float64))
-    assert opt.state_dict()["ist"]["skipped_rounds"] == 3
+    assert opt.state_dict()["ist"]["rounds"]["skipped_rounds"] == 3
 
 
 def test_closure_is_called_and_its_loss_returned():
@@ -292,7 +292,7 @@ def test_seeds_reproduce_and_differ():
 def test_full_finetuning_without_adapters():
     model = tiny_llama(4)
     opt = ISTOptimizer(torch.optim.AdamW, model, lr=1e-3, seed=0, update_interval=2)
-    assert opt._suppressor is not None and opt._suppressor.mode == "residual"
+    assert opt.rounds.suppressor.mode == "residual"
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)] for p in opt.groups.outside} >= {"model.embed_tokens.weight"}
     for step in range(4):
@@ -379,7 +379,7 @@ def test_close_removes_hook_and_unfreezes():
     opt.close()
     assert all(p.requires_grad for ps in opt.groups.params for p in ps)
     model(**lm_batch())
-    assert opt._capture is None
+    assert not opt.rounds.batches.captures
     assert "ISTOptimizer(SGD, layers=4, active=1" in repr(opt)
 
 

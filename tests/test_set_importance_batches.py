@@ -28,7 +28,7 @@ def test_rounds_cycle_the_batches_from_batches_seen_and_the_capture_hook_goes():
         opt.step()
         opt.zero_grad()
     assert used == [1, 1, 2, 2, 0, 0]  # K=2 candidate sets per round, one batch per round
-    assert opt.state_dict()["ist"]["importance_batches_seen"] == 4
+    assert opt.state_dict()["ist"]["rounds"]["importance_batches_seen"] == 4
 
 
 def test_refusals():

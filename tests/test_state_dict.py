@@ -65,9 +65,13 @@ def test_state_dict_content_is_plain_and_loads_before_first_step():
     _run(model, opt, 4)
     state = _roundtrip(opt.state_dict())
     ist = state["ist"]
-    assert set(ist) >= {"scores", "generator_state", "active_layers", "num_steps",
-                        "format_version", "num_layers"}
-    assert ist["num_steps"] == 4 and ist["active_layers"] == opt.active_layers
+    assert set(ist) == {"format_version", "layers", "sampling", "sampler", "rounds"}
+    assert set(ist["sampler"]) == {"scores", "generator_state", "active_layers", "num_steps",
+                                   "seed"}
+    assert ist["layers"]["num_layers"] == 4
+    assert ist["rounds"]["estimator"] == "paper"
+    sampler = ist["sampler"]
+    assert sampler["num_steps"] == 4 and sampler["active_layers"] == opt.active_layers
     fresh_model = lora_model(4)
     fresh = ISTOptimizer(torch.optim.AdamW, fresh_model, **OPTS)
     fresh.load_state_dict(state)  # before any step: must work (HF Trainer / accelerate)
@@ -98,3 +102,26 @@ def test_mismatched_layers_or_params_are_named():
     state["ist"]["format_version"] = 99
     with pytest.raises(ValueError, match="format_version 99"):
         opt4.load_state_dict(state)
+
+
+V1_FILE = __import__("pathlib").Path(__file__).with_name("data") / "ist_v1_checkpoints.pt"
+
+
+@pytest.mark.parametrize("name", ["paper-adamw", "normalized-depth", "first-order-drop"])
+def test_format_1_checkpoint_resumes_as_the_old_code_did(name):
+    """Checkpoints written before the split (format 1) load and continue exactly as the
+    code that wrote them continued (tests/data/make_v1_checkpoints.py)."""
+    saved = torch.load(V1_FILE, weights_only=True)[name]
+    assert saved["optimizer"]["ist"]["format_version"] == 1
+    model = lora_model(8)
+    trained = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in saved["params"].items():
+            trained[key].copy_(value)
+    opt = ISTOptimizer(torch.optim.AdamW, model, **dict(saved["kwargs"], seed=1234))
+    opt.load_state_dict(saved["optimizer"])
+    assert _run(model, opt, 4, start=5) == saved["next_sets"]
+    assert torch.equal(opt.scores, saved["final_scores"])
+    for key, value in saved["final_params"].items():
+        assert torch.equal(trained[key], value), key
+    assert opt.state_dict()["ist"]["format_version"] == 2

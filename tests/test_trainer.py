@@ -83,7 +83,7 @@ def test_trainer_schedules_accumulates_clips_evaluates_and_checkpoints(tmp_path)
     assert changed and all("lora_" in n for n in changed)
     assert opt.last_round is not None and torch.count_nonzero(opt.importance) > 0
     saved = torch.load(tmp_path / "checkpoint-3" / "optimizer.pt", weights_only=True)
-    assert saved["ist"]["num_steps"] == 3
+    assert saved["ist"]["sampler"]["num_steps"] == 3
 
 
 def test_gradient_clipping_reaches_the_clipped_gradients(tmp_path):
@@ -119,7 +119,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, source, polic
         assert torch.equal(p, q), name
     assert torch.equal(a.scores, b.scores)
     assert a.active_layers == b.active_layers
-    assert torch.equal(a._generator.get_state(), b._generator.get_state())
+    assert a.fingerprint() == b.fingerprint()
     # steps 4..6: the same layers trained and the same importance after each step
     assert resumed_cb.history.steps == [4, 5, 6]
     assert resumed_cb.history.trained == full_cb.history.trained[3:]
@@ -210,8 +210,8 @@ def test_train_source_is_the_shuffled_train_set_and_leaves_global_rng_alone(tmp_
     assert torch.equal(ids, dataset[order])
     trainer.train()
     opt = ist_of(trainer)
-    assert opt._cycler is not None and opt._cycler.seen == 2  # rounds at steps 2 and 4
-    assert opt._capture is None
+    assert opt.rounds.batches.seen == 2  # rounds at steps 2 and 4
+    assert not opt.rounds.batches.captures
 
 
 def test_callback_writes_the_importance_plot(tmp_path):

@@ -1,7 +1,8 @@
 """Writes tests/data/ist_v1_checkpoints.pt: checkpoints in IST state format 1.
 
-Run once at commit 53233cf (the last commit before the ISTOptimizer split, format 1) from
-the repository root: ``python tests/data/make_v1_checkpoints.py``. The file holds, per
+Run once in a checkout of commit 53233cf (the last commit before the ISTOptimizer split,
+format 1), from its root, with that checkout first on the path:
+``PYTHONPATH=. python tests/data/make_v1_checkpoints.py``. The file holds, per
 configuration, the trainable parameters and ``opt.state_dict()`` after 5 steps, and what
 the old code then did in 4 more steps (the active sets and the final trainable
 parameters), so tests/test_state_dict.py can check that today's code resumes it exactly.
@@ -9,6 +10,7 @@ parameters), so tests/test_state_dict.py can check that today's code resumes it 
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -48,7 +50,8 @@ def main() -> None:
         model = lora_model(8)
         opt = ISTOptimizer(torch.optim.AdamW, model, **kwargs)
         run(model, opt, 0, 5)
-        entry = {"kwargs": kwargs, "params": trainable(model), "optimizer": opt.state_dict()}
+        entry = {"kwargs": kwargs, "params": trainable(model),
+                 "optimizer": copy.deepcopy(opt.state_dict())}  # state tensors are live
         entry["next_sets"] = run(model, opt, 5, 4)
         entry["final_params"] = trainable(model)
         entry["final_scores"] = opt.scores

@@ -1,0 +1,144 @@
+"""``LayerActivator``: makes a set of layers the trained ones.
+
+When the active set changes it moves the optimizer state of the layers that leave and
+come back (:class:`ist_optim.StateResidency`), sets ``requires_grad`` (so backward
+computes no weight gradient for inactive layers), moves the backward cut
+(:class:`ist_optim.BackwardCut`) to the lowest active layer, keeps gradients of inactive
+layers out of the update, and undoes all of it in :meth:`close`.
+
+Under ``torch.distributed`` the freeze of the first step is deferred: a DDP wrapper built
+after the optimizer must see every trainable parameter require grad once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+
+from .backward import BackwardCut
+from .groups import LayerGroups
+from .residency import StateResidency
+
+__all__ = ["LayerActivator"]
+
+
+class LayerActivator:
+    """Applies an active set to the model and the optimizer state.
+
+    Args:
+        layers: the layer groups (blocks and their trainable parameters).
+        residency: moves the inner optimizer's state of layers that leave and return.
+        freeze_inactive: set ``requires_grad=False`` on inactive layers.
+        cut_backward: cut the graph at the input of the lowest active layer.
+        defer_first_freeze: keep every layer's ``requires_grad`` until
+            :meth:`end_deferral` (distributed runs, for the DDP wrapper).
+
+    Example:
+        >>> import torch
+        >>> from ist_optim import build_layer_groups
+        >>> blocks = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(3))
+        >>> groups = build_layer_groups(blocks, list(blocks.parameters()), list(blocks))
+        >>> residency = StateResidency(torch.optim.SGD(blocks.parameters(), lr=0.1), "keep")
+        >>> act = LayerActivator(groups, residency, freeze_inactive=True, cut_backward=False)
+        >>> act.set_active([1]); [b.weight.requires_grad for b in blocks]
+        [False, True, False]
+        >>> act.close(); [b.weight.requires_grad for b in blocks]
+        [True, True, True]
+    """
+
+    def __init__(self, layers: LayerGroups, residency: StateResidency, *,
+                 freeze_inactive: bool, cut_backward: bool, defer_first_freeze: bool = False):
+        self.layers = layers
+        self.freeze_inactive = freeze_inactive
+        self.residency = residency
+        self.backward_cut = BackwardCut(layers.modules) if cut_backward else None
+        self.active: list[int] = []
+        self._deferred = defer_first_freeze
+        self._held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def freezes_now(self) -> bool:
+        """Whether inactive layers get ``requires_grad=False`` (not during a deferred step)."""
+        return self.freeze_inactive and not self._deferred
+
+    def set_active(self, active: Sequence[int]) -> None:
+        """Make ``active`` the trained layers: state residency, cut, ``requires_grad``."""
+        old, new = set(self.active), set(active)
+        for index in sorted(old - new):
+            self.residency.deactivate(self.layers.params[index])
+        for index in sorted(new - old):
+            self.residency.activate(self.layers.params[index])
+        self.active = sorted(new)
+        if self.backward_cut is not None:
+            self.backward_cut.set_active(self.active)
+        if self.freezes_now:
+            for index, params in enumerate(self.layers.params):
+                for p in params:
+                    p.requires_grad_(index in new)
+
+    def reset(self) -> None:
+        """Forget offloaded state and treat every layer as active (a checkpoint load just
+        put every saved entry into the optimizer); :meth:`set_active` follows."""
+        self.residency.clear()
+        self.active = list(range(self.layers.num_layers))
+
+    def end_deferral(self) -> None:
+        self._deferred = False
+
+    def add_params(self, params: Sequence[torch.Tensor]) -> None:
+        """Register params of a new param group with their layer or the outside group."""
+        blocks = {id(p): i for i, m in enumerate(self.layers.modules) for p in m.parameters()}
+        for p in params:
+            index = blocks.get(id(p))
+            if index is None:
+                self.layers.outside.append(p)
+                continue
+            self.layers.params[index].append(p)
+            if self.freezes_now:
+                p.requires_grad_(index in self.active)
+
+    @contextmanager
+    def update_only_active(self) -> Iterator[None]:
+        """Keep the gradients of inactive layers out of the optimizer update.
+
+        Inside the context they are ``None`` (call :meth:`hold_inactive_grads` again after
+        a closure's backward); on exit they are put back as they were (``zero_grad``
+        clears them as usual), so code that reads every gradient after ``step()``
+        (AdaLoRA's rank allocator) still finds them.
+        """
+        self._held = {}
+        self.hold_inactive_grads()
+        try:
+            yield
+        finally:
+            held, self._held = self._held, {}
+            for p, grad in held.values():
+                if p.grad is None:
+                    p.grad = grad
+
+    def hold_inactive_grads(self) -> None:
+        """Take the current gradients of inactive layers out (inside :meth:`update_only_active`)."""
+        active = set(self.active)
+        for index, params in enumerate(self.layers.params):
+            if index in active:
+                continue
+            for p in params:
+                if p.grad is not None:
+                    self._held[id(p)] = (p, p.grad)
+                    p.grad = None
+
+    def wait(self) -> None:
+        """Make the update wait for state copies in flight."""
+        self.residency.wait()
+
+    def close(self) -> None:
+        """Remove the cut and re-enable every layer's grads."""
+        if self.backward_cut is not None:
+            self.backward_cut.remove()
+            self.backward_cut = None
+        if self.freeze_inactive:
+            for params in self.layers.params:
+                for p in params:
+                    p.requires_grad_(True)

@@ -1,0 +1,256 @@
+"""``ISTConfig``: every IST option in one frozen object, validated once at construction.
+
+``ISTOptimizer(..., **options)`` builds one from its keywords; the pieces it composes
+(sampler, importance rounds, layer activator) read their settings from it. Constants that
+earlier versions hard-coded (the normalized estimator's ``tau``, ``rho`` and ``beta``, the
+depth-aware window) are options here, with the same defaults.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sized
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from torch import nn
+from torch.optim import Optimizer
+
+from .estimators import ESTIMATORS, Estimator
+from .residency import STATE_POLICIES, StatePolicy
+from .suppression import SuppressionMode
+
+__all__ = [
+    "ISTConfig",
+    "check_adalora",
+    "SAMPLINGS",
+    "Sampling",
+    "check_importance_batches",
+    "check_int",
+    "check_number",
+    "check_optimizer_and_model",
+]
+
+Sampling = Literal["importance", "uniform", "depth-aware"]
+SAMPLINGS = ("importance", "uniform", "depth-aware")
+SUPPRESSION_MODES = ("auto", "adapters", "residual")
+
+
+def check_number(name: str, value: Any, low: float, high: float, *, closed_high: bool) -> float:
+    """``value`` as a float in ``[low, high]`` (or ``[low, high)``), else a named error.
+
+    Raises:
+        TypeError: for a bool or a non-number.
+        ValueError: for NaN or a value outside the range, naming both.
+
+    Example:
+        >>> check_number("suppression", 0.25, 0.0, 1.0, closed_high=False)
+        0.25
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    bracket = "]" if closed_high else ")"
+    ok = low <= value <= high if closed_high else low <= value < high
+    if math.isnan(value) or not ok:
+        raise ValueError(f"Invalid {name}: {value}; expected a number in [{low}, {high}{bracket}")
+    return float(value)
+
+
+def check_int(name: str, value: Any, low: int) -> int:
+    """``value`` as an int ``>= low``, else a named error.
+
+    Example:
+        >>> check_int("update_interval", 10, 1)
+        10
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < low:
+        raise ValueError(f"Invalid {name}: {value}; expected an int >= {low}")
+    return value
+
+
+def _check_count(name: str, value: Any) -> None:
+    """An int count >= 1 or a fraction in (0, 1]; the layer count checks the rest later."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be an int count or a float fraction, got {value!r}")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"{name}={value} is below 1; pass a layer count >= 1 or a "
+                             "fraction in (0, 1]")
+    elif math.isnan(value) or not 0.0 < value <= 1.0:
+        raise ValueError(
+            f"{name}={value} is not a fraction in (0, 1]; pass e.g. 0.25, or an int count"
+        )
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"Invalid {name}: {value!r}; expected one of {choices}")
+
+
+def _check_optional_bool(name: str, value: Any) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool or None, got {value!r}")
+
+
+def check_optimizer_and_model(optimizer_cls: Any, model: Any, loss_fn: Any) -> None:
+    """Type checks of ``ISTOptimizer``'s positional arguments and ``loss_fn``.
+
+    Example:
+        >>> import torch
+        >>> check_optimizer_and_model(torch.optim.SGD, torch.nn.Linear(2, 2), None)
+    """
+    if isinstance(optimizer_cls, Optimizer):
+        raise TypeError(
+            f"optimizer_cls must be an optimizer class, got an instance of "
+            f"{type(optimizer_cls).__name__}; pass e.g. torch.optim.AdamW and its kwargs"
+        )
+    if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, Optimizer)):
+        raise TypeError(
+            f"optimizer_cls must be a torch.optim.Optimizer subclass, got {optimizer_cls!r}"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable(model, batch) -> loss, got {loss_fn!r}")
+
+
+def check_adalora(model: nn.Module, freeze_inactive: bool) -> None:
+    """Refuse AdaLoRA with ``freeze_inactive=True``: its rank allocator
+    (``update_and_allocate``) reads the gradient of every adapter after each step, and
+    frozen layers have none.
+
+    Example:
+        >>> import torch
+        >>> check_adalora(torch.nn.Linear(2, 2), freeze_inactive=True)
+    """
+    if not freeze_inactive:
+        return
+    try:
+        from peft.tuners.adalora import AdaLoraLayer
+    except ImportError:  # peft not installed: no AdaLoRA
+        return
+    if any(isinstance(module, AdaLoraLayer) for module in model.modules()):
+        raise ValueError(
+            "AdaLoRA's rank allocator (model.base_model.update_and_allocate) reads every "
+            "adapter's gradient after each step, but freeze_inactive=True leaves inactive "
+            "layers without one; pass freeze_inactive=False (every gradient is computed, "
+            "only the active layers are updated)"
+        )
+
+
+def check_importance_batches(config: ISTConfig, batches: Any) -> None:
+    """Refuse ``importance_batches`` that no round would use, or that hold no batch."""
+    if batches is None:
+        return
+    if not config.runs_rounds:
+        raise ValueError(
+            "importance_batches is set but sampling='uniform' runs no importance rounds; "
+            "drop importance_batches or use sampling='importance' or 'depth-aware'"
+        )
+    if config.estimator == "first-order":
+        raise ValueError(
+            "importance_batches is set but estimator='first-order' runs no estimation "
+            "forward passes; drop importance_batches"
+        )
+    if isinstance(batches, Sized) and len(batches) == 0:
+        raise ValueError(
+            "importance_batches is empty; pass at least one batch (a list of batches or a "
+            "DataLoader), or drop it to measure the latest training batch"
+        )
+
+
+@dataclass(frozen=True)
+class ISTConfig:
+    """The IST options of an :class:`ist_optim.ISTOptimizer` (its keyword arguments).
+
+    Every field is checked when the object is built; a bad value raises a one-line
+    ``TypeError``/``ValueError`` naming it and the accepted range. The meaning of each
+    option is documented on :class:`ist_optim.ISTOptimizer`; the estimator constants:
+
+    Attributes:
+        advantage_scale: ``tau`` of the ``"normalized"``/``"first-order"`` estimators
+            (0.1): standardized advantages are multiplied by it.
+        score_retention: ``rho`` (0.9): scores keep this fraction at each such round.
+        scale_decay: ``beta`` (0.9): weight of the past in the running loss spread.
+        depth_window: width of the ``"depth-aware"`` window, ``None`` for
+            ``min(2 * active, layers)``.
+
+    Example:
+        >>> ISTConfig(active_layers=2, sampling="uniform").runs_rounds
+        False
+        >>> ISTConfig(score_lr=float("nan"))
+        Traceback (most recent call last):
+        ...
+        ValueError: Invalid score_lr: nan; expected a number in [0.0, inf)
+    """
+
+    active_layers: int | float = 0.25
+    suppressed_layers: int | float = 0.5
+    num_candidates: int = 3
+    score_lr: float = 10.0
+    suppression: float = 0.25
+    update_interval: int = 10
+    sampling: Sampling = "importance"
+    estimator: Estimator = "paper"
+    suppression_mode: SuppressionMode = "auto"
+    freeze_inactive: bool = True
+    state_policy: StatePolicy | None = None
+    skip_backward: bool | None = None
+    seed: int | None = None
+    advantage_scale: float = 0.1
+    score_retention: float = 0.9
+    scale_decay: float = 0.9
+    depth_window: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_count("active_layers", self.active_layers)
+        _check_count("suppressed_layers", self.suppressed_layers)
+        check_int("num_candidates", self.num_candidates, 2)
+        check_number("score_lr", self.score_lr, 0.0, math.inf, closed_high=False)
+        check_number("suppression", self.suppression, 0.0, 1.0, closed_high=False)
+        check_int("update_interval", self.update_interval, 1)
+        _check_choice("sampling", self.sampling, SAMPLINGS)
+        _check_choice("estimator", self.estimator, ESTIMATORS)
+        _check_choice("suppression_mode", self.suppression_mode, SUPPRESSION_MODES)
+        if self.sampling == "uniform" and self.estimator != "paper":
+            raise ValueError(
+                f"estimator={self.estimator!r} has no effect with sampling='uniform', which "
+                "runs no importance rounds; use sampling='importance' or 'depth-aware'"
+            )
+        if not isinstance(self.freeze_inactive, bool):
+            raise TypeError(f"freeze_inactive must be a bool, got {self.freeze_inactive!r}")
+        if self.state_policy is not None and self.state_policy not in STATE_POLICIES:
+            raise ValueError(
+                f"Invalid state_policy: {self.state_policy!r}; expected one of "
+                f"{STATE_POLICIES} or None for the device default"
+            )
+        _check_optional_bool("skip_backward", self.skip_backward)
+        if self.skip_backward and not self.freeze_inactive:
+            raise ValueError(
+                "skip_backward=True needs freeze_inactive=True: with every layer requiring "
+                "grad there is nothing below the lowest active layer to cut"
+            )
+        if self.seed is not None and (isinstance(self.seed, bool)
+                                      or not isinstance(self.seed, int)):
+            raise TypeError(f"seed must be an int or None, got {self.seed!r}")
+        check_number("advantage_scale", self.advantage_scale, 0.0, math.inf, closed_high=False)
+        check_number("score_retention", self.score_retention, 0.0, 1.0, closed_high=True)
+        check_number("scale_decay", self.scale_decay, 0.0, 1.0, closed_high=False)
+        if self.depth_window is not None:
+            check_int("depth_window", self.depth_window, 1)
+
+    @property
+    def runs_rounds(self) -> bool:
+        """Whether importance rounds run (every sampling but ``"uniform"``)."""
+        return self.sampling != "uniform"
+
+    @property
+    def cuts_backward(self) -> bool:
+        """``skip_backward``, defaulting to ``freeze_inactive``."""
+        return self.freeze_inactive if self.skip_backward is None else self.skip_backward
+
+    def as_dict(self) -> dict[str, Any]:
+        """The options as plain values (for logs and checkpoints)."""
+        return asdict(self)
