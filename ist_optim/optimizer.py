@@ -110,7 +110,7 @@ class ISTOptimizer(Optimizer):
             and back when the layer is drawn; bit-exact) or ``"drop"`` (freed; a layer
             drawn again restarts its moments and bias correction). Default: ``"offload"``
             when the parameters are on CUDA (``"keep"`` for FSDP2 DTensor parameters, see
-            docs/distributed.md), else ``"keep"``. See
+            docs/distributed.md, and for paged bitsandbytes optimizers), else ``"keep"``. See
             :class:`ist_optim.StateResidency`.
         skip_backward: cut the autograd graph at the input of the lowest active layer
             (see :class:`ist_optim.BackwardCut`), so no backward runs below it even when
@@ -204,7 +204,8 @@ class ISTOptimizer(Optimizer):
             self._suppressor = Suppressor(self.groups.modules, self.suppression, suppression_mode)
         self._cycler = None if importance_batches is None else BatchCycler(importance_batches)
         self.state_policy: StatePolicy = state_policy_for(  # type: ignore[assignment]
-            state_policy, default_policy(self._device()), is_sharded(trainable), self._device())
+            state_policy, default_policy(self._device(), self.optimizer), is_sharded(trainable),
+            self._device())
         self._residency = StateResidency(self.optimizer, self.state_policy)
         self._scale = RunningScale()
         # Hooks on the model last, once nothing can raise any more (the probe validates
