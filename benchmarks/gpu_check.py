@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -176,10 +177,13 @@ def environment(mode: str) -> dict[str, Any]:
         "packages": {name: _version(name) for name in PACKAGES},
     }
     if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        env.update(gpu=f"{props.name} ({props.total_memory / 2**30:.0f} GiB, "
-                       f"sm_{props.major}{props.minor}, {props.multi_processor_count} SMs)",
-                   gpu_count=torch.cuda.device_count())
+        try:
+            props = torch.cuda.get_device_properties(0)
+            env.update(gpu=f"{props.name} ({props.total_memory / 2**30:.0f} GiB, "
+                           f"sm_{props.major}{props.minor}, {props.multi_processor_count} "
+                           "SMs)", gpu_count=torch.cuda.device_count())
+        except (RuntimeError, AssertionError) as error:  # the record still gets written
+            env["gpu"] = f"unreadable: {error}"
     if shutil.which("nvidia-smi"):
         query = subprocess.run(["nvidia-smi", "--query-gpu=driver_version",
                                 "--format=csv,noheader"], capture_output=True, text=True)
@@ -222,7 +226,7 @@ def run_command(part: Part, env: dict[str, str], log: Path) -> tuple[int | None,
                 except subprocess.TimeoutExpired:
                     continue
             proc.wait()
-        f.write(f"===== {part.name}: {'timed out' if timed_out else f'exit {code}'}\n")
+        f.write(f"===== end of {part.name}: {'timed out' if timed_out else f'exit {code}'}\n")
     return code, time.monotonic() - start, timed_out
 
 
@@ -271,6 +275,9 @@ def pytest_records(xml_path: Path, log: Path) -> list[dict[str, Any]]:
 
 def memory_part(name: str, preset: str, device: str, out: Path, timeout_s: float) -> Part:
     jsonl = out / f"memory-{preset}.jsonl"
+    if name == "badam" and importlib.util.find_spec("badam") is None:
+        return Part(f"memory-{preset}:{name}", None, 0, skip_reason="badam is not installed "
+                    "here: carry its wheel in .whl/ (docs/benchmarks.md, GPU check)")
     command = [sys.executable, "benchmarks/memory.py", "--preset", preset, "--device", device,
                "--configs", name, "--out", str(jsonl)]
     return Part(f"memory-{preset}:{name}", command, timeout_s, jsonl=jsonl)
@@ -415,9 +422,19 @@ def run_part(part: Part, env: dict[str, str], log: Path, out: Path, rec: Recorde
     elif jsonl is not None and jsonl.exists():  # the budget benchmark's rows, as they are
         for line in jsonl.read_text().splitlines()[rows_before:]:
             rec.write({"kind": part.name, **json.loads(line)})
-    if status == "failed" and not note:
-        note = f"exit {code} (see log.txt)"
+    if status == "failed":
+        error = last_error(log, part.name)
+        note = "; ".join(filter(None, [note or f"exit {code} (see log.txt)", error]))
     return Outcome(part.name, status, seconds, note, command, code)
+
+
+def last_error(log: Path, part: str) -> str:
+    """The last line of ``part``'s output in ``log`` that names an error, if any."""
+    text = log.read_text(errors="replace")
+    section = text[text.rfind(f"===== {part}: "):]
+    errors = [line.strip() for line in section.splitlines()
+              if "Error" in line or "error:" in line or line.startswith("FAILED ")]
+    return errors[-1] if errors else ""
 
 
 if __name__ == "__main__":

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import importlib.util
 import json
 import os
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,3 +89,53 @@ def test_per_test_outcomes_come_from_the_log_when_no_xml_was_written(tmp_path):
 def test_the_cuda_marker_is_registered(pytestconfig):
     markers = pytestconfig.getini("markers")
     assert any(m.startswith("cuda: needs a CUDA device") for m in markers)
+
+
+def test_gpu_mode_runs_the_heavy_benchmarks_last(tmp_path):
+    limits = type("Args", (), dict(pytest_timeout=1, config_timeout=2, budget_timeout=3))()
+    names = [p.name for p in gpu_check.plan(False, tmp_path, dict(os.environ), limits)]
+    assert names[0] == "pytest-cuda"
+    heavy = [names.index(f"memory-7b:{c}") for c in gpu_check.FULL_CONFIGS]
+    light = [names.index(f"memory-7b:{c}") for c in gpu_check.LORA_CONFIGS]
+    assert max(light) < names.index("budget") < min(heavy)
+    parts = {p.name: p for p in gpu_check.plan(False, tmp_path, dict(os.environ), limits)}
+    assert parts["memory-7b:floor"].command[2:6] == ["--preset", "7b", "--device", "cuda"]
+
+
+def _wheel(folder: Path, name: str = "istfakepkg", version: str = "0.1") -> Path:
+    files = {f"{name}/__init__.py": "VALUE = 42\n",
+             f"{name}-{version}.dist-info/METADATA":
+                 f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{name}-{version}.dist-info/WHEEL":
+                 "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest())
+        record.append(f"{path},sha256={digest.rstrip(b'=').decode()},{len(text.encode())}")
+    files[f"{name}-{version}.dist-info/RECORD"] = "\n".join(
+        [*record, f"{name}-{version}.dist-info/RECORD,,"]) + "\n"
+    wheel = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for path, text in files.items():
+            z.writestr(path, text)
+    return wheel
+
+
+def test_carried_wheels_install_offline_into_a_folder_of_their_own(tmp_path):
+    wheels, site = tmp_path / ".whl", tmp_path / "site"
+    wheels.mkdir()
+    assert gpu_check.install_wheels(wheels, site, tmp_path / "log").status == "skipped"
+    _wheel(wheels)
+    outcome = gpu_check.install_wheels(wheels, site, tmp_path / "log")
+    assert outcome.status == "passed" and "--no-index" in outcome.command
+    assert (site / "istfakepkg" / "__init__.py").read_text() == "VALUE = 42\n"
+    sys.path.remove(str(site))
+
+
+def test_a_failed_part_names_its_error(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text("===== memory-7b:badam: python memory.py\nTraceback\n"
+                   "ModuleNotFoundError: No module named 'badam'\n"
+                   "===== end of memory-7b:badam: exit 0\n")
+    assert gpu_check.last_error(log, "memory-7b:badam") == (
+        "ModuleNotFoundError: No module named 'badam'")
