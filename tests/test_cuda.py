@@ -62,11 +62,11 @@ class BusyDefaultStream:
 def _train_blocks(model, optimizer_cls, policy, inputs, busy, **kwargs):
     opt = ISTOptimizer(optimizer_cls, model, seed=3, active_layers=2, sampling="uniform",
                        state_policy=policy, **kwargs)
-    sets, offloaded = set(), 0
+    sets, offloaded = [], 0
     # No host synchronization inside the loop (no .item(), no printing): the host runs
     # ahead of the device, as in real training, so missing stream waits show.
     for step, x in enumerate(inputs):
-        sets.add(tuple(opt.active_layers))
+        sets.append(opt.active_layers)
         model(x).backward()
         if busy is not None and step % 2 == 0:
             # even steps: default stream busy before the update (catches a copy-out that
@@ -123,7 +123,8 @@ def test_offload_is_bit_identical_to_keep_with_a_busy_default_stream(device, inn
 
     (model_keep, opt_keep, sets_keep, _), (model_off, opt_off, sets_off, offloaded) = (
         runs["keep"], runs["offload"])
-    assert sets_keep == sets_off and len(sets_off) > 5  # the same, varied active sets
+    # the same active sets, step by step, and varied ones
+    assert sets_keep == sets_off and len({tuple(s) for s in sets_off}) > 5
     assert offloaded > 0
     assert all(torch.isfinite(p).all() for p in model_keep.parameters())
     # the device itself is deterministic here: two keep runs agree, so a mismatch below
@@ -233,7 +234,7 @@ def test_ist_training_with_the_cut_matches_training_without(device, checkpointin
         results.append((below, params_snapshot(model), opt.scores))
     (below_cut, params_cut, scores_cut), (below_full, params_full, scores_full) = results
     assert below_cut == 0 and below_full > 0
-    torch.testing.assert_close(scores_cut, scores_full, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(scores_cut, scores_full, rtol=1e-4, atol=1e-4)
     for name in params_full:
         torch.testing.assert_close(params_cut[name], params_full[name], rtol=1e-5, atol=1e-6,
                                    msg=name)
