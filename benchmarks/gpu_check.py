@@ -66,6 +66,7 @@ class Part:
     timeout_s: float
     skip_reason: str | None = None
     jsonl: Path | None = None  # where the command appends its result rows
+    expects_cuda: bool = False  # CUDA tests must not skip for want of a device
 
 
 @dataclass
@@ -311,7 +312,7 @@ def plan(dry: bool, out: Path, env: dict[str, str], args: argparse.Namespace) ->
     device, preset = ("cpu", "tiny") if dry else ("cuda", "7b")
     pytest_cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-p", "no:cacheprovider",
                   f"--junitxml={out / 'pytest-cuda.xml'}", *cuda_test_files()]
-    parts = [Part("pytest-cuda", pytest_cmd, args.pytest_timeout)]
+    parts = [Part("pytest-cuda", pytest_cmd, args.pytest_timeout, expects_cuda=not dry)]
     if dry:
         parts += [memory_part(c, preset, device, out, args.config_timeout) for c in DRY_CONFIGS]
     else:
@@ -409,6 +410,9 @@ def run_part(part: Part, env: dict[str, str], log: Path, out: Path, rec: Recorde
         note = "; ".join(filter(None, [note, ", ".join(f"{n} {k}" for k, n in counts.items())]))
         if code == 5:  # pytest: no test collected
             status, note = "failed", "no test marked cuda was collected"
+        if part.expects_cuda and any("needs a CUDA device" in t.get("message", "")
+                                     for t in tests):
+            status, note = "failed", "pytest saw no CUDA device although this process does"
     elif part.name.startswith("memory-"):
         assert jsonl is not None
         rows = jsonl.read_text().splitlines()[rows_before:] if jsonl.exists() else []
