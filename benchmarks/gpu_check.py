@@ -348,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     rec = Recorder(out, mode)
     log = out / "log.txt"
     deadline = time.monotonic() + args.total_timeout
+    print(f"[gpu-check] {mode} mode, {args.total_timeout:.0f} s for every part together, "
+          f"results in {out}/", flush=True)
 
     site = Path(tempfile.mkdtemp(prefix="ist-gpu-check-site-"))
     if dry:
