@@ -68,7 +68,7 @@ def _train_blocks(model, optimizer_cls, policy, inputs, busy, **kwargs):
     for step, x in enumerate(inputs):
         sets.append(opt.active_layers)
         model(x).backward()
-        if busy is not None and step % 2 == 0:
+        if step % 2 == 0:
             # even steps: default stream busy before the update (catches a copy-out that
             # does not wait for the update); odd steps: default stream idle, the update
             # follows the short forward/backward at once (catches an update that does not
@@ -113,7 +113,7 @@ def test_offload_is_bit_identical_to_keep_with_a_busy_default_stream(device, inn
         cls, kwargs = _bnb().optim.AdamW8bit, dict(lr=1e-3, min_8bit_size=0)
     initial = _blocks_model(device, 8, width)
     inputs = _inputs(device, steps, width)
-    busy = BusyDefaultStream(device) if cuda else None
+    busy = BusyDefaultStream(device, size=4096 if cuda else 32)
 
     runs = {}
     for name, policy in [("keep", "keep"), ("keep again", "keep"), ("offload", "offload")]:
