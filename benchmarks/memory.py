@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 
 PRESETS = {
+    "tiny": dict(layers=4, hidden=64, inter=128, heads=4, kv=4, vocab=256, batch=2, seq=32,
+                 rank=4, steps=2, warmup=1, dtype="float32"),  # scripts/gpu-check.sh --dry
     "cpu-small": dict(layers=8, hidden=256, inter=688, heads=8, kv=8, vocab=2048, batch=4,
                       seq=128, rank=16, steps=24, warmup=3, dtype="float32"),
     "7b": dict(layers=32, hidden=4096, inter=11008, heads=32, kv=32, vocab=32000, batch=8,

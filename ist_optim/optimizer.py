@@ -117,7 +117,8 @@ class ISTOptimizer(Optimizer):
             (needed by AdaLoRA, whose rank allocator reads every adapter's gradient).
         state_policy: where the optimizer state of inactive layers lives: ``"keep"``,
             ``"offload"`` (host memory, bit-exact) or ``"drop"``. Default: ``"offload"``
-            on CUDA (``"keep"`` for FSDP2 DTensors), else ``"keep"``. See
+            on CUDA (``"keep"`` for FSDP2 DTensors and paged bitsandbytes optimizers),
+            else ``"keep"``. See
             :class:`ist_optim.StateResidency`.
         skip_backward: cut the autograd graph at the input of the lowest active layer
             (:class:`ist_optim.BackwardCut`). Default: ``freeze_inactive``.
@@ -200,8 +201,8 @@ class ISTOptimizer(Optimizer):
         device = trainable[0].device
         self.sampler = LayerSampler(num_layers, self.num_active, sampling,
                                     agree_on_seed(seed, self._group), depth_window)
-        policy = state_policy_for(state_policy, default_policy(device), is_sharded(trainable),
-                                  device)
+        policy = state_policy_for(state_policy, default_policy(device, self.optimizer),
+                                  is_sharded(trainable), device)
         residency = StateResidency(self.optimizer, policy)  # type: ignore[arg-type]
         # Hooks on the model last, once nothing can raise any more (the rounds validate
         # every adapter before they place a hook).

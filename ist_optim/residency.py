@@ -38,9 +38,17 @@ def state_bytes(state: Iterable[dict[str, Any]]) -> int:
                if isinstance(v, torch.Tensor))
 
 
-def default_policy(device: torch.device) -> StatePolicy:
+def default_policy(device: torch.device, optimizer: Optimizer | None = None) -> StatePolicy:
     """``"offload"`` on CUDA, ``"keep"`` elsewhere (offloading to host memory from the host
-    gains nothing)."""
+    gains nothing), and ``"keep"`` for a paged bitsandbytes ``optimizer`` (it pages its own
+    state, and refuses ``"offload"``).
+
+    Example:
+        >>> default_policy(torch.device("cuda")), default_policy(torch.device("cpu"))
+        ('offload', 'keep')
+    """
+    if getattr(optimizer, "is_paged", False):
+        return "keep"
     return "offload" if device.type == "cuda" else "keep"
 
 

@@ -19,6 +19,17 @@ settings.register_profile("dev", deadline=None, print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` (registered in pyproject.toml) skip when no CUDA device is
+    visible; ``pytest -m cuda`` selects them (scripts/gpu-check.sh runs them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked cuda)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 def tiny_llama(num_layers: int = 4, hidden: int = 32, vocab: int = 64, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -116,7 +116,7 @@ def test_save_state_and_load_state_resume_exactly(tmp_path):
     assert unwrap_ist_optimizer(full_opt).active_layers == fresh.active_layers
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_prepare_on_cuda_keeps_the_sampler_state_on_the_cpu():
     """accelerate (and the Trainer's map_location) move every state tensor to the device;
     the private torch.Generator only takes a CPU state."""

@@ -8,6 +8,7 @@ from conftest import lm_batch, lora_model
 from torch import nn
 
 from ist_optim import ISTOptimizer, StateResidency
+from ist_optim.residency import default_policy
 
 
 def _run(policy, optimizer_cls=torch.optim.AdamW, steps=8, **kwargs):
@@ -165,6 +166,16 @@ def test_resume_with_offload_is_exact():
     for (n, a), (_, b) in zip(full_model.named_parameters(), model2.named_parameters(),
                               strict=True):
         assert torch.equal(a, b), n
+
+
+def test_paged_optimizers_default_to_keep_also_on_cuda():
+    bnb = pytest.importorskip("bitsandbytes")
+    cuda = torch.device("cuda")
+    paged = bnb.optim.PagedAdamW8bit([nn.Parameter(torch.ones(4))])
+    plain = bnb.optim.AdamW8bit([nn.Parameter(torch.ones(4))])
+    assert default_policy(cuda, paged) == "keep"  # "offload" would refuse it
+    assert default_policy(cuda, plain) == default_policy(cuda) == "offload"
+    assert default_policy(torch.device("cpu"), plain) == "keep"
 
 
 def test_paged_optimizers_refuse_offload_and_drop():
