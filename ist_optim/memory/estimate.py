@@ -215,6 +215,7 @@ class MemoryPlanner:
                  gradient_checkpointing: bool | Sequence[int] = False,
                  cut_backward: bool = True, train_embeddings: bool = False,
                  train_head: bool = False, state_layers: Sequence[int] | None = None,
+                 offloaded_layers: Sequence[int] | None = None,
                  keep_logits: bool = True) -> MemoryEstimate:
         """Peak of one steady-state training step with ``active_layers`` training.
 
@@ -234,6 +235,9 @@ class MemoryPlanner:
                 ever saw the active parameters). Active blocks left out are counted in
                 ``host_bytes`` (their state offloaded to host memory); listing inactive
                 blocks adds their state on the device (``state_policy="keep"``).
+            offloaded_layers: blocks whose optimizer state waits in host memory (IST's
+                ``state_policy="offload"`` holds every visited inactive layer there);
+                counted in ``host_bytes`` only.
             keep_logits: the caller keeps the returned logits until the next forward ends.
         """
         costs = self.costs
@@ -271,7 +275,6 @@ class MemoryPlanner:
         element, telement = self.element, self.trained_element
         block_grad = sum(trained["block"]) * telement
         outside = trained["embed"] + trained["head"]
-        outside_grad = sum(outside) * self.element
         lora_weights = costs.adapter_bytes * n if self.method == "lora" else 0
         weights = (n * costs.block_weight_bytes + lora_weights + costs.embed_bytes
                    + costs.head_bytes + costs.norm_bytes)
@@ -282,7 +285,8 @@ class MemoryPlanner:
         block_state = _state_bytes(trained["block"], opt_element, self.optimizer)
         state = (block_state * len(on_device)
                  + _state_bytes(outside, element, self.optimizer))
-        host = block_state * len(set(active) - on_device)
+        offloaded = set(self._layers(offloaded_layers, "offloaded_layers", ()))
+        host = block_state * len((set(active) - on_device) | (offloaded - on_device))
 
         step = _Step(weights=weights, optimizer_state=state)
         logits_kept = costs.logits_bytes if keep_logits else 0
@@ -373,7 +377,7 @@ def estimate_peak_memory(config: Any, *, batch_size: int, seq_len: int,
         optimizer: ``"adamw"``, ``"adamw8bit"`` or ``"adamw-fp32-master"``.
         **kwargs: ``adapter_dtype``, ``foreach`` and ``attention`` go to
             :class:`MemoryPlanner`; ``cut_backward``, ``train_embeddings``,
-            ``train_head``, ``state_layers`` and ``keep_logits`` to
+            ``train_head``, ``state_layers``, ``offloaded_layers`` and ``keep_logits`` to
             :meth:`MemoryPlanner.estimate`.
 
     Example:
@@ -387,7 +391,7 @@ def estimate_peak_memory(config: Any, *, batch_size: int, seq_len: int,
     """
     planner_keys = {"adapter_dtype", "foreach", "attention"}
     estimate_keys = {"cut_backward", "train_embeddings", "train_head", "state_layers",
-                     "keep_logits"}
+                     "offloaded_layers", "keep_logits"}
     unknown = sorted(set(kwargs) - planner_keys - estimate_keys)
     if unknown:
         raise TypeError(f"estimate_peak_memory got unexpected keyword(s) {unknown}; accepted: "

@@ -77,6 +77,8 @@ class LiveMemory(TorchDispatchMode):
             return known[0]
         serial = next(self._serials)
         size = storage.nbytes()
+        if self.device.type == "cuda":  # the caching allocator hands out 512-byte blocks
+            size = -(-size // 512) * 512
         self._info[storage] = (serial, size)
         self._sizes[serial] = size
         self._refs[serial] = weakref.ref(storage, lambda _ref, s=serial: self._free(s))
@@ -98,6 +100,11 @@ class LiveMemory(TorchDispatchMode):
         serial = self.add(tensor)
         if serial is not None:
             self._labels[serial] = name
+
+    def label_of(self, tensor: torch.Tensor) -> str | None:
+        """The label of ``tensor``'s storage (None: unlabelled or not tracked)."""
+        known = self._info.get(tensor.untyped_storage()) if self._same_device(tensor) else None
+        return None if known is None else self._labels.get(known[0])
 
     def reset_peak(self) -> None:
         """Start a new peak window at the current live bytes."""
