@@ -169,7 +169,7 @@ def plan(config: Any, *, batch_size: int, seq_len: int, budget: int, rank: int =
          lora.estimate(worst, gradient_checkpointing=True),
          _mean_flops(lora, random_draws, gradient_checkpointing=True)),
         ("full AdamW", f"all weights, {n} layers", full.estimate(), None),
-        ("full IST + offload", f"weights of {share}, other state on host",
+        ("full IST + offload", f"weights of {share}, state offloaded",
          full.estimate(worst, offloaded_layers=range(n)), _mean_flops(full, random_draws)),
         ("full AdamW8bit", "all weights, 8-bit state", bnb.estimate(), None),
         ("one block (BAdam)", "weights of 1 layer, fp32 master copy", master.estimate([0]),
@@ -184,12 +184,12 @@ def format_plan(rows: Sequence[PlanRow], header: str, budget: int) -> str:
     """The table ``ist-finetune plan`` prints."""
     base = rows[0].flops
     gib = budget / 2**30
-    lines = [header, "",
-             f"| configuration | trains | peak GiB | fits {gib:g} GiB | compute/step |",
-             "| --- | --- | ---: | --- | ---: |"]
+    lines = [*header.splitlines(), "",
+             f"| configuration | trains | peak GiB | host GiB | fits {gib:g} GiB | compute |",
+             "| --- | --- | ---: | ---: | --- | ---: |"]
     for row in rows:
-        host = f" (+{row.host_bytes / 2**30:.1f} host)" if row.host_bytes else ""
-        lines.append(f"| {row.name} | {row.trains} | {row.peak_bytes / 2**30:.1f}{host} | "
+        host = f"{row.host_bytes / 2**30:.1f}" if row.host_bytes else "-"
+        lines.append(f"| {row.name} | {row.trains} | {row.peak_bytes / 2**30:.1f} | {host} | "
                      f"{'yes' if row.fits else 'no'} | {row.flops / base:.2f}x |")
     fitting = [row for row in rows if row.fits]
     lines.append("")
@@ -197,13 +197,15 @@ def format_plan(rows: Sequence[PlanRow], header: str, budget: int) -> str:
         best = min(fitting, key=lambda r: (r.flops, r.peak_bytes))
         lines.append(f"cheapest configuration that fits: {best.name} "
                      f"({best.peak_bytes / 2**30:.1f} GiB, {best.flops / base:.2f}x the "
-                     f"compute of LoRA on all layers)")
+                     f"compute of LoRA all)")
     else:
         least = min(rows, key=lambda r: r.peak_bytes)
         lines.append(f"nothing fits {gib:g} GiB; the smallest is {least.name} "
                      f"({least.peak_bytes / 2**30:.1f} GiB): lower --batch-size or --seq-len")
-    lines.append("peak: steady-state step, worst draw of the active set; compute: FLOPs per "
-                 "step (mean draw) relative to LoRA all")
+    lines.append("peak: allocated device memory of a steady-state step, worst draw of the "
+                 "active set;")
+    lines.append("host: optimizer state offloaded; compute: FLOPs per step (mean draw) "
+                 "relative to LoRA all")
     return "\n".join(lines)
 
 
@@ -234,7 +236,7 @@ def plan_main(argv: list[str]) -> int:
         return 0
     params = (config.num_hidden_layers, config.hidden_size)
     header = (f"ist-finetune plan: {args.model} ({params[0]} layers, hidden {params[1]}), "
-              f"batch {args.batch_size} x {args.seq_len}, {args.dtype}, LoRA r{args.rank} on "
-              f"{','.join(targets)}, budget {budget / 2**30:g} GiB")
+              f"batch {args.batch_size} x {args.seq_len}, {args.dtype}\n"
+              f"LoRA r{args.rank} on {','.join(targets)}; budget {budget / 2**30:g} GiB")
     print(format_plan(rows, header, budget))
     return 0
