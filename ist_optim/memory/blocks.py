@@ -148,17 +148,8 @@ class _FlashAttention(TorchFunctionMode):
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
         query, key, value = args[:3]
-        mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
-        if mask is not None:  # a mask: the GPU runs the memory-efficient kernel
-            if key.shape[1] != query.shape[1]:
-                key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-                value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
-            bias = mask if mask.dtype != torch.bool else torch.zeros(
-                mask.shape, dtype=query.dtype, device=query.device)
-            return torch.ops.aten._scaled_dot_product_efficient_attention(
-                query, key, value, bias.expand(query.shape[0], query.shape[1],
-                                               query.shape[2], key.shape[2]),
-                True, 0.0, False, scale=kwargs.get("scale"))[0]
+        if kwargs.get("attn_mask", args[3] if len(args) > 3 else None) is not None:
+            return func(*args, **kwargs)  # a padding mask: not modelled, run as given
         return torch.ops.aten._scaled_dot_product_flash_attention(
             query, key, value, 0.0, bool(kwargs.get("is_causal", False)),
             scale=kwargs.get("scale"))[0]
@@ -219,13 +210,12 @@ def _run_piece(forward: Callable[[], torch.Tensor], existing: Sequence[torch.Ten
                exclude: Sequence[torch.Tensor], attention: str, needs_backward: bool
                ) -> PieceCost:
     """Run ``forward`` (and backward from its output) on meta under the trackers."""
-    skip = {id(t.untyped_storage()) for t in exclude}
-    skip_cdata = {t.untyped_storage()._cdata for t in exclude}
+    skip = {t.untyped_storage()._cdata for t in exclude}
     saved: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        if storage._cdata not in skip_cdata and id(storage) not in skip:
+        if storage._cdata not in skip:
             saved[storage._cdata] = storage.nbytes()
         return tensor
 

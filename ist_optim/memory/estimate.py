@@ -58,6 +58,7 @@ class MemoryEstimate:
             ``"backward of block 7"``, ``"optimizer step"``, ...).
         host_bytes: optimizer state kept in host memory (layers not in ``state_layers``).
         flops: FLOPs of one step (forward, backward and any recomputation).
+        settings: what was estimated (batch, method, optimizer, active layers, ...).
     """
 
     peak_bytes: int
@@ -208,7 +209,8 @@ class MemoryPlanner:
         per_block = numels["adapter"] if self.method == "lora" else numels["block"]
         out = {"block": per_block}
         out["embed"] = numels["embed"] if train_embeddings else ()
-        out["head"] = numels["head"] + numels["norm"] if train_head else ()
+        head = numels["head"] or (numels["embed"] if not train_embeddings else ())  # tied
+        out["head"] = head + numels["norm"] if train_head else ()
         return out
 
     def estimate(self, active_layers: Sequence[int] | None = None, *,
@@ -240,7 +242,6 @@ class MemoryPlanner:
                 counted in ``host_bytes`` only.
             keep_logits: the caller keeps the returned logits until the next forward ends.
         """
-        costs = self.costs
         n = self.num_layers
         active = self._layers(active_layers, "active_layers", range(n))
         if not active and not (train_embeddings or train_head):
@@ -252,105 +253,117 @@ class MemoryPlanner:
             checkpointed = set(self._layers(gradient_checkpointing, "gradient_checkpointing",
                                             ()))
         on_device = set(self._layers(state_layers, "state_layers", active))
+        offloaded = set(self._layers(offloaded_layers, "offloaded_layers", ()))
         trained = self._trained(train_embeddings, train_head)
-        is_active = [i in active for i in range(n)]
-
-        # which blocks backward reaches, and in which mode each block runs
-        if train_embeddings or not cut_backward:
-            lowest, first_input_grad = 0, True
-        elif active:
-            lowest, first_input_grad = active[0], False
-        else:
-            lowest, first_input_grad = n, False
-        modes = []
-        for i in range(n):
-            if i < lowest:
-                modes.append((False, False))
-            elif i == lowest:
-                modes.append((is_active[i], first_input_grad))
-            else:
-                modes.append((is_active[i], True))
+        modes, lowest = _block_modes(n, active, cut_backward, train_embeddings)
         head_mode = (train_head, lowest < n or train_embeddings)
 
-        element, telement = self.element, self.trained_element
-        block_grad = sum(trained["block"]) * telement
+        block_state = _state_bytes(trained["block"], self.trained_element, self.optimizer)
         outside = trained["embed"] + trained["head"]
-        lora_weights = costs.adapter_bytes * n if self.method == "lora" else 0
-        weights = (n * costs.block_weight_bytes + lora_weights + costs.embed_bytes
-                   + costs.head_bytes + costs.norm_bytes)
-        master = self.optimizer == "adamw-fp32-master"
-        if master:  # fp32 copies of the trained parameters
-            weights += 4 * (sum(trained["block"]) * len(active) + sum(outside))
-        opt_element = telement if self.method == "lora" else element
-        block_state = _state_bytes(trained["block"], opt_element, self.optimizer)
-        state = (block_state * len(on_device)
-                 + _state_bytes(outside, element, self.optimizer))
-        offloaded = set(self._layers(offloaded_layers, "offloaded_layers", ()))
-        host = block_state * len((set(active) - on_device) | (offloaded - on_device))
-
-        step = _Step(weights=weights, optimizer_state=state)
-        logits_kept = costs.logits_bytes if keep_logits else 0
-        step.add("transient", logits_kept + costs.hidden_bytes)  # old logits, embeddings out
-        flops = 0
-        # forward
-        for i, mode in enumerate(modes):
-            cost = costs.blocks[mode]
-            flops += cost.forward_flops
-            if i in checkpointed and mode != (False, False):
-                step.mark("forward", costs.blocks[(False, False)].forward_extra_bytes)
-                step.add("activations", costs.hidden_bytes)
-            else:
-                step.mark("forward", cost.forward_extra_bytes)
-                step.add("activations", cost.saved_bytes)
-        head = costs.heads[head_mode]
-        flops += head.forward_flops + head.backward_flops
-        step.mark("loss forward", head.forward_extra_bytes)
-        step.add("activations", head.saved_bytes)
-        step.add("transient", head.after_forward_bytes - head.saved_bytes)
-        step.add("transient", -logits_kept)  # ``out`` now holds the new logits
-        step.mark("loss forward")
-        # backward
-        step.mark("loss backward", head.backward_extra_bytes)
-        step.add("activations", -head.saved_bytes)
-        step.add("gradients", sum(trained["head"]) * element)
-        for i in range(n - 1, lowest - 1, -1):
-            cost = costs.blocks[modes[i]]
-            if i in checkpointed:
-                step.mark(f"recompute of block {i}", cost.forward_extra_bytes)
-                step.add("activations", cost.saved_bytes)
-                flops += cost.forward_flops
-            step.mark(f"backward of block {i}", cost.backward_extra_bytes)
-            flops += cost.backward_flops
-            step.add("activations", -cost.saved_bytes)
-            if i in checkpointed:
-                step.add("activations", -costs.hidden_bytes)
-            if is_active[i]:
-                step.add("gradients", block_grad)
-        if train_embeddings:
-            step.mark("embedding backward", sum(trained["embed"]) * element)
-            step.add("gradients", sum(trained["embed"]) * element)
-        # optimizer step
-        trained_now = sum(trained["block"]) * len(active) + sum(outside)
-        if master:  # fp32 gradients of the master copies, then a per-tensor update
-            step.add("gradients", 4 * trained_now)
-            biggest = max([*trained["block"], *outside, 0])
-            step.mark("optimizer step", 4 * biggest)
-        elif self.optimizer == "adamw":
-            if self.foreach:
-                step.mark("optimizer step", (block_state * len(active)
-                                             + _state_bytes(outside, element, "adamw")) // 2)
-            else:
-                biggest = max([*trained["block"], *outside, 0])
-                step.mark("optimizer step", biggest * opt_element)
-        else:
-            step.mark("optimizer step")
+        step = _Step(weights=self._weights(trained, len(active)),
+                     optimizer_state=block_state * len(on_device)
+                     + _state_bytes(outside, self.element, self.optimizer))
+        flops = _walk(step, self.costs, modes, lowest, head_mode, checkpointed,
+                      grads={"block": sum(trained["block"]) * self.trained_element,
+                             "head": sum(trained["head"]) * self.element,
+                             "embed": sum(trained["embed"]) * self.element},
+                      keep_logits=keep_logits)
+        self._optimizer_step(step, trained, len(active), block_state)
         settings = dict(self.settings, active_layers=active,
                         gradient_checkpointing=sorted(checkpointed),
                         cut_backward=cut_backward, train_embeddings=train_embeddings,
                         train_head=train_head)
+        host = block_state * len((set(active) - on_device) | (offloaded - on_device))
         return MemoryEstimate(peak_bytes=step.peak, breakdown=step.at, phase=step.phase,
-                              host_bytes=host, flops=flops,
-                              settings=settings)
+                              host_bytes=host, flops=flops, settings=settings)
+
+    def _weights(self, trained: dict[str, tuple[int, ...]], num_active: int) -> int:
+        costs = self.costs
+        n = self.num_layers
+        lora_weights = costs.adapter_bytes * n if self.method == "lora" else 0
+        weights = (n * costs.block_weight_bytes + lora_weights + costs.embed_bytes
+                   + costs.head_bytes + costs.norm_bytes)
+        if self.optimizer == "adamw-fp32-master":  # fp32 copies of the trained parameters
+            weights += 4 * (sum(trained["block"]) * num_active
+                            + sum(trained["embed"] + trained["head"]))
+        return weights
+
+    def _optimizer_step(self, step: _Step, trained: dict[str, tuple[int, ...]],
+                        num_active: int, block_state: int) -> None:
+        outside = trained["embed"] + trained["head"]
+        biggest = max([*trained["block"], *outside, 0])
+        if self.optimizer == "adamw-fp32-master":
+            # fp32 gradients of the master copies, then a per-tensor update
+            step.add("gradients", 4 * (sum(trained["block"]) * num_active + sum(outside)))
+            step.mark("optimizer step", 4 * biggest)
+        elif self.optimizer == "adamw" and self.foreach:  # one moment-sized temporary
+            step.mark("optimizer step", (block_state * num_active
+                                         + _state_bytes(outside, self.element, "adamw")) // 2)
+        elif self.optimizer == "adamw":
+            step.mark("optimizer step", biggest * self.trained_element)
+        else:
+            step.mark("optimizer step")
+
+
+def _block_modes(n: int, active: Sequence[int], cut_backward: bool, input_grads: bool
+                 ) -> tuple[list[tuple[bool, bool]], int]:
+    """(trains, input requires grad) per block, and the lowest block backward reaches."""
+    if input_grads or not cut_backward:
+        lowest, first_input_grad = 0, True
+    elif active:
+        lowest, first_input_grad = active[0], False
+    else:
+        lowest, first_input_grad = n, False
+    modes = []
+    for i in range(n):
+        if i < lowest:
+            modes.append((False, False))
+        else:
+            modes.append((i in active, first_input_grad if i == lowest else True))
+    return modes, lowest
+
+
+def _walk(step: _Step, costs: ModelCosts, modes: Sequence[tuple[bool, bool]], lowest: int,
+          head_mode: tuple[bool, bool], checkpointed: set[int], grads: dict[str, int],
+          keep_logits: bool) -> int:
+    """Forward, loss and backward over the per-piece costs; returns the FLOPs."""
+    logits_kept = costs.logits_bytes if keep_logits else 0
+    step.add("transient", logits_kept + costs.hidden_bytes)  # old logits, embeddings out
+    flops = 0
+    for i, mode in enumerate(modes):
+        cost = costs.blocks[mode]
+        flops += cost.forward_flops
+        if i in checkpointed and mode != (False, False):  # keeps only its input
+            step.mark("forward", costs.blocks[(False, False)].forward_extra_bytes)
+            step.add("activations", costs.hidden_bytes)
+        else:
+            step.mark("forward", cost.forward_extra_bytes)
+            step.add("activations", cost.saved_bytes)
+    head = costs.heads[head_mode]
+    flops += head.forward_flops + head.backward_flops
+    step.mark("loss forward", head.forward_extra_bytes)
+    step.add("activations", head.saved_bytes)
+    step.add("transient", head.after_forward_bytes - head.saved_bytes - logits_kept)
+    step.mark("loss backward", head.backward_extra_bytes)
+    step.add("activations", -head.saved_bytes)
+    step.add("gradients", grads["head"])
+    for i in range(len(modes) - 1, lowest - 1, -1):
+        cost = costs.blocks[modes[i]]
+        if i in checkpointed:
+            step.mark(f"recompute of block {i}", cost.forward_extra_bytes)
+            step.add("activations", cost.saved_bytes)
+            flops += cost.forward_flops
+        step.mark(f"backward of block {i}", cost.backward_extra_bytes)
+        flops += cost.backward_flops
+        step.add("activations", -cost.saved_bytes)
+        if i in checkpointed:  # the checkpoint's input goes with the block's graph
+            step.add("activations", -costs.hidden_bytes)
+        if modes[i][0]:
+            step.add("gradients", grads["block"])
+    if grads["embed"]:
+        step.mark("embedding backward", grads["embed"])
+        step.add("gradients", grads["embed"])
+    return flops
 
 
 def estimate_peak_memory(config: Any, *, batch_size: int, seq_len: int,
