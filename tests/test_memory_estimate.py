@@ -3,8 +3,12 @@ against exactly accounted CPU runs of small random Llamas, and its API contract.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from transformers import LlamaConfig
 
 from ist_optim import MemoryPlanner, account_step, estimate_peak_memory
@@ -197,3 +201,44 @@ def test_bad_input_is_a_clear_error(kwargs, error, fragment):
 def test_config_must_be_a_pretrained_config():
     with pytest.raises(TypeError, match="PretrainedConfig"):
         estimate_peak_memory({"hidden_size": 4}, batch_size=1, seq_len=1)
+
+
+@functools.cache
+def _small_planner() -> MemoryPlanner:
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                         num_attention_heads=4, vocab_size=256)
+    return MemoryPlanner(config, batch_size=2, seq_len=32, dtype=torch.float32)
+
+
+@given(st.sets(st.integers(0, 5), min_size=1), st.integers(0, 5),
+       st.sets(st.integers(0, 5)), st.booleans())
+def test_training_one_more_layer_never_needs_less(active, extra, checkpointed, cut):
+    planner = _small_planner()
+    kwargs = {"gradient_checkpointing": sorted(checkpointed), "cut_backward": cut}
+    less = planner.estimate(sorted(active), **kwargs)
+    more = planner.estimate(sorted(active | {extra}), **kwargs)
+    assert more.peak_bytes >= less.peak_bytes
+    assert more.flops >= less.flops
+    for est in (less, more):
+        assert est.peak_bytes == sum(est.breakdown.values())
+        assert min(est.breakdown.values()) >= 0
+
+
+def test_a_tied_head_trains_the_shared_embedding():
+    planner = MemoryPlanner(load_config("smollm2-135m"), batch_size=1, seq_len=16,
+                            method="full")
+    costs = planner.costs
+    assert costs.head_bytes == 0  # tied: the head is the embedding
+    est = planner.estimate([], train_head=True)
+    assert est.breakdown["optimizer_state"] == 2 * (costs.embed_bytes + costs.norm_bytes)
+
+
+def test_eager_attention_saves_the_probabilities():
+    config = load_config("llama-2-7b")
+    sdpa = MemoryPlanner(config, batch_size=8, seq_len=512, lora_rank=32)
+    eager = MemoryPlanner(config, batch_size=8, seq_len=512, lora_rank=32, attention="eager")
+    extra = (eager.costs.blocks[(False, True)].saved_bytes
+             - sdpa.costs.blocks[(False, True)].saved_bytes)
+    # eager keeps the fp32 softmax output and the bf16 probabilities (8 x 32 x 512 x 512)
+    # minus the flash kernel's log-sum-exp; the rest is the same
+    assert extra >= 8 * 32 * 512 * 512 * (4 + 2) - 8 * 32 * 512 * 4 - 2**27
