@@ -25,9 +25,9 @@ LoRA r32 on q_proj,k_proj,v_proj,up_proj,down_proj; budget 24 GiB
 | IST random 25% | LoRA r32, 8 of 32 layers drawn at random | 34.0 | - | no | 0.96x |
 | IST depth-aware | LoRA r32, 8 of 32 layers drawn close in depth | 34.0 | - | no | 0.85x |
 | IST + GC + cut | LoRA r32, 8 of 32 layers, checkpointing, backward cut | 15.7 | - | yes | 1.41x |
-| full AdamW | all weights, 32 layers | 61.2 | - | no | 1.46x |
-| full IST + offload | weights of 8 of 32 layers, state offloaded | 38.1 | 18.1 | no | 1.07x |
-| full AdamW8bit | all weights, 8-bit state | 49.3 | - | no | 1.46x |
+| full AdamW | all weights | 63.0 | - | no | 1.47x |
+| full IST + offload | weights of 8 of 32 layers + embeddings, head | 39.2 | 18.1 | no | 1.12x |
+| full AdamW8bit | all weights, 8-bit state | 49.9 | - | no | 1.47x |
 | one block (BAdam) | weights of 1 layer, fp32 master copy | 32.8 | - | no | 0.77x |
 
 cheapest configuration that fits: IST + GC + cut (15.7 GiB, 1.41x the compute of LoRA all)

@@ -156,6 +156,7 @@ def plan(config: Any, *, batch_size: int, seq_len: int, budget: int, rank: int =
     random_draws = _draws(n, k, depth_aware=False)
     depth_draws = _draws(n, k, depth_aware=True)
     share = f"{k} of {n} layers"
+    outside = {"train_embeddings": True, "train_head": True}
     adapters = f"LoRA r{rank}"
     rows = [
         ("LoRA all", f"{adapters}, all {n} layers", lora.estimate(), None),
@@ -168,10 +169,11 @@ def plan(config: Any, *, batch_size: int, seq_len: int, budget: int, rank: int =
         ("IST + GC + cut", f"{adapters}, {share}, checkpointing, backward cut",
          lora.estimate(worst, gradient_checkpointing=True),
          _mean_flops(lora, random_draws, gradient_checkpointing=True)),
-        ("full AdamW", f"all weights, {n} layers", full.estimate(), None),
-        ("full IST + offload", f"weights of {share}, state offloaded",
-         full.estimate(worst, offloaded_layers=range(n)), _mean_flops(full, random_draws)),
-        ("full AdamW8bit", "all weights, 8-bit state", bnb.estimate(), None),
+        ("full AdamW", "all weights", full.estimate(**outside), None),
+        ("full IST + offload", f"weights of {share} + embeddings, head",
+         full.estimate(worst, offloaded_layers=range(n), **outside),
+         _mean_flops(full, random_draws, **outside)),
+        ("full AdamW8bit", "all weights, 8-bit state", bnb.estimate(**outside), None),
         ("one block (BAdam)", "weights of 1 layer, fp32 master copy", master.estimate([0]),
          _mean_flops(master, [[i] for i in range(n)])),
     ]
