@@ -14,6 +14,13 @@ from .estimators import FirstOrderProbe, normalized_score_update
 from .groups import LayerGroups, build_layer_groups, discover_layers
 from .history import ImportanceHistory
 from .importance import paper_advantages, score_update
+from .memory import (
+    MemoryEstimate,
+    MemoryPlanner,
+    StepAccount,
+    account_step,
+    estimate_peak_memory,
+)
 from .optimizer import ISTOptimizer
 from .plotting import plot_importance
 from .residency import StateResidency, state_bytes
@@ -45,11 +52,16 @@ __all__ = [
     "LayerSampler",
     "NormalizedRound",
     "PaperRound",
+    "MemoryEstimate",
+    "MemoryPlanner",
     "StateResidency",
+    "StepAccount",
     "Suppressor",
+    "account_step",
     "build_layer_groups",
     "discover_layers",
     "distribution_spread",
+    "estimate_peak_memory",
     "find_tuner_layers",
     "normalized_score_update",
     "paper_advantages",

@@ -1,5 +1,8 @@
 """``ist-finetune``: fine-tune a causal LM with IST in one command (also ``python -m ist_optim``).
 
+``ist-finetune plan --model llama-2-7b --budget 24GiB`` predicts the peak memory of each way
+to fine-tune a model instead (:mod:`ist_optim.cli.plan`).
+
 Only :mod:`torch` is imported with :mod:`ist_optim`; this package imports transformers,
 peft and tqdm when a command runs. Needs the ``cli`` extra: ``pip install 'ist-optim[cli]'``.
 """
@@ -94,7 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``ist-finetune``; returns the exit status (2 for bad input)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside peft
+    words = sys.argv[1:] if argv is None else list(argv)
     try:
+        if words[:1] == ["plan"]:
+            from .plan import plan_main
+
+            return plan_main(words[1:])
         return _run(argv)
     except CLIError as err:
         message = " ".join(str(err).split())

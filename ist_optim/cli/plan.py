@@ -1,0 +1,244 @@
+"""``ist-finetune plan``: predicted peak memory and compute of the ways to fine-tune a model.
+
+Everything is estimated from the model's config (:class:`ist_optim.memory.MemoryPlanner`,
+on the ``meta`` device): no weights are loaded, nothing is downloaded, a 7B shape takes a
+few seconds on a laptop CPU.
+
+Rows whose active set is drawn anew (IST, one BAdam block) show the peak of the worst draw,
+the one that puts the lowest trained layer at the bottom (it happens within a few steps,
+so it is what the budget must hold), and the compute of an average draw (200 draws of the
+library's own samplers with equal importance weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import CLIError
+from .parser import _OneLineParser, _positive_float, _positive_int
+
+__all__ = ["PLAN_ROWS", "PlanRow", "build_plan_parser", "parse_budget", "plan", "plan_main"]
+
+_UNITS = {"": 2**30, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
+          "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
+          "tib": 2**40}
+_DTYPES = ("bfloat16", "float16", "float32")
+_DRAWS = 200
+
+#: The configurations compared, in table order.
+PLAN_ROWS: tuple[str, ...] = (
+    "LoRA all", "LoRA all + GC", "IST random 25%", "IST depth-aware", "IST + GC + cut",
+    "full AdamW", "full IST + offload", "full AdamW8bit", "one block (BAdam)")
+
+
+def parse_budget(text: str) -> int:
+    """``"24GiB"`` -> bytes. A bare number is GiB; GB/MB are powers of 10.
+
+    Example:
+        >>> parse_budget("24GiB"), parse_budget("24"), parse_budget("1.5 GB")
+        (25769803776, 25769803776, 1500000000)
+    """
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise CLIError(f"--budget {text!r} is not a memory size; write e.g. 24GiB, 80GB, "
+                       f"16000MiB or 24 (GiB)")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """One configuration of the plan: what trains, its predicted peak and compute."""
+
+    name: str
+    trains: str
+    peak_bytes: int
+    host_bytes: int
+    flops: float
+    fits: bool
+    phase: str
+
+    def summary(self) -> dict[str, Any]:
+        """Plain types for ``--json``."""
+        return {"configuration": self.name, "trains": self.trains,
+                "peak_bytes": self.peak_bytes, "peak_gib": round(self.peak_bytes / 2**30, 2),
+                "host_bytes": self.host_bytes, "flops_per_step": self.flops,
+                "fits": self.fits, "peak_at": self.phase}
+
+
+def build_plan_parser() -> argparse.ArgumentParser:
+    """The parser of ``ist-finetune plan``."""
+    from ..memory.shapes import SHAPES
+
+    p = _OneLineParser(prog="ist-finetune plan",
+                       description="Predict the peak GPU memory and the compute per step of "
+                                   "LoRA, IST, full fine-tuning and BAdam for a model shape, "
+                                   "from its config alone, and say which fits a budget.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help=f"model directory, config.json, or a named shape: {sorted(SHAPES)}")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per step")
+    p.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per sequence")
+    p.add_argument("--budget", default="24GiB", help="device memory available, e.g. 24GiB")
+    p.add_argument("--rank", type=_positive_int, default=32, help="LoRA rank")
+    p.add_argument("--alpha", type=_positive_float, default=None,
+                   help="LoRA alpha (default: 2 x rank)")
+    p.add_argument("--target-modules", default="q_proj,k_proj,v_proj,up_proj,down_proj",
+                   help="comma-separated linear layers that get adapters")
+    p.add_argument("--active-layers", type=_positive_float, default=0.25,
+                   help="IST: fraction (< 1) or count (>= 1) of layers trained per step")
+    p.add_argument("--dtype", default="bfloat16", choices=_DTYPES, help="weights and compute")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def _active_count(value: float, num_layers: int) -> int:
+    from ..sampling import resolve_count
+
+    count = int(value) if value >= 1 else value
+    if isinstance(count, int) and count > num_layers:
+        raise CLIError(f"--active-layers {count} is more than the model's {num_layers} layers")
+    return resolve_count(count, num_layers, "--active-layers")
+
+
+def _mean_flops(planner: Any, draws: Sequence[Sequence[int]], **kwargs: Any) -> float:
+    return sum(planner.estimate(list(d), **kwargs).flops for d in draws) / len(draws)
+
+
+def _draws(num_layers: int, k: int, depth_aware: bool) -> list[list[int]]:
+    import torch
+
+    from ..sampling import sample_depth_aware, sample_layers
+
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.ones(num_layers)
+    draw = sample_depth_aware if depth_aware else sample_layers
+    return [draw(weights, k, generator) for _ in range(_DRAWS)]
+
+
+def plan(config: Any, *, batch_size: int, seq_len: int, budget: int, rank: int = 32,
+         alpha: float | None = None, targets: Sequence[str] = (), active: float = 0.25,
+         dtype: Any = None) -> list[PlanRow]:
+    """Estimate every row of :data:`PLAN_ROWS` for ``config``.
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+        ...                      num_attention_heads=4, vocab_size=256)
+        >>> rows = plan(config, batch_size=2, seq_len=16, budget=2**30, rank=4,
+        ...             targets=["q_proj", "v_proj"])
+        >>> [row.name for row in rows] == list(PLAN_ROWS)
+        True
+    """
+    import torch
+
+    from ..memory import MemoryPlanner
+
+    dtype = torch.bfloat16 if dtype is None else dtype
+    n = int(config.num_hidden_layers)
+    k = _active_count(active, n)
+    worst = [0, *range(n - k + 1, n)]  # the lowest trained layer at the bottom
+    common = {"batch_size": batch_size, "seq_len": seq_len, "dtype": dtype}
+    try:
+        lora = MemoryPlanner(config, method="lora", lora_rank=rank, lora_alpha=alpha,
+                             lora_targets=list(targets), **common)
+        full = MemoryPlanner(config, method="full", **common)
+        bnb = MemoryPlanner(config, method="full", optimizer="adamw8bit", **common)
+        master = MemoryPlanner(config, method="full", optimizer="adamw-fp32-master",
+                               foreach=False, **common)
+    except (ValueError, TypeError) as err:
+        raise CLIError(str(err)) from None
+    random_draws = _draws(n, k, depth_aware=False)
+    depth_draws = _draws(n, k, depth_aware=True)
+    share = f"{k} of {n} layers"
+    outside = {"train_embeddings": True, "train_head": True}
+    adapters = f"LoRA r{rank}"
+    rows = [
+        ("LoRA all", f"{adapters}, all {n} layers", lora.estimate(), None),
+        ("LoRA all + GC", f"{adapters}, all layers, checkpointing",
+         lora.estimate(gradient_checkpointing=True, cut_backward=False), None),
+        ("IST random 25%", f"{adapters}, {share} drawn at random", lora.estimate(worst),
+         _mean_flops(lora, random_draws)),
+        ("IST depth-aware", f"{adapters}, {share} drawn close in depth", lora.estimate(worst),
+         _mean_flops(lora, depth_draws)),
+        ("IST + GC + cut", f"{adapters}, {share}, checkpointing, backward cut",
+         lora.estimate(worst, gradient_checkpointing=True),
+         _mean_flops(lora, random_draws, gradient_checkpointing=True)),
+        ("full AdamW", "all weights", full.estimate(**outside), None),
+        ("full IST + offload", f"weights of {share} + embeddings, head",
+         full.estimate(worst, offloaded_layers=range(n), **outside),
+         _mean_flops(full, random_draws, **outside)),
+        ("full AdamW8bit", "all weights, 8-bit state", bnb.estimate(**outside), None),
+        ("one block (BAdam)", "weights of 1 layer, fp32 master copy", master.estimate([0]),
+         _mean_flops(master, [[i] for i in range(n)])),
+    ]
+    return [PlanRow(name, trains, est.peak_bytes, est.host_bytes,
+                    float(est.flops if mean is None else mean), est.peak_bytes <= budget,
+                    est.phase) for name, trains, est, mean in rows]
+
+
+def format_plan(rows: Sequence[PlanRow], header: str, budget: int) -> str:
+    """The table ``ist-finetune plan`` prints."""
+    base = rows[0].flops
+    gib = budget / 2**30
+    lines = [*header.splitlines(), "",
+             f"| configuration | trains | peak GiB | host GiB | fits {gib:g} GiB | compute |",
+             "| --- | --- | ---: | ---: | --- | ---: |"]
+    for row in rows:
+        host = f"{row.host_bytes / 2**30:.1f}" if row.host_bytes else "-"
+        lines.append(f"| {row.name} | {row.trains} | {row.peak_bytes / 2**30:.1f} | {host} | "
+                     f"{'yes' if row.fits else 'no'} | {row.flops / base:.2f}x |")
+    fitting = [row for row in rows if row.fits]
+    lines.append("")
+    if fitting:
+        best = min(fitting, key=lambda r: (r.flops, r.peak_bytes))
+        lines.append(f"cheapest configuration that fits: {best.name} "
+                     f"({best.peak_bytes / 2**30:.1f} GiB, {best.flops / base:.2f}x the "
+                     f"compute of LoRA all)")
+    else:
+        least = min(rows, key=lambda r: r.peak_bytes)
+        lines.append(f"nothing fits {gib:g} GiB; the smallest is {least.name} "
+                     f"({least.peak_bytes / 2**30:.1f} GiB): lower --batch-size or --seq-len")
+    lines.append("peak: allocated device memory of a steady-state step, worst draw of the "
+                 "active set;")
+    lines.append("host: optimizer state offloaded; compute: FLOPs per step (mean draw) "
+                 "relative to LoRA all")
+    return "\n".join(lines)
+
+
+def plan_main(argv: list[str]) -> int:
+    """Run ``ist-finetune plan`` with ``argv`` (the words after ``plan``)."""
+    import torch
+
+    from ..memory.shapes import load_config
+
+    args = build_plan_parser().parse_args(argv)
+    budget = parse_budget(args.budget)
+    try:
+        config = load_config(args.model)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    targets = [t.strip() for t in args.target_modules.split(",") if t.strip()]
+    if not targets:
+        raise CLIError("--target-modules is empty; give e.g. q_proj,v_proj")
+    dtype = getattr(torch, args.dtype)
+    rows = plan(config, batch_size=args.batch_size, seq_len=args.seq_len, budget=budget,
+                rank=args.rank, alpha=args.alpha, targets=targets, active=args.active_layers,
+                dtype=dtype)
+    if args.json:
+        print(json.dumps({"model": args.model, "batch_size": args.batch_size,
+                          "seq_len": args.seq_len, "dtype": args.dtype,
+                          "budget_bytes": budget, "rows": [r.summary() for r in rows]},
+                         indent=1))
+        return 0
+    params = (config.num_hidden_layers, config.hidden_size)
+    header = (f"ist-finetune plan: {args.model} ({params[0]} layers, hidden {params[1]}), "
+              f"batch {args.batch_size} x {args.seq_len}, {args.dtype}\n"
+              f"LoRA r{args.rank} on {','.join(targets)}; budget {budget / 2**30:g} GiB")
+    print(format_plan(rows, header, budget))
+    return 0

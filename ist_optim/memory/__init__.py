@@ -1,0 +1,35 @@
+"""Memory of a training step: measured on a real run, or predicted for any model shape.
+
+* :func:`account_step` runs one step and splits its peak into weights, gradients, optimizer
+  state, saved activations and transient buffers (:class:`StepAccount`).
+* :func:`estimate_peak_memory` predicts that peak from a transformers config alone
+  (:class:`MemoryEstimate`); :class:`MemoryPlanner` measures a model shape once and then
+  answers "what peak for this active set, with checkpointing on these blocks" in
+  microseconds.
+
+See docs/memory.md, "Planning memory".
+"""
+
+from .accounting import StepAccount, account_step
+from .estimate import (
+    DEFAULT_LORA_TARGETS,
+    OPTIMIZERS,
+    MemoryEstimate,
+    MemoryPlanner,
+    estimate_peak_memory,
+)
+from .shapes import SHAPES, load_config
+from .tracker import LiveMemory
+
+__all__ = [
+    "DEFAULT_LORA_TARGETS",
+    "OPTIMIZERS",
+    "SHAPES",
+    "LiveMemory",
+    "MemoryEstimate",
+    "MemoryPlanner",
+    "StepAccount",
+    "account_step",
+    "estimate_peak_memory",
+    "load_config",
+]

@@ -1,0 +1,101 @@
+"""ist-finetune plan: the golden table for LLaMA-2-7B at batch 8 x 512, --json, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ist_optim.cli import CLIError, main
+from ist_optim.cli.plan import PLAN_ROWS, parse_budget
+
+# `ist-finetune plan --model llama-2-7b --batch-size 8 --seq-len 512 --budget 24GiB`
+# (the H200 anchors of shared/bench/README.md for comparison: LoRA all 44.5 GiB, LoRA all
+# + GC 16.0, full AdamW 62.3, full AdamW8bit 50.0)
+GOLDEN = """\
+ist-finetune plan: llama-2-7b (32 layers, hidden 4096), batch 8 x 512, bfloat16
+LoRA r32 on q_proj,k_proj,v_proj,up_proj,down_proj; budget 24 GiB
+
+| configuration | trains | peak GiB | host GiB | fits 24 GiB | compute |
+| --- | --- | ---: | ---: | --- | ---: |
+| LoRA all | LoRA r32, all 32 layers | 44.5 | - | no | 1.00x |
+| LoRA all + GC | LoRA r32, all layers, checkpointing | 16.0 | - | yes | 1.49x |
+| IST random 25% | LoRA r32, 8 of 32 layers drawn at random | 34.0 | - | no | 0.96x |
+| IST depth-aware | LoRA r32, 8 of 32 layers drawn close in depth | 34.0 | - | no | 0.85x |
+| IST + GC + cut | LoRA r32, 8 of 32 layers, checkpointing, backward cut | 15.7 | - | yes | 1.41x |
+| full AdamW | all weights | 63.0 | - | no | 1.47x |
+| full IST + offload | weights of 8 of 32 layers + embeddings, head | 39.2 | 18.1 | no | 1.12x |
+| full AdamW8bit | all weights, 8-bit state | 49.9 | - | no | 1.47x |
+| one block (BAdam) | weights of 1 layer, fp32 master copy | 32.8 | - | no | 0.77x |
+
+cheapest configuration that fits: IST + GC + cut (15.7 GiB, 1.41x the compute of LoRA all)
+peak: allocated device memory of a steady-state step, worst draw of the active set;
+host: optimizer state offloaded; compute: FLOPs per step (mean draw) relative to LoRA all
+"""
+
+
+def test_golden_table_llama2_7b(capsys):
+    argv = ["plan", "--model", "llama-2-7b", "--batch-size", "8", "--seq-len", "512",
+            "--budget", "24GiB"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out == GOLDEN
+
+
+def test_json_rows_and_budget(capsys):
+    argv = ["plan", "--model", "smollm2-135m", "--batch-size", "2", "--seq-len", "64",
+            "--budget", "300MiB", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = result["rows"]
+    assert [r["configuration"] for r in rows] == list(PLAN_ROWS)
+    assert result["budget_bytes"] == 300 * 2**20
+    assert all(r["fits"] == (r["peak_bytes"] <= 300 * 2**20) for r in rows)
+    by_name = {r["configuration"]: r for r in rows}
+    assert by_name["LoRA all + GC"]["peak_bytes"] < by_name["LoRA all"]["peak_bytes"]
+    assert by_name["LoRA all + GC"]["flops_per_step"] > by_name["LoRA all"]["flops_per_step"]
+
+
+def test_model_from_a_config_file(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "llama", "hidden_size": 64,
+                                "intermediate_size": 128, "num_hidden_layers": 4,
+                                "num_attention_heads": 4, "vocab_size": 256}))
+    assert main(["plan", "--model", str(path), "--batch-size", "2", "--seq-len", "16",
+                 "--budget", "1GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "cheapest configuration that fits" in out and "4 layers" in out
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--model", "gpt-9"], "unknown model 'gpt-9'"),
+    (["--model", "llama-2-7b", "--budget", "lots"], "--budget 'lots' is not a memory size"),
+    (["--model", "smollm2-135m", "--target-modules", "q_proj,nope"], "name no linear layer"),
+    (["--model", "smollm2-135m", "--active-layers", "99"], "more than the model's 30"),
+])
+def test_errors_are_one_line(argv, fragment, capsys):
+    assert main(["plan", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and "\n" not in err and err.startswith("ist-finetune")
+
+
+def test_usage_error_is_one_line_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", "--model", "llama-2-7b", "--batch-size", "0"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "expected an integer >= 1" in err and "\n" not in err
+
+
+@given(st.floats(min_value=0.01, max_value=1e4, allow_nan=False),
+       st.sampled_from(["GiB", "GB", "MiB", "MB", "gib", ""]))
+def test_parse_budget_units(value, unit):
+    scale = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6, "": 2**30}[unit.lower()]
+    assert parse_budget(f"{value!r}{unit}") == int(value * scale)
+
+
+@pytest.mark.parametrize("text", ["", "-1GiB", "0", "24 parsecs", "GiB"])
+def test_parse_budget_rejects(text):
+    with pytest.raises(CLIError, match="not a memory size"):
+        parse_budget(text)

@@ -1,0 +1,244 @@
+"""estimate_peak_memory / MemoryPlanner: against the H200 measurements of a LLaMA-2-7B shape,
+against exactly accounted CPU runs of small random Llamas, and its API contract."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from transformers import LlamaConfig
+
+from ist_optim import MemoryPlanner, account_step, estimate_peak_memory
+from ist_optim.memory import load_config
+
+LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                 max_position_embeddings=2048)
+RAND = [1, 8, 13, 15, 16, 24, 28, 31]  # the draw of gpu_anchor.py (random.seed(0))
+TOP = list(range(24, 32))
+
+# Peak allocated GPU memory (GiB, torch.cuda.max_memory_allocated) measured on one H200,
+# 2026-11-29, by shared/bench/gpu_anchor.py: LLaMA-2-7B shape, bf16, batch 8 x 512, LoRA r32
+# on q,k,v,up,down with peft's default fp32 adapters, 7 steps of `out = model(...);
+# out.loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)`. Raw lines:
+# shared/bench/h200_7b_2026-11-29.jsonl and h200_7b_gc_2026-11-29.jsonl.
+# (row, measured GiB, planner, estimate keywords)
+H200 = [
+    ("lora", 44.48, "lora", {}),
+    ("lora_top25", 22.02, "lora", {"active_layers": TOP}),
+    ("lora_rand25", 33.58, "lora", {"active_layers": RAND}),
+    ("full", 62.32, "full", {"train_embeddings": True, "train_head": True}),
+    ("full_lisa2", 33.43, "full", {"active_layers": [24, 26], "train_embeddings": True,
+                                   "train_head": True}),
+    ("full_bnb8", 49.98, "bnb8", {"train_embeddings": True, "train_head": True}),
+    # BAdam: one block trains (layer 30 was drawn), fp32 master copy and state
+    ("full_badam", 17.80, "badam", {"active_layers": [30]}),
+    # gradient checkpointing with enable_input_require_grads(): backward through all blocks
+    ("lora_gc", 16.01, "lora", {"gradient_checkpointing": True, "cut_backward": False}),
+    ("lora_rand25_gc", 15.70, "lora", {"active_layers": RAND, "gradient_checkpointing": True,
+                                       "cut_backward": False}),
+    ("lora_top25_gc", 15.70, "lora", {"active_layers": TOP, "gradient_checkpointing": True,
+                                      "cut_backward": False}),
+    # the anchor's detach hook ran inside the checkpointed call, so the frozen blocks'
+    # checkpoint inputs stayed alive; the estimate models a cut before the checkpoint
+    # (BackwardCut), which frees them: 14.9 GiB predicted, 5% under the anchor's 15.7
+    ("lora_rand25_gc_detach", 15.70, "lora", {"active_layers": RAND,
+                                              "gradient_checkpointing": True}),
+    ("lora_top25_gc_detach", 15.70, "lora", {"active_layers": TOP,
+                                             "gradient_checkpointing": True}),
+]
+
+
+@pytest.fixture(scope="module")
+def h200_planners() -> dict[str, MemoryPlanner]:
+    config = LlamaConfig(**LLAMA2_7B)
+    common = dict(batch_size=8, seq_len=512, dtype=torch.bfloat16)
+    return {
+        "lora": MemoryPlanner(config, method="lora", lora_rank=32, **common),
+        # the anchor's full AdamW and BAdam's inner AdamW ran with foreach=False
+        "full": MemoryPlanner(config, method="full", foreach=False, **common),
+        "bnb8": MemoryPlanner(config, method="full", optimizer="adamw8bit", **common),
+        "badam": MemoryPlanner(config, method="full", optimizer="adamw-fp32-master",
+                               foreach=False, **common),
+    }
+
+
+@pytest.mark.parametrize("row,measured,planner,kwargs", H200, ids=[r[0] for r in H200])
+def test_h200_rows_within_10_percent(h200_planners, row, measured, planner, kwargs):
+    est = h200_planners[planner].estimate(**kwargs)
+    assert est.peak_gib == pytest.approx(measured, rel=0.10), (row, est.peak_gib, est.phase)
+    assert est.peak_bytes == sum(est.breakdown.values())
+
+
+def test_h200_weights_and_state_are_exact(h200_planners):
+    lora = h200_planners["lora"].estimate()
+    params = 6_738_415_616  # trainable_params_now of the "full" line
+    adapters = 56_098_816  # of the "lora" line
+    assert lora.breakdown["weights"] == 2 * params + 4 * adapters
+    assert lora.breakdown["optimizer_state"] == 2 * 4 * adapters
+    full = h200_planners["full"].estimate(train_embeddings=True, train_head=True)
+    assert full.breakdown["optimizer_state"] == 2 * 2 * params
+
+
+def test_checkpointing_costs_recompute_flops(h200_planners):
+    lora = h200_planners["lora"]
+    plain = lora.estimate(TOP)
+    checkpointed = lora.estimate(TOP, gradient_checkpointing=True)
+    forced = lora.estimate(TOP, gradient_checkpointing=True, cut_backward=False)
+    assert plain.flops < checkpointed.flops < forced.flops
+    assert checkpointed.peak_bytes < plain.peak_bytes
+
+
+def _run_and_account(config, method, active, *, embeddings=False, head=False, rank=8):
+    """One accounted steady-state step of a random-init model on CPU (float32)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        model.config.use_cache = False
+        if method == "lora":
+            model = get_peft_model(model, LoraConfig(
+                r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]))
+    if method == "full":
+        model.requires_grad_(False)
+        for name, p in model.named_parameters():
+            if ".layers." in name:
+                p.requires_grad_(int(name.split(".layers.")[1].split(".")[0]) in active)
+            elif "embed_tokens" in name:
+                p.requires_grad_(embeddings)
+            else:
+                p.requires_grad_(head)
+    else:
+        for name, p in model.named_parameters():
+            if p.requires_grad and int(name.split(".layers.")[1].split(".")[0]) not in active:
+                p.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                            foreach=False)
+    ids = torch.randint(0, config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
+    held = {}
+
+    def step():
+        held["out"] = model(input_ids=ids, labels=ids)
+        held["out"].loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    return account_step(step, model=model, optimizer=opt)
+
+
+CPU_CASES = [
+    ("lora", [0, 1, 2, 3], False, False),
+    ("lora", [2, 3], False, False),
+    ("full", [1], False, False),
+    ("full", [0, 1, 2, 3], True, True),
+    ("full", [3], True, True),
+]
+
+
+@pytest.mark.parametrize("method,active,embeddings,head", CPU_CASES)
+def test_estimate_matches_an_accounted_cpu_run(method, active, embeddings, head):
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+    measured = _run_and_account(config, method, active, embeddings=embeddings, head=head)
+    est = estimate_peak_memory(config, batch_size=4, seq_len=64, dtype=torch.float32,
+                               method=method, lora_rank=8, active_layers=active,
+                               train_embeddings=embeddings, train_head=head, foreach=False)
+    assert est.peak_bytes == pytest.approx(measured.peak_bytes, rel=0.10)
+    for part in ("optimizer_state", "gradients"):
+        assert est.breakdown[part] == pytest.approx(measured.breakdown[part], rel=0.01,
+                                                    abs=1024)
+
+
+def test_planner_sums_are_monotone_in_the_active_set():
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                         num_attention_heads=4, vocab_size=256)
+    planner = MemoryPlanner(config, batch_size=2, seq_len=32, dtype=torch.float32)
+    peaks = [planner.estimate(list(range(low, 6))).peak_bytes for low in range(6)]
+    assert peaks == sorted(peaks, reverse=True) and peaks[0] > peaks[-1]
+    # layers above the lowest add state and adapter activations only
+    assert planner.estimate([0, 5]).peak_bytes < planner.estimate([0, 1, 2, 3, 4, 5]).peak_bytes
+
+
+@pytest.mark.parametrize("name", ["llama-2-7b", "llama-3-8b", "qwen2.5-7b", "smollm2-135m"])
+def test_named_shapes_have_their_published_parameter_counts(name):
+    expected = {"llama-2-7b": 6_738_415_616, "llama-3-8b": 8_030_261_248,
+                "qwen2.5-7b": 7_615_616_512, "smollm2-135m": 134_515_008}[name]
+    config = load_config(name)
+    planner = MemoryPlanner(config, batch_size=1, seq_len=16, method="full")
+    costs = planner.costs
+    total = (costs.num_layers * costs.block_param_count + costs.embed_param_count
+             + costs.head_param_count + costs.norm_param_count)
+    assert total == expected
+
+
+@pytest.mark.parametrize("kwargs,error,fragment", [
+    ({"method": "qlora"}, ValueError, "method must be one of"),
+    ({"optimizer": "sgd"}, ValueError, "optimizer must be one of"),
+    ({"batch_size": 0}, ValueError, "batch_size must be an integer >= 1"),
+    ({"active_layers": [0, 9]}, ValueError, "out of range"),
+    ({"lora_targets": ["nope"]}, ValueError, "name no linear layer"),
+    ({"lora_targets": "q_proj"}, TypeError, "list of module names"),
+    ({"dtype": torch.int8}, TypeError, "floating torch.dtype"),
+    ({"active_layers": []}, ValueError, "nothing trains"),
+    ({"surprise": 1}, TypeError, "unexpected keyword"),
+])
+def test_bad_input_is_a_clear_error(kwargs, error, fragment):
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, vocab_size=256)
+    args = dict(batch_size=2, seq_len=8, dtype=torch.float32)
+    args.update(kwargs)
+    with pytest.raises(error, match=fragment):
+        estimate_peak_memory(config, **args)
+
+
+def test_config_must_be_a_pretrained_config():
+    with pytest.raises(TypeError, match="PretrainedConfig"):
+        estimate_peak_memory({"hidden_size": 4}, batch_size=1, seq_len=1)
+
+
+@functools.cache
+def _small_planner() -> MemoryPlanner:
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                         num_attention_heads=4, vocab_size=256)
+    return MemoryPlanner(config, batch_size=2, seq_len=32, dtype=torch.float32)
+
+
+@given(st.sets(st.integers(0, 5), min_size=1), st.integers(0, 5),
+       st.sets(st.integers(0, 5)), st.booleans())
+def test_training_one_more_layer_never_needs_less(active, extra, checkpointed, cut):
+    planner = _small_planner()
+    kwargs = {"gradient_checkpointing": sorted(checkpointed), "cut_backward": cut}
+    less = planner.estimate(sorted(active), **kwargs)
+    more = planner.estimate(sorted(active | {extra}), **kwargs)
+    assert more.peak_bytes >= less.peak_bytes
+    assert more.flops >= less.flops
+    for est in (less, more):
+        assert est.peak_bytes == sum(est.breakdown.values())
+        assert min(est.breakdown.values()) >= 0
+
+
+def test_a_tied_head_trains_the_shared_embedding():
+    planner = MemoryPlanner(load_config("smollm2-135m"), batch_size=1, seq_len=16,
+                            method="full")
+    costs = planner.costs
+    assert costs.head_bytes == 0  # tied: the head is the embedding
+    est = planner.estimate([], train_head=True)
+    assert est.breakdown["optimizer_state"] == 2 * (costs.embed_bytes + costs.norm_bytes)
+
+
+def test_eager_attention_saves_the_probabilities():
+    config = load_config("llama-2-7b")
+    sdpa = MemoryPlanner(config, batch_size=8, seq_len=512, lora_rank=32)
+    eager = MemoryPlanner(config, batch_size=8, seq_len=512, lora_rank=32, attention="eager")
+    extra = (eager.costs.blocks[(False, True)].saved_bytes
+             - sdpa.costs.blocks[(False, True)].saved_bytes)
+    # eager keeps the fp32 softmax output and the bf16 probabilities (8 x 32 x 512 x 512)
+    # minus the flash kernel's log-sum-exp; the rest is the same
+    assert extra >= 8 * 32 * 512 * 512 * (4 + 2) - 8 * 32 * 512 * 4 - 2**27
