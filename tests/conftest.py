@@ -74,5 +74,16 @@ def llama_lora():
     return lora_model(4)
 
 
+def train_steps(model, opt, steps: int, start: int = 0) -> list[list[int]]:
+    """Train ``steps`` steps on ``lm_batch(seed=step)``; return each step's active layers."""
+    sets = []
+    for step in range(start, start + steps):
+        sets.append(opt.active_layers)
+        model(**lm_batch(seed=step)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return sets
+
+
 def params_snapshot(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -337,7 +337,7 @@ def test_resume_from_a_checkpoint_written_on_the_device(device, tmp_path):
     cpu_opt = ISTOptimizer(torch.optim.AdamW, cpu_model, **kwargs)
     cpu_opt.load_state_dict(on_cpu["optimizer"])
     assert cpu_opt.active_layers == full_sets[5] and cpu_opt.num_steps == 5
-    assert torch.equal(cpu_opt.scores, on_cpu["optimizer"]["ist"]["scores"].double())
+    assert torch.equal(cpu_opt.scores, on_cpu["optimizer"]["ist"]["sampler"]["scores"].double())
     assert _same(_state_on_cpu(cpu_opt.state_dict()["state"]),
                  _state_on_cpu(on_cpu["optimizer"]["state"]))
 

@@ -13,22 +13,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import lm_batch, lora_model, params_snapshot, tiny_llama
+from conftest import lm_batch, lora_model, params_snapshot, tiny_llama, train_steps
 from torch import nn
 
 import ist_optim.rounds as rounds_module
 from ist_optim import ISTOptimizer
 from ist_optim.dist_checkpoint import get_optimizer_state_dict, set_optimizer_state_dict
 
-
-def _train(model, opt, steps, start=0):
-    sets = []
-    for step in range(start, start + steps):
-        sets.append(opt.active_layers)
-        model(**lm_batch(seed=step)).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return sets
+_train = train_steps
 
 
 def _roundtrip(obj):

@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from conftest import lm_batch, lora_model
+from conftest import lora_model, train_steps
 
 from ist_optim import ISTOptimizer
 
@@ -20,14 +20,7 @@ def _roundtrip(state):
     return torch.load(buffer, weights_only=True)
 
 
-def _run(model, opt, steps, start=0):
-    sets = []
-    for step in range(start, start + steps):
-        sets.append(opt.active_layers)
-        model(**lm_batch(seed=step)).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return sets
+_run = train_steps
 
 
 @pytest.mark.parametrize("optimizer_cls", [torch.optim.AdamW, torch.optim.SGD])
