@@ -8,6 +8,7 @@ See README.md for how it works and what it measures.
 """
 
 from .backward import BackwardCut, reaches_trainable_parameter
+from .compile import compile_blocks, is_compiled_block
 from .estimators import FirstOrderProbe, normalized_score_update
 from .groups import LayerGroups, build_layer_groups, discover_layers
 from .history import ImportanceHistory
@@ -36,9 +37,11 @@ __all__ = [
     "StateResidency",
     "Suppressor",
     "build_layer_groups",
+    "compile_blocks",
     "discover_layers",
     "distribution_spread",
     "find_tuner_layers",
+    "is_compiled_block",
     "normalized_score_update",
     "paper_advantages",
     "plot_importance",

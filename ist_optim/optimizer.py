@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 from .backward import BackwardCut
 from .batches import BatchCapture, BatchCycler, LossFn, default_loss_fn, move_batch
 from .checkpoint import STATE_FORMAT_VERSION, check_ist_state, pop_ist_entry
+from .compile import check_not_compiled_whole
 from .distributed import (
     agree_on_seed,
     average_across_ranks,
@@ -169,6 +170,7 @@ class ISTOptimizer(Optimizer):
         skip_backward = resolve_skip_backward(freeze_inactive, skip_backward)
         check_batches_usable(sampling, estimator, importance_batches)
         check_wrapping(model, freeze_inactive)
+        check_not_compiled_whole(model, freeze_inactive)
         self._group = resolve_group(process_group)
 
         params, trainable = collect_params(model, params)
