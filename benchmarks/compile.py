@@ -155,11 +155,14 @@ def run_one(name: str, cfg: dict, active_frac: float, seed: int,
 def _table(rows: list[dict]) -> str:
     by = {r["config"]: r for r in rows}
     ref = by.get("floor", {}).get("step_ms")
+    ref_cpu = by.get("floor", {}).get("cpu_ms")
     lines = ["| config | active | graphs after 25 / 50 steps | recompile limit hit | "
-             "ms/step (wall) | ms/step (CPU) | x floor | round ms | 50 steps incl. compile (s) |",
+             "ms/step (wall) | ms/step (CPU) | x floor (wall / CPU) | round ms | "
+             "50 steps incl. compile (s) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        ratio = f"{r['step_ms'] / ref:.2f}" if ref else "-"
+        ratio = (f"{r['step_ms'] / ref:.2f} / {r['cpu_ms'] / ref_cpu:.2f}"
+                 if ref and ref_cpu else "-")
         round_ms = f"{r['round_ms']:.0f}" if r["round_ms"] is not None else "-"
         lines.append(
             f"| {r['config']} | {r['active_layers']}/{r['layers']} | {r['graphs_25']} / "
