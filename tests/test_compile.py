@@ -177,6 +177,11 @@ def test_compile_blocks_refuses_what_cannot_work():
     with pytest.raises(ValueError, match=r"submodule .*lora_B.*estimator='normalized'"):
         compile_blocks(opt)
     model = lora_model(2)
+    with pytest.warns(UserWarning, match="use_cache"):
+        compile_blocks(model)
+    with pytest.raises(ValueError, match=r"compile_blocks; estimator='first-order'"):
+        ISTOptimizer(torch.optim.AdamW, model, lr=1e-2, estimator="first-order")
+    model = lora_model(2)
     model.gradient_checkpointing_enable()
     with pytest.raises(ValueError, match="gradient_checkpointing_disable"):
         compile_blocks(model)
