@@ -9,6 +9,7 @@ See README.md for how it works and what it measures.
 
 from .activator import LayerActivator
 from .backward import BackwardCut, GraphMemo, reaches_trainable_parameter
+from .compile import compile_blocks, is_compiled_block
 from .config import ISTConfig
 from .estimators import FirstOrderProbe, normalized_score_update
 from .groups import LayerGroups, build_layer_groups, discover_layers
@@ -59,10 +60,12 @@ __all__ = [
     "Suppressor",
     "account_step",
     "build_layer_groups",
+    "compile_blocks",
     "discover_layers",
     "distribution_spread",
     "estimate_peak_memory",
     "find_tuner_layers",
+    "is_compiled_block",
     "normalized_score_update",
     "paper_advantages",
     "plot_importance",

@@ -70,6 +70,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .compile import is_compiled_block
 from .importance import score_update
 from .suppression import find_tuner_layers
 
@@ -242,7 +243,8 @@ class FirstOrderProbe:
             :class:`ist_optim.Suppressor`.
 
     Raises:
-        ValueError: for an adapter type other than plain LoRA in adapters mode.
+        ValueError: for an adapter type other than plain LoRA in adapters mode, or blocks
+            compiled by :func:`ist_optim.compile_blocks` in adapters mode.
 
     Example:
         >>> blocks = torch.nn.ModuleList(torch.nn.Linear(3, 3) for _ in range(2))
@@ -272,6 +274,13 @@ class FirstOrderProbe:
             return
         targets = []  # validate every adapter before registering any hook
         for layer, block in enumerate(blocks):
+            if is_compiled_block(block):
+                raise ValueError(
+                    f"layer {layer} was compiled by compile_blocks; estimator='first-order' "
+                    "hooks every lora_B inside the blocks, which would be traced into the "
+                    "compiled block and recompile it per layer: use estimator='normalized' "
+                    "(or 'paper') with compiled blocks"
+                )
             for tuner in find_tuner_layers(block):
                 _check_plain_lora(tuner, layer)
                 targets += [(layer, b) for b in tuner.lora_B.values()]  # type: ignore[union-attr]

@@ -33,6 +33,7 @@ from .checkpoint import (
     pop_ist_entry,
     validate_ist_entry,
 )
+from .compile import check_not_compiled_whole
 from .config import (
     ISTConfig,
     Sampling,
@@ -187,6 +188,7 @@ class ISTOptimizer(Optimizer):
         check_importance_batches(self.config, importance_batches)
         check_wrapping(model, freeze_inactive)
         check_adalora(model, freeze_inactive)
+        check_not_compiled_whole(model, freeze_inactive)
         self._group = resolve_group(process_group)
 
         self.model = model

@@ -91,6 +91,7 @@ class ISTCallback(TrainerCallback):
     # ------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         opt = self._optimizer(kwargs)
+        check_no_trainer_compile(args, opt)
         if self.importance_batches is not None and self._configured is not opt:
             seen = opt.num_steps // opt.update_interval
             opt.set_importance_batches(self.importance_batches, batches_seen=seen)
@@ -179,6 +180,26 @@ class ISTCallback(TrainerCallback):
             ) from None
 
 
+def check_no_trainer_compile(args: Any, opt: ISTOptimizer) -> None:
+    """Refuse ``TrainingArguments(torch_compile=True)`` when IST freezes layers.
+
+    The Trainer (through accelerate) compiles the whole model; every IST step freezes other
+    layers, so each new active set recompiles the whole graph until dynamo falls back to
+    eager. :func:`ist_optim.compile_blocks` is the supported route.
+
+    Raises:
+        ValueError: naming the fix, when ``args.torch_compile`` and ``opt.freeze_inactive``.
+    """
+    if getattr(args, "torch_compile", False) and opt.freeze_inactive:
+        raise ValueError(
+            "TrainingArguments(torch_compile=True) compiles the whole model, and every IST "
+            "step freezes other layers, so each active set would recompile it until dynamo "
+            "falls back to eager; set torch_compile=False and call "
+            "ist_optim.compile_blocks(optimizer) before trainer.train() (it compiles each "
+            "block once, shared by all blocks)"
+        )
+
+
 def _shuffled_train_set(trainer: Any) -> Any:
     """The training set in a fixed random order (private generator seeded by args.seed)."""
     dataset = trainer.train_dataset
@@ -222,7 +243,9 @@ def add_ist_callback(
         The callback (its ``history`` fills during training).
 
     Raises:
-        ValueError: for an unknown source name, a missing dataset, or a second ISTCallback.
+        ValueError: for an unknown source name, a missing dataset, a second ISTCallback,
+            or ``torch_compile=True`` in the Trainer's arguments (use
+            :func:`ist_optim.compile_blocks`).
 
     Example:
         >>> import tempfile, torch
@@ -256,6 +279,8 @@ def add_ist_callback(
     """
     if any(isinstance(cb, ISTCallback) for cb in trainer.callback_handler.callbacks):
         raise ValueError("trainer already has an ISTCallback; add one only")
+    if getattr(trainer.args, "torch_compile", False) and trainer.optimizer is not None:
+        check_no_trainer_compile(trainer.args, unwrap_ist_optimizer(trainer.optimizer))
     batches: Iterable[Any] | None
     if isinstance(importance_batches, str):
         if importance_batches not in _SOURCES:
