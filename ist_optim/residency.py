@@ -29,6 +29,9 @@ from torch.optim import Optimizer
 __all__ = ["StateResidency", "state_bytes", "STATE_POLICIES"]
 
 StatePolicy = Literal["keep", "offload", "drop"]
+BATCHED_COPY_BYTES = 1 << 20
+"""State tensors smaller than this (per layer, device and dtype) are copied to and from
+host memory together, in one copy; larger ones are copied one by one."""
 STATE_POLICIES = ("keep", "offload", "drop")
 
 
@@ -130,22 +133,36 @@ class StateResidency:
         for device in {device for device, _ in on_cuda}:
             self._side_stream(device).wait_stream(torch.cuda.current_stream(device))
         for (device, dtype), items in on_cuda.items():
-            stream = self._side_stream(device)
-            total = sum(value.numel() for _, _, value in items)
-            with torch.cuda.stream(stream):
-                host = torch.empty(total, dtype=dtype, pin_memory=True)
-                flat = torch.cat([value.reshape(-1) for _, _, value in items])
-                host.copy_(flat, non_blocking=True)
-            layout, offset = [], 0
-            for p, key, value in items:
-                value.record_stream(stream)  # keep the device buffer alive until copied
-                view = host[offset:offset + value.numel()].view(value.shape)
-                self._store[p][key] = (view, device)
-                layout.append((p, key, offset, value.shape))
-                offset += value.numel()
-            batch["flats"].append((host, device, layout))
+            # small tensors travel together (one copy); a large one alone, so that no
+            # device buffer of the layer's whole state is ever allocated for the copy
+            small = [item for item in items
+                     if item[2].numel() * item[2].element_size() < BATCHED_COPY_BYTES]
+            chunks = [small] if small else []
+            chunks += [[item] for item in items
+                       if item[2].numel() * item[2].element_size() >= BATCHED_COPY_BYTES]
+            for chunk in chunks:
+                batch["flats"].append(self._copy_out(chunk, device, dtype))
         for p in batch["params"]:
             self._batch_of[p] = batch
+
+    def _copy_out(self, chunk: list, device: torch.device, dtype: torch.dtype) -> tuple:
+        """One pinned host buffer and one copy for the state tensors of ``chunk``."""
+        stream = self._side_stream(device)
+        total = sum(value.numel() for _, _, value in chunk)
+        with torch.cuda.stream(stream):
+            host = torch.empty(total, dtype=dtype, pin_memory=True)
+            if len(chunk) == 1:
+                flat = chunk[0][2].reshape(-1)
+            else:
+                flat = torch.cat([value.reshape(-1) for _, _, value in chunk])
+            host.copy_(flat, non_blocking=True)
+        layout, offset = [], 0
+        for p, key, value in chunk:
+            value.record_stream(stream)  # keep the device buffer alive until copied
+            self._store[p][key] = (host[offset:offset + value.numel()].view(value.shape), device)
+            layout.append((p, key, offset, value.shape))
+            offset += value.numel()
+        return host, device, layout
 
     def activate(self, params: Iterable[torch.Tensor]) -> None:
         """Give offloaded state of ``params`` back to the optimizer, on its original device."""
