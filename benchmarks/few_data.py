@@ -302,13 +302,15 @@ def report(runs: list[dict[str, Any]], sweep_seed: int = 0, baseline: str = "lor
     """Markdown: the rate sweep, the results at the chosen rates, paired differences vs
     ``baseline`` seed by seed, and the mean test-loss curve."""
     chosen = choose_lrs(runs, sweep_seed)
+    swept = [r for r in runs if r["seed"] == sweep_seed]
+    rates = {m: sum(r["method"] == m for r in swept) for m in chosen}
     sweep_rows = []
-    for r in runs:
-        if r["seed"] != sweep_seed:
-            continue
+    for r in swept:
         bv, be = best(r, "val")
+        mark = ("yes" if rates[r["method"]] > 1 else "only rate") \
+            if chosen[r["method"]] == r["lr"] else ""
         sweep_rows.append([r["method"], f"{r['lr']:g}", f"{r['per_epoch'][-1]['val']:.4f}",
-                           f"{bv:.4f} ({be})", "yes" if chosen[r["method"]] == r["lr"] else ""])
+                           f"{bv:.4f} ({be})", mark])
     chosen_runs = final_runs(runs, sweep_seed)
     methods = list(dict.fromkeys(r["method"] for r in chosen_runs))
     rows = []
@@ -362,6 +364,7 @@ def report(runs: list[dict[str, Any]], sweep_seed: int = 0, baseline: str = "lor
 def plot(runs: list[dict[str, Any]], path: Path, sweep_seed: int = 0) -> None:
     """Test and train loss per epoch at the chosen rates: mean (thick), seeds (thin)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -385,6 +388,7 @@ def plot(runs: list[dict[str, Any]], path: Path, sweep_seed: int = 0) -> None:
     axes[0].set_title("held-out test plays: loss per epoch")
     axes[1].set_title("training subset: mean loss over the epoch")
     for ax in axes:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
