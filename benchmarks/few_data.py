@@ -344,12 +344,12 @@ def report(runs: list[dict[str, Any]], sweep_seed: int = 0, baseline: str = "lor
                                 ("final test loss", lambda r: r["per_epoch"][-1]["test"], 1),
                                 ("accuracy (points)", lambda r: r["accuracy"], 100)):
         for m, by_seed in paired(chosen_runs, baseline, value).items():
-            cells = [f"{scale * by_seed[s]:+.4f}" if scale == 1 else f"{scale * by_seed[s]:+.1f}"
-                     for s in sorted(by_seed)]
+            fmt = "+.4f" if scale == 1 else "+.1f"
+            cells = [format(scale * by_seed[s], fmt) for s in sorted(by_seed)]
             wins = sum(v < 0 for v in by_seed.values()) if scale == 1 else \
                 sum(v > 0 for v in by_seed.values())
             diff_rows.append([label, m, ", ".join(cells),
-                              f"{scale * statistics.fmean(by_seed.values()):+.4f}",
+                              format(scale * statistics.fmean(by_seed.values()), fmt),
                               f"{wins}/{len(by_seed)}"])
     text += [markdown_table(["measure", "method", "per seed (" + ", ".join(
         str(s) for s in sorted({r['seed'] for r in chosen_runs})) + ")", "mean",
