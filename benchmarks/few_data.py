@@ -90,7 +90,7 @@ def split_plays(names: list[str], test_fraction: float,
     Example:
         >>> train, val, test = split_plays([str(i) for i in range(38)], 0.1, 2)
         >>> test, val, len(train)
-        ([4, 14, 23, 33], [9, 27], 32)
+        ([4, 14, 23, 33], [9, 28], 32)
     """
     test = heldout_indices(len(names), test_fraction)
     rest = [i for i in range(len(names)) if i not in set(test)]
