@@ -188,9 +188,9 @@ def check_no_trainer_compile(args: Any, opt: ISTOptimizer) -> None:
     eager. :func:`ist_optim.compile_blocks` is the supported route.
 
     Raises:
-        ValueError: naming the fix, when ``args.torch_compile`` and ``opt.freeze_inactive``.
+        ValueError: naming the fix, when ``args.torch_compile`` and ``opt.config.freeze_inactive``.
     """
-    if getattr(args, "torch_compile", False) and opt.freeze_inactive:
+    if getattr(args, "torch_compile", False) and opt.config.freeze_inactive:
         raise ValueError(
             "TrainingArguments(torch_compile=True) compiles the whole model, and every IST "
             "step freezes other layers, so each active set would recompile it until dynamo "
