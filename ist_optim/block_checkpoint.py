@@ -69,6 +69,7 @@ class BlockCheckpointer:
     def __init__(self, blocks: Iterable[nn.Module]) -> None:
         self.blocks = list(blocks)
         self.checkpointed: list[int] = []
+        self._func = functools.partial(checkpoint, use_reentrant=False)
         self._hf = [_is_hf_layer(b) for b in self.blocks]
         #: whether any block was set to checkpoint before (transformers' own switch or a
         #: replaced ``forward`` of this class); this object now decides
@@ -82,8 +83,6 @@ class BlockCheckpointer:
                 self._saved.append((block.__dict__.get("gradient_checkpointing", _MISSING),
                                     block.__dict__.get("_gradient_checkpointing_func",
                                                        _MISSING)))
-                block._gradient_checkpointing_func = functools.partial(checkpoint,
-                                                                       use_reentrant=False)
                 block.gradient_checkpointing = False
             else:
                 self._saved.append((block.__dict__.get("forward", _MISSING), None))
@@ -100,7 +99,8 @@ class BlockCheckpointer:
             raise ValueError(f"blocks {bad} out of range: there are {len(self.blocks)} blocks")
         on = set(wanted)
         for i, block in enumerate(self.blocks):
-            if self._hf[i]:
+            if self._hf[i]:  # (re)written each time: a Trainer may have set its own
+                block._gradient_checkpointing_func = self._func
                 block.gradient_checkpointing = i in on
                 continue
             current = block.__dict__.get("forward")
@@ -110,6 +110,19 @@ class BlockCheckpointer:
             elif i not in on and wrapped:
                 self._restore_forward(i)
         self.checkpointed = wanted
+
+    def changed_elsewhere(self) -> bool:
+        """Whether a block's checkpointing differs from what :meth:`set` made it (e.g. the
+        HF Trainer's ``gradient_checkpointing=True`` switched every layer on)."""
+        on = set(self.checkpointed)
+        for i, block in enumerate(self.blocks):
+            if self._hf[i]:
+                if (bool(block.gradient_checkpointing) != (i in on)
+                        or block.__dict__.get("_gradient_checkpointing_func") is not self._func):
+                    return True
+            elif isinstance(block.__dict__.get("forward"), _CheckpointedForward) != (i in on):
+                return True
+        return False
 
     def _restore_forward(self, index: int) -> None:
         block, original = self.blocks[index], self._saved[index][0]

@@ -304,6 +304,15 @@ class MemoryBudget:
         self.checkpointer.set(self.decision.checkpointed)
         return self.decision
 
+    def take_back(self) -> bool:
+        """Re-apply the current decision if something else changed the blocks'
+        checkpointing since (the HF Trainer's ``gradient_checkpointing=True`` turns every
+        layer on after the optimizer was built); returns whether it had."""
+        if self.decision is None or not self.checkpointer.changed_elsewhere():
+            return False
+        self.checkpointer.set(self.decision.checkpointed)
+        return True
+
     def report(self) -> dict[str, Any]:
         """``memory_budget``, ``predicted_peak_bytes`` and ``checkpointed_layers`` of the
         coming step."""

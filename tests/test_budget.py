@@ -298,3 +298,15 @@ def test_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message) as info:
         ISTOptimizer(torch.optim.AdamW, lora_model(4), **kwargs)
     assert "\n" not in str(info.value)
+
+
+def test_take_back_after_the_model_switched_checkpointing_on(planner):
+    model = lora_model(4)
+    opt = _budget_opt(model, "1GiB", planner)
+    budget = opt.memory_budget
+    assert budget.take_back() is False  # nothing changed
+    model.get_base_model().activation_checkpointing_enable()  # what the HF Trainer does
+    assert all(layer.gradient_checkpointing for layer in _layers(model))
+    assert budget.take_back() is True
+    assert not any(layer.gradient_checkpointing for layer in _layers(model))
+    assert budget.take_back() is False
