@@ -53,6 +53,8 @@ class _CheckpointedForward:
 class BlockCheckpointer:
     """Turns activation checkpointing on for exactly the blocks given to :meth:`set`.
 
+    Building one changes nothing; the first :meth:`set` writes every block's setting.
+
     Args:
         blocks: the repeated blocks, in execution order.
 
@@ -83,7 +85,6 @@ class BlockCheckpointer:
                 self._saved.append((block.__dict__.get("gradient_checkpointing", _MISSING),
                                     block.__dict__.get("_gradient_checkpointing_func",
                                                        _MISSING)))
-                block.gradient_checkpointing = False
             else:
                 self._saved.append((block.__dict__.get("forward", _MISSING), None))
 
