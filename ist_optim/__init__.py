@@ -9,6 +9,8 @@ See README.md for how it works and what it measures.
 
 from .activator import LayerActivator
 from .backward import BackwardCut, GraphMemo, reaches_trainable_parameter
+from .block_checkpoint import BlockCheckpointer
+from .budget import BudgetDecision, CheckpointPolicy, MemoryBudget, parse_memory_budget
 from .compile import compile_blocks, is_compiled_block
 from .config import ISTConfig
 from .estimators import FirstOrderProbe, normalized_score_update
@@ -41,6 +43,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackwardCut",
+    "BlockCheckpointer",
+    "BudgetDecision",
+    "CheckpointPolicy",
     "FirstOrderProbe",
     "FirstOrderRound",
     "GraphMemo",
@@ -53,6 +58,7 @@ __all__ = [
     "LayerSampler",
     "NormalizedRound",
     "PaperRound",
+    "MemoryBudget",
     "MemoryEstimate",
     "MemoryPlanner",
     "StateResidency",
@@ -68,6 +74,7 @@ __all__ = [
     "is_compiled_block",
     "normalized_score_update",
     "paper_advantages",
+    "parse_memory_budget",
     "plot_importance",
     "reaches_trainable_parameter",
     "resolve_count",

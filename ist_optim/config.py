@@ -16,6 +16,7 @@ from typing import Any, Literal
 from torch import nn
 from torch.optim import Optimizer
 
+from .budget import parse_memory_budget
 from .estimators import ESTIMATORS, Estimator
 from .residency import STATE_POLICIES, StatePolicy
 from .suppression import SuppressionMode
@@ -176,6 +177,10 @@ class ISTConfig:
         scale_decay: ``beta`` (0.9): weight of the past in the running loss spread.
         depth_window: width of the ``"depth-aware"`` window, ``None`` for
             ``min(2 * active, layers)``.
+        memory_budget: bytes or a string like ``"24GiB"`` (see
+            :func:`ist_optim.budget.parse_memory_budget`); ``None``: no budget.
+        memory_shape: ``(batch_size, seq_len)`` of the largest training batch, for the
+            memory prediction of ``memory_budget``.
 
     Example:
         >>> ISTConfig(active_layers=2, sampling="uniform").runs_rounds
@@ -203,6 +208,8 @@ class ISTConfig:
     score_retention: float = 0.9
     scale_decay: float = 0.9
     depth_window: int | None = None
+    memory_budget: int | str | None = None
+    memory_shape: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         _check_count("active_layers", self.active_layers)
@@ -240,6 +247,30 @@ class ISTConfig:
         check_number("scale_decay", self.scale_decay, 0.0, 1.0, closed_high=False)
         if self.depth_window is not None:
             check_int("depth_window", self.depth_window, 1)
+        self._check_memory_options()
+
+    def _check_memory_options(self) -> None:
+        if self.memory_budget is not None:
+            parse_memory_budget(self.memory_budget)
+            if not self.freeze_inactive:
+                raise ValueError(
+                    "memory_budget needs freeze_inactive=True: with every layer computing "
+                    "gradients, the active set does not change the memory of a step")
+        shape = self.memory_shape
+        if shape is None:
+            return
+        if self.memory_budget is None:
+            raise ValueError("memory_shape is set but memory_budget is not; pass "
+                             "memory_budget= too, or drop memory_shape")
+        if (not isinstance(shape, tuple | list) or len(shape) != 2
+                or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in shape)):
+            raise ValueError(f"Invalid memory_shape: {shape!r}; expected (batch_size, seq_len), "
+                             "two ints >= 1: the largest batch a step trains on")
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        """``memory_budget`` in bytes (None: no budget)."""
+        return None if self.memory_budget is None else parse_memory_budget(self.memory_budget)
 
     @property
     def runs_rounds(self) -> bool:

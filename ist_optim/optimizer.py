@@ -26,6 +26,7 @@ from torch.optim import Optimizer
 
 from .activator import LayerActivator
 from .batches import LossFn
+from .budget import MemoryBudget
 from .checkpoint import (
     STATE_FORMAT_VERSION,
     full_optimizer_state,
@@ -51,6 +52,7 @@ from .distributed import (
 )
 from .estimators import Estimator
 from .groups import LayerGroups, LayersSpec, build_layer_groups
+from .memory import MemoryPlanner
 from .residency import StatePolicy, StateResidency, default_policy, state_bytes
 from .rounds import FirstOrderRound, ImportanceRound, SuppressionRound, build_round
 from .sampler import LayerSampler
@@ -132,6 +134,18 @@ class ISTOptimizer(Optimizer):
         scale_decay: ``beta`` of their running loss spread (0.9).
         depth_window: window width of ``sampling="depth-aware"`` (``None``:
             ``min(2 * active, layers)``).
+        memory_budget: device memory a step may use, in bytes or as a string
+            (``"24GiB"``, ``"512MiB"``); ``None`` (default): no budget. After each draw
+            the step's peak is predicted (:class:`ist_optim.MemoryPlanner`) and activation
+            checkpointing is turned on for the fewest blocks that make it fit, none when
+            it fits as it is (see :class:`ist_optim.budget.CheckpointPolicy`). Replaces
+            the model's own gradient checkpointing setting. Needs ``memory_shape`` or
+            ``memory_planner``.
+        memory_shape: ``(batch_size, seq_len)`` of the largest batch a step trains on;
+            the planner is built from the model (a transformers Llama-style causal LM,
+            bare or peft-wrapped; see :func:`ist_optim.budget.planner_for_model`).
+        memory_planner: a :class:`ist_optim.MemoryPlanner` to predict with instead
+            (other models, plain block lists, or settings the model does not show).
         **optimizer_kwargs: passed verbatim to ``optimizer_cls``.
 
     Example:
@@ -174,6 +188,9 @@ class ISTOptimizer(Optimizer):
         score_retention: float = 0.9,
         scale_decay: float = 0.9,
         depth_window: int | None = None,
+        memory_budget: int | str | None = None,
+        memory_shape: tuple[int, int] | None = None,
+        memory_planner: MemoryPlanner | None = None,
         **optimizer_kwargs: Any,
     ) -> None:
         check_optimizer_and_model(optimizer_cls, model, loss_fn)
@@ -184,7 +201,11 @@ class ISTOptimizer(Optimizer):
             suppression_mode=suppression_mode, freeze_inactive=freeze_inactive,
             state_policy=state_policy, skip_backward=skip_backward, seed=seed,
             advantage_scale=advantage_scale, score_retention=score_retention,
-            scale_decay=scale_decay, depth_window=depth_window)
+            scale_decay=scale_decay, depth_window=depth_window, memory_budget=memory_budget,
+            memory_shape=memory_shape)
+        if memory_planner is not None and memory_budget is None:
+            raise ValueError("memory_planner is set but memory_budget is not; pass "
+                             "memory_budget= too, or drop memory_planner")
         check_importance_batches(self.config, importance_batches)
         check_wrapping(model, freeze_inactive)
         check_adalora(model, freeze_inactive)
@@ -206,6 +227,12 @@ class ISTOptimizer(Optimizer):
         policy = state_policy_for(state_policy, default_policy(device, self.optimizer),
                                   is_sharded(trainable), device)
         residency = StateResidency(self.optimizer, policy)  # type: ignore[arg-type]
+        budget = self.config.memory_budget_bytes
+        self.memory_budget: MemoryBudget | None = None if budget is None else (
+            MemoryBudget.for_model(
+                model, self.optimizer, self.layer_groups.modules, budget,
+                shape=self.config.memory_shape, planner=memory_planner,
+                cut_backward=self.config.cuts_backward, keeps_all_state=policy == "keep"))
         # Hooks on the model last, once nothing can raise any more (the rounds validate
         # every adapter before they place a hook).
         self.rounds: ImportanceRound | None = build_round(
@@ -355,6 +382,8 @@ class ISTOptimizer(Optimizer):
     def _activate(self, active: list[int]) -> None:
         self.activator.set_active(active)
         self.sampler.active = list(self.activator.active)
+        if self.memory_budget is not None:
+            self.memory_budget.apply(self.sampler.active)
 
     def _step_inner(self, closure: Callable[[], Any] | None) -> Any:
         """Step the inner optimizer once, without firing torch's global step hooks a second
@@ -555,7 +584,9 @@ class ISTOptimizer(Optimizer):
             parameters' devices; ``state_bytes_offloaded``: state in host memory put
             there by ``state_policy="offload"``; ``active_trainable_bytes``: parameters
             trained in the coming step (active layers and the outside group);
-            ``active_layers``; ``state_policy``.
+            ``active_layers``; ``state_policy``; with ``memory_budget``:
+            ``memory_budget`` (bytes), ``predicted_peak_bytes`` of the coming step and
+            ``checkpointed_layers``, the blocks checkpointed in it (else None, None, []).
         """
         residency = self.activator.residency
         with self.full_state() as inner:
@@ -568,6 +599,9 @@ class ISTOptimizer(Optimizer):
             "active_trainable_bytes": sum(p.numel() * p.element_size() for p in params),
             "active_layers": self.active_layers,
             "state_policy": self.state_policy,
+            **(self.memory_budget.report() if self.memory_budget is not None else
+               {"memory_budget": None, "predicted_peak_bytes": None,
+                "checkpointed_layers": []}),
         }
 
     def close(self) -> None:
@@ -575,6 +609,8 @@ class ISTOptimizer(Optimizer):
         if self.rounds is not None:
             self.rounds.remove()
         self.activator.close()
+        if self.memory_budget is not None:
+            self.memory_budget.close()
 
     def __repr__(self) -> str:
         return (

@@ -253,3 +253,27 @@ def test_import_ist_optim_needs_no_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "lazy"
+
+
+def test_memory_budget_replaces_the_trainers_checkpointing_and_logs(tmp_path, caplog):
+    import logging
+
+    recorder = Recorder()
+    trainer = make_trainer(tmp_path, callbacks=[recorder], memory_budget="1GiB",
+                           memory_shape=(4, 8), sampling="uniform",
+                           args_overrides=dict(max_steps=2, eval_strategy="no",
+                                               gradient_checkpointing=True))
+    add_ist_callback(trainer, log_layers=False)
+    with caplog.at_level(logging.INFO, logger="ist_optim.integrations.callback"):
+        trainer.train()
+    assert any("replaced by the optimizer's memory_budget" in r.message for r in caplog.records)
+    assert any("checkpointed blocks []" in r.message for r in caplog.records)
+    layers = trainer.model.get_base_model().model.layers
+    assert not any(layer.gradient_checkpointing for layer in layers)  # 1 GiB: none needed
+    opt = ist_of(trainer)
+    logs = [e for e in recorder.logs if "loss" in e]
+    assert len(logs) == 2
+    for entry in logs:
+        assert entry["ist/checkpointed_blocks"] == 0.0
+        assert 0 < entry["ist/predicted_peak_bytes"] < 2**30
+    assert logs[-1]["ist/predicted_peak_bytes"] == opt.memory_report()["predicted_peak_bytes"]

@@ -36,7 +36,14 @@ class ISTCallback(TrainerCallback):
     * ``ist/importance_layer_<i>``: layer ``i``'s importance (higher = more important);
     * ``ist/state_bytes``, ``ist/state_bytes_offloaded``: bytes of the inner optimizer's
       state on the parameters' devices, and in host memory (``state_policy="offload"``),
-      from :meth:`ist_optim.ISTOptimizer.memory_report`.
+      from :meth:`ist_optim.ISTOptimizer.memory_report`;
+    * with the optimizer's ``memory_budget``: ``ist/predicted_peak_bytes`` and
+      ``ist/checkpointed_blocks`` (how many) of the coming step; the indices are logged at
+      INFO level.
+
+    With ``memory_budget``, the Trainer's own ``gradient_checkpointing=True`` (which turns
+    every layer on after the optimizer was built) is replaced at ``on_train_begin`` by the
+    budget's per-step choice, with a warning.
 
     Reporting callbacks (TensorBoard, W&B) run before callbacks passed in
     ``Trainer(callbacks=[...])``, so they would log before these keys are added: attach the
@@ -98,6 +105,16 @@ class ISTCallback(TrainerCallback):
             logger.info("IST importance rounds use %s (resumed after %d batches)",
                         type(self.importance_batches).__name__, seen)
         self._configured = opt
+        budget = opt.memory_budget
+        trainer_gc = bool(getattr(args, "activation_checkpointing", False)
+                          or getattr(args, "gradient_checkpointing", False))
+        # take_back() first: it re-applies the budget's choice if the Trainer's switch (or a
+        # load_state_dict by accelerate) left the blocks otherwise
+        if budget is not None and (budget.take_back() or trainer_gc):
+            logger.warning(
+                "IST: the Trainer's gradient checkpointing (gradient_checkpointing=True) is "
+                "replaced by the optimizer's memory_budget, which checkpoints per step only the "
+                "blocks that step needs to fit; set gradient_checkpointing=False to silence this")
         if self.history is None or self.history.num_layers != opt.num_layers:
             self.history = ImportanceHistory(num_layers=opt.num_layers)
         self._counts = torch.zeros(opt.num_layers, dtype=torch.long)
@@ -127,6 +144,12 @@ class ISTCallback(TrainerCallback):
         logs.update(entries)
         logger.info("IST step %d: trained %s, importance %s", opt.num_steps, self._trained,
                     [round(v, 4) for v in opt.importance.tolist()])
+        if opt.memory_budget is not None:
+            memory = opt.memory_report()
+            logger.info("IST next step: layers %s, checkpointed blocks %s, predicted peak %d "
+                        "bytes (budget %d)", memory["active_layers"],
+                        memory["checkpointed_layers"], memory["predicted_peak_bytes"],
+                        memory["memory_budget"])
         if self._counts is not None:
             self._counts.zero_()
         self._steps_since_log = 0
@@ -155,6 +178,9 @@ class ISTCallback(TrainerCallback):
             "ist/state_bytes": float(memory["state_bytes_on_device"]),
             "ist/state_bytes_offloaded": float(memory["state_bytes_offloaded"]),
         }
+        if memory["memory_budget"] is not None:  # the coming step's decision
+            entries["ist/predicted_peak_bytes"] = float(memory["predicted_peak_bytes"])
+            entries["ist/checkpointed_blocks"] = float(len(memory["checkpointed_layers"]))
         if not self.log_layers:
             return entries
         steps = max(self._steps_since_log, 1)

@@ -1,0 +1,326 @@
+"""``memory_budget=``: checkpoint only the blocks a step needs checkpointed to fit.
+
+IST's memory and time per step are set by the active set (above all its lowest layer).
+Under a budget, a step whose active set fits as it is runs without activation
+checkpointing; a step that does not fit checkpoints the fewest blocks that make it fit.
+
+* :func:`parse_memory_budget` reads ``24GiB`` / ``512MiB`` / ``10**9``;
+* :func:`planner_for_model` builds the :class:`~ist_optim.MemoryPlanner` of a transformers
+  Llama-style model (config, dtype, LoRA adapters, optimizer read from the model);
+* :class:`CheckpointPolicy` predicts each step's peak and picks the blocks to checkpoint.
+
+See docs/memory.md, "Training inside a memory budget".
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from .block_checkpoint import BlockCheckpointer
+from .memory import MemoryPlanner
+
+__all__ = ["BudgetDecision", "CheckpointPolicy", "MemoryBudget", "parse_memory_budget",
+           "planner_for_model"]
+
+_UNITS = {"B": 1, "kB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+_PATTERN = re.compile(r"(\d+(?:\.\d+)?)\s*([A-Za-z]+)")
+
+
+def _budget_error(value: Any) -> ValueError:
+    return ValueError(f"Invalid memory_budget: {value!r}; expected a positive number of bytes "
+                      f"(int) or a string like '24GiB' or '512MiB' (units: "
+                      f"{', '.join(_UNITS)})")
+
+
+def parse_memory_budget(value: int | str) -> int:
+    """Bytes of a memory budget: an int, or a number with a unit (``"24GiB"``, ``"1.5 GB"``).
+
+    Units are ``B``, decimal ``kB MB GB TB`` and binary ``KiB MiB GiB TiB``, spelled
+    exactly so; fractions of a byte are rounded down.
+
+    Raises:
+        TypeError: for anything but an int or a str (bools included).
+        ValueError: for a malformed string, an unknown unit, or a budget below 1 byte.
+
+    Example:
+        >>> parse_memory_budget("24GiB"), parse_memory_budget("1.5 kB"), parse_memory_budget(512)
+        (25769803776, 1500, 512)
+    """
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise TypeError(f"memory_budget must be an int (bytes) or a string like '24GiB', got "
+                        f"{value!r}")
+    if isinstance(value, int):
+        nbytes = value
+    else:
+        match = _PATTERN.fullmatch(value.strip())
+        if match is None or match.group(2) not in _UNITS:
+            raise _budget_error(value)
+        number, unit = match.groups()
+        if "." in number:
+            whole, frac = number.split(".")
+            nbytes = (int(whole + frac) * _UNITS[unit]) // 10 ** len(frac)  # exact
+        else:
+            nbytes = int(number) * _UNITS[unit]
+    if nbytes < 1:
+        raise _budget_error(value)
+    return nbytes
+
+
+def _decoder(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    return base, getattr(base, "model", None)
+
+
+def planner_for_model(model: nn.Module, optimizer: Optimizer, *, batch_size: int,
+                      seq_len: int) -> MemoryPlanner:
+    """The :class:`~ist_optim.MemoryPlanner` of ``model`` (a transformers Llama-style
+    causal LM, bare or wrapped by peft) training with ``optimizer`` on ``batch_size`` x
+    ``seq_len`` tokens.
+
+    Read from the model: the config, the weights' dtype, the attention implementation
+    (``"eager"``, else the fused kernel), and peft LoRA adapters (targets, the largest
+    rank, its alpha, the adapters' dtype; no adapters: full training). The optimizer is
+    modelled as AdamW (bitsandbytes 8-bit optimizers as AdamW8bit); optimizers with less
+    state (SGD, Adafactor) are over-estimated, never under.
+
+    Raises:
+        ValueError: for a model that is not a transformers Llama-style causal LM
+            (``model.config``, ``model.model.layers``, ``model.model.norm``), naming
+            ``memory_planner=`` as the way to describe it.
+    """
+    base, decoder = _decoder(model)
+    config = getattr(base, "config", None)
+    if (config is None or not isinstance(getattr(config, "hidden_size", None), int)
+            or not hasattr(decoder, "layers") or not hasattr(decoder, "norm")
+            or not hasattr(base, "get_input_embeddings")):
+        raise ValueError(
+            f"memory_shape= can only describe transformers Llama-style causal LMs (config, "
+            f"model.model.layers, model.model.norm); {type(base).__name__} is not one: pass "
+            f"memory_planner=MemoryPlanner(<a Llama-style config of its shape>, ...) instead")
+    dtype = base.get_input_embeddings().weight.dtype
+    targets, ranks, alphas, adapter_dtype = set(), [], {}, torch.float32
+    for name, module in decoder.layers.named_modules():
+        r, lora_a = getattr(module, "r", None), getattr(module, "lora_A", None)
+        if not isinstance(r, dict) or not isinstance(lora_a, nn.ModuleDict):
+            continue
+        for adapter in r:
+            if adapter in lora_a:
+                targets.add(name.rsplit(".", 1)[-1])
+                ranks.append(r[adapter])
+                alphas[r[adapter]] = module.lora_alpha[adapter]
+                adapter_dtype = lora_a[adapter].weight.dtype
+    name = type(optimizer).__name__.lower()
+    foreach = optimizer.defaults.get("foreach")
+    kwargs: dict[str, Any] = dict(
+        batch_size=batch_size, seq_len=seq_len, dtype=dtype,
+        optimizer="adamw8bit" if "8bit" in name else "adamw", foreach=foreach is not False,
+        attention="eager" if getattr(config, "_attn_implementation", None) == "eager"
+        else "sdpa")
+    if ranks:
+        rank = max(ranks)
+        kwargs.update(method="lora", lora_rank=rank, lora_alpha=alphas[rank],
+                      lora_targets=sorted(targets), adapter_dtype=adapter_dtype)
+    else:
+        kwargs.update(method="full")
+    return MemoryPlanner(config, **kwargs)
+
+
+def _trains(model: nn.Module, getter: str, trainable: Sequence[torch.Tensor]) -> bool:
+    base, _ = _decoder(model)
+    module = getattr(base, getter, lambda: None)()
+    weight = getattr(module, "weight", None)
+    return weight is not None and any(weight is p for p in trainable)
+
+
+@dataclass(frozen=True)
+class BudgetDecision:
+    """What :class:`CheckpointPolicy` chose for one step.
+
+    Attributes:
+        checkpointed: sorted indices of the blocks to checkpoint.
+        peak_bytes: the predicted peak of the step with them checkpointed.
+        fits: whether ``peak_bytes`` is within the budget.
+    """
+
+    checkpointed: list[int]
+    peak_bytes: int
+    fits: bool
+
+
+class CheckpointPolicy:
+    """Picks, per active set, the fewest blocks to checkpoint for the step to fit.
+
+    No block when the step fits without checkpointing. Otherwise blocks are added one at a
+    time until the predicted peak is within the budget, in this order: first the active
+    blocks from the lowest up (they save the most for backward), then the frozen blocks
+    above the lowest active one (backward runs through them, so they save activations
+    too). A block whose checkpointing does not lower the predicted peak is skipped (the
+    top block is recomputed as soon as backward starts, while every block below still
+    holds its activations). Blocks below the lowest active block save nothing when the
+    backward is cut, and are never chosen. When even every useful block does not fit,
+    those are checkpointed (the lowest peak the search finds) and a warning is given once.
+
+    Args:
+        planner: the model's :class:`~ist_optim.MemoryPlanner`.
+        budget: bytes (see :func:`parse_memory_budget`).
+        cut_backward, train_embeddings, train_head: passed to
+            :meth:`MemoryPlanner.estimate`.
+        keeps_all_state: the optimizer state of every layer stays on the device
+            (``state_policy="keep"``); else only the active layers'.
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        ...                      num_attention_heads=4, vocab_size=256)
+        >>> planner = MemoryPlanner(config, batch_size=2, seq_len=16, dtype=torch.float32)
+        >>> roomy = CheckpointPolicy(planner, 10**9)
+        >>> roomy.decide([1, 3]).checkpointed
+        []
+        >>> tight = planner.estimate([1, 3], gradient_checkpointing=[1]).peak_bytes
+        >>> decision = CheckpointPolicy(planner, tight).decide([1, 3])
+        >>> decision.checkpointed, decision.peak_bytes == tight
+        ([1], True)
+    """
+
+    def __init__(self, planner: MemoryPlanner, budget: int, *, cut_backward: bool = True,
+                 train_embeddings: bool = False, train_head: bool = False,
+                 keeps_all_state: bool = False) -> None:
+        self.planner = planner
+        self.budget = budget
+        self.cut_backward = cut_backward
+        self._options: dict[str, Any] = {
+            "cut_backward": cut_backward, "train_embeddings": train_embeddings,
+            "train_head": train_head,
+            "state_layers": list(range(planner.num_layers)) if keeps_all_state else None}
+        self._warned = False
+
+    def peak(self, active: Sequence[int], checkpointed: Sequence[int]) -> int:
+        """Predicted peak bytes of a step training ``active`` with ``checkpointed``."""
+        return self.planner.estimate(list(active), gradient_checkpointing=list(checkpointed),
+                                     **self._options).peak_bytes
+
+    def order(self, active: Sequence[int]) -> list[int]:
+        """The blocks in the order they are checkpointed (see the class docstring)."""
+        active = sorted(set(active))
+        lowest = active[0] if active and self.cut_backward else 0
+        frozen = [i for i in range(lowest, self.planner.num_layers) if i not in active]
+        return active + frozen
+
+    def decide(self, active: Sequence[int]) -> BudgetDecision:
+        """The blocks to checkpoint in a step that trains ``active``."""
+        chosen: list[int] = []
+        peak = self.peak(active, chosen)
+        for block in self.order(active):
+            if peak <= self.budget:
+                break
+            trial = self.peak(active, [*chosen, block])
+            if trial < peak:  # e.g. the top block: recomputed at once, it saves nothing
+                chosen.append(block)
+                peak = trial
+        fits = peak <= self.budget
+        if not fits and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"memory_budget of {self.budget:,} bytes is below the predicted peak of "
+                f"training layers {sorted(active)} even with checkpointing "
+                f"({peak:,} bytes); checkpointing blocks {sorted(chosen)}, the lowest "
+                f"peak found (warned once)", stacklevel=3)
+        return BudgetDecision(sorted(chosen), peak, fits)
+
+
+class MemoryBudget:
+    """A :class:`CheckpointPolicy` applied to a model's blocks through a
+    :class:`~ist_optim.block_checkpoint.BlockCheckpointer`: what ``ISTOptimizer``'s
+    ``memory_budget=`` runs after each draw of the active set.
+
+    Args:
+        policy: decides the blocks to checkpoint per active set.
+        blocks: the model's blocks (the optimizer's layers), as many as the planner's.
+
+    Raises:
+        ValueError: when the planner describes another number of blocks.
+    """
+
+    def __init__(self, policy: CheckpointPolicy, blocks: Sequence[nn.Module]) -> None:
+        if policy.planner.num_layers != len(blocks):
+            raise ValueError(
+                f"the memory planner describes {policy.planner.num_layers} blocks but the "
+                f"optimizer trains {len(blocks)} layers; memory_budget needs one planner "
+                f"block per layer (pass a matching memory_planner=)")
+        self.policy = policy
+        self.checkpointer = BlockCheckpointer(blocks)
+        if self.checkpointer.took_over:
+            warnings.warn(
+                "the model's gradient checkpointing is replaced by memory_budget, which "
+                "checkpoints per step only the blocks that step needs to fit; drop "
+                "gradient_checkpointing=True (or gradient_checkpointing_enable()) to silence "
+                "this", stacklevel=4)
+        self.decision: BudgetDecision | None = None
+
+    @classmethod
+    def for_model(cls, model: nn.Module, optimizer: Optimizer, blocks: Sequence[nn.Module],
+                  budget: int, *, shape: tuple[int, int] | None,
+                  planner: MemoryPlanner | None, cut_backward: bool,
+                  keeps_all_state: bool) -> MemoryBudget:
+        """Build the planner from ``shape`` (or take ``planner``) and the policy's options
+        from the model and the optimizer's parameters.
+
+        Raises:
+            ValueError: when neither or both of ``shape`` and ``planner`` are given, or
+                the model cannot be described (see :func:`planner_for_model`).
+        """
+        if (shape is None) == (planner is None):
+            raise ValueError(
+                "memory_budget needs the batch it must hold: pass memory_shape=(batch_size, "
+                "seq_len) of the largest batch, or memory_planner=MemoryPlanner(...) (one of "
+                "the two)")
+        if shape is not None:
+            planner = planner_for_model(model, optimizer, batch_size=shape[0],
+                                        seq_len=shape[1])
+        elif not isinstance(planner, MemoryPlanner):
+            raise TypeError(f"memory_planner must be an ist_optim.MemoryPlanner, got "
+                            f"{type(planner).__name__}")
+        assert planner is not None  # for type checkers: exactly one of the two was given
+        trainable = [p for group in optimizer.param_groups for p in group["params"]]
+        policy = CheckpointPolicy(
+            planner, budget, cut_backward=cut_backward,
+            train_embeddings=_trains(model, "get_input_embeddings", trainable),
+            train_head=_trains(model, "get_output_embeddings", trainable),
+            keeps_all_state=keeps_all_state)
+        return cls(policy, blocks)
+
+    def apply(self, active: Sequence[int]) -> BudgetDecision:
+        """Decide for ``active`` and checkpoint exactly the chosen blocks."""
+        self.decision = self.policy.decide(active)
+        self.checkpointer.set(self.decision.checkpointed)
+        return self.decision
+
+    def take_back(self) -> bool:
+        """Re-apply the current decision if something else changed the blocks'
+        checkpointing since (the HF Trainer's ``gradient_checkpointing=True`` turns every
+        layer on after the optimizer was built); returns whether it had."""
+        if self.decision is None or not self.checkpointer.changed_elsewhere():
+            return False
+        self.checkpointer.set(self.decision.checkpointed)
+        return True
+
+    def report(self) -> dict[str, Any]:
+        """``memory_budget``, ``predicted_peak_bytes`` and ``checkpointed_layers`` of the
+        coming step."""
+        decision = self.decision
+        return {"memory_budget": self.policy.budget,
+                "predicted_peak_bytes": None if decision is None else decision.peak_bytes,
+                "checkpointed_layers": [] if decision is None else list(decision.checkpointed)}
+
+    def close(self) -> None:
+        """Give the blocks back their own checkpointing."""
+        self.checkpointer.remove()

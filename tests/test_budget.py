@@ -1,0 +1,312 @@
+"""memory_budget=: per-step activation checkpointing of exactly the blocks a step needs."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import lm_batch, lora_model
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ist_optim import ISTOptimizer, MemoryPlanner
+from ist_optim.budget import CheckpointPolicy, parse_memory_budget, planner_for_model
+
+UNITS = {"B": 1, "kB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+         "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+
+# ------------------------------------------------------------------ the budget string
+def test_parse_examples():
+    assert parse_memory_budget("24GiB") == 24 * 2**30
+    assert parse_memory_budget(" 512 MiB ") == 512 * 2**20
+    assert parse_memory_budget("1.5GB") == 1_500_000_000
+    assert parse_memory_budget(4096) == 4096
+
+
+@pytest.mark.parametrize("bad", ["", "24", "GiB", "24 gigs", "24gib", "-1GiB", "0GiB",
+                                 "1e9B", "24GiB extra", "0.1B", "2..5GiB", 0, -5])
+def test_bad_budgets_raise_one_line_value_errors(bad):
+    with pytest.raises(ValueError, match="Invalid memory_budget") as info:
+        parse_memory_budget(bad)
+    assert "\n" not in str(info.value) and repr(bad) in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [True, 1.5e9, None, [24]])
+def test_budget_of_another_type_is_a_type_error(bad):
+    with pytest.raises(TypeError, match="memory_budget must be an int"):
+        parse_memory_budget(bad)
+
+
+@given(st.integers(1, 10**7), st.sampled_from(sorted(UNITS)), st.sampled_from(["", " "]),
+       st.integers(0, 999))
+def test_parse_is_exact_for_every_unit(number, unit, space, thousandths):
+    assert parse_memory_budget(f"{number}{space}{unit}") == number * UNITS[unit]
+    expected = (number * 1000 + thousandths) * UNITS[unit] // 1000
+    assert parse_memory_budget(f"{number}.{thousandths:03d}{unit}") == expected
+
+
+@given(st.text(max_size=12))
+def test_any_string_parses_or_raises_a_one_line_value_error(text):
+    try:
+        value = parse_memory_budget(text)
+    except ValueError as err:
+        assert "\n" not in str(err)
+    else:
+        assert isinstance(value, int) and value >= 1
+
+
+# ------------------------------------------------------------------ HF models
+@pytest.fixture(scope="module")
+def planner():
+    """The planner ``memory_shape=(2, 8)`` builds for ``lora_model(4)`` (built once)."""
+    model = lora_model(4)
+    built = planner_for_model(model, torch.optim.AdamW(model.parameters()), batch_size=2,
+                              seq_len=8)
+    assert built.method == "lora" and built.settings["lora_rank"] == 4
+    return built
+
+
+def _budget_opt(model, budget, planner=None, **kwargs):
+    kwargs = {"lr": 1e-2, "seed": 0, "sampling": "uniform", "active_layers": 2, **kwargs}
+    where = {"memory_shape": (2, 8)} if planner is None else {"memory_planner": planner}
+    return ISTOptimizer(torch.optim.AdamW, model, memory_budget=budget, **where, **kwargs)
+
+
+def _layers(model):
+    return model.get_base_model().model.layers
+
+
+def _train(opt, model, steps):
+    """Steps on fixed batches; returns (active set, checkpointed blocks) of each step."""
+    record = []
+    for i in range(steps):
+        record.append((opt.active_layers, opt.memory_report()["checkpointed_layers"]))
+        model(**lm_batch(seed=i)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return record
+
+
+def test_budget_that_fits_everything_checkpoints_nothing(planner):
+    model = lora_model(4)
+    opt = _budget_opt(model, "1GiB")  # builds its planner from the model and memory_shape
+    assert opt.memory_budget.policy.planner.costs == planner.costs
+    record = _train(opt, model, 4)
+    assert all(ckpt == [] for _, ckpt in record)
+    assert not any(layer.gradient_checkpointing for layer in _layers(model))
+    report = opt.memory_report()
+    assert report["memory_budget"] == 2**30 and 0 < report["predicted_peak_bytes"] < 2**30
+
+
+def _count_calls(module):
+    calls = [0]
+    module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_tight_budget_checkpoints_exactly_what_the_policy_says(planner):
+    policy = CheckpointPolicy(planner, 1, keeps_all_state=True)  # state_policy "keep"
+    active = [1, 2]
+    budget = policy.peak(active, [1])
+    assert policy.peak(active, []) > budget  # without checkpointing it does not fit
+    model = lora_model(4)
+    opt = _budget_opt(model, budget, planner)
+    opt.set_active_layers(active)
+    report = opt.memory_report()
+    assert report["checkpointed_layers"] == [1]
+    assert report["predicted_peak_bytes"] == budget
+    assert [layer.gradient_checkpointing for layer in _layers(model)] == [False, True,
+                                                                         False, False]
+    # block 1 is recomputed in backward (its MLP runs twice), block 2 is not
+    calls = [_count_calls(layer.mlp) for layer in _layers(model)]
+    model(**lm_batch()).loss.backward()
+    assert [c[0] for c in calls] == [1, 2, 1, 1]
+
+
+def test_policy_order_and_greedy(planner):
+    policy = CheckpointPolicy(planner, 1)
+    assert policy.order([2, 3]) == [2, 3]
+    assert policy.order([1, 3]) == [1, 3, 2]
+    assert CheckpointPolicy(planner, 1, cut_backward=False).order([1, 3]) == [1, 3, 0, 2]
+    one = policy.peak([1, 3], [1])
+    assert policy.peak([1, 3], []) > one
+    assert CheckpointPolicy(planner, one).decide([1, 3]).checkpointed == [1]
+    # the top block is recomputed as backward starts: checkpointing it raises the peak, so
+    # it is skipped, and block 2 (frozen, but backward runs through it) is taken instead
+    assert policy.peak([1, 3], [1, 3]) > one
+    assert policy.peak([1, 3], [1, 2]) < one
+    with pytest.warns(UserWarning, match="even with checkpointing"):
+        decision = policy.decide([1, 3])
+    assert decision.checkpointed == [1, 2] and not decision.fits
+    assert decision.peak_bytes == policy.peak([1, 3], [1, 2])
+    assert decision.peak_bytes <= policy.peak([1, 3], [0, 1, 2, 3])
+
+
+def test_budget_below_everything_warns_once(planner):
+    model = lora_model(4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = _budget_opt(model, 1, planner)
+        record = _train(opt, model, 3)
+    policy = opt.memory_budget.policy
+    for active, ckpt in record:
+        assert ckpt and policy.peak(active, ckpt) < policy.peak(active, [])
+    assert sum("even with checkpointing" in str(w.message) for w in caught) == 1
+
+
+def test_parameters_bit_identical_to_always_checkpointing(planner):
+    probe = CheckpointPolicy(planner, 1, keeps_all_state=True)
+    budget = probe.peak([2, 3], [])  # the top pair fits as it is; lower sets do not
+    model = lora_model(4)
+    opt = _budget_opt(model, budget, planner)
+    record = _train(opt, model, 8)
+    assert any(ckpt == [] for _, ckpt in record) and any(ckpt for _, ckpt in record)
+
+    reference = lora_model(4)
+    reference.get_base_model().activation_checkpointing_enable()
+    ref_opt = ISTOptimizer(torch.optim.AdamW, reference, lr=1e-2, seed=0, sampling="uniform",
+                           active_layers=2)
+    ref_record = _train(ref_opt, reference, 8)
+    assert [a for a, _ in record] == [a for a, _ in ref_record]
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_close_restores_the_layers(planner):
+    model = lora_model(4)
+    with pytest.warns(UserWarning, match="even with checkpointing"):
+        opt = _budget_opt(model, 1, planner)
+    assert any(layer.gradient_checkpointing for layer in _layers(model))
+    opt.close()
+    assert not any(layer.gradient_checkpointing for layer in _layers(model))
+    assert not any("_gradient_checkpointing_func" in layer.__dict__ for layer in _layers(model))
+
+
+def test_model_checkpointing_is_replaced_with_a_warning(planner):
+    model = lora_model(4)
+    model.get_base_model().activation_checkpointing_enable()
+    with pytest.warns(UserWarning, match="gradient checkpointing is replaced by memory_budget"):
+        opt = _budget_opt(model, "1GiB", planner)
+    assert opt.memory_report()["checkpointed_layers"] == []
+    assert not any(layer.gradient_checkpointing for layer in _layers(model))
+
+
+# ------------------------------------------------------------------ plain block lists
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x + self.down(torch.tanh(self.up(x)))
+
+
+class Net(nn.Module):
+    def __init__(self, checkpoint_all: bool = False) -> None:
+        super().__init__()
+        gen = torch.random.get_rng_state()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(Block(8) for _ in range(4))
+        torch.random.set_rng_state(gen)
+        self.checkpoint_all = checkpoint_all
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if self.checkpoint_all else block(x)
+        return x
+
+
+def _plain_planner():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, vocab_size=64)
+    return MemoryPlanner(config, batch_size=2, seq_len=8, dtype=torch.float32)
+
+
+def _plain_run(net, steps, **kwargs):
+    opt = ISTOptimizer(torch.optim.AdamW, net, layers=list(net.blocks), lr=1e-2, seed=0,
+                       sampling="uniform", active_layers=2, **kwargs)
+    gen = torch.Generator().manual_seed(0)
+    record = []
+    for _ in range(steps):
+        record.append((opt.active_layers, opt.memory_report()["checkpointed_layers"]))
+        for block in net.blocks:
+            block.calls = 0
+        net(torch.randn(4, 8, generator=gen)).pow(2).mean().backward()
+        record[-1] += ([block.calls for block in net.blocks],)
+        opt.step()
+        opt.zero_grad()
+    return record, opt
+
+
+def test_plain_blocks_bit_identical_and_recomputed():
+    planner = _plain_planner()
+    budget = CheckpointPolicy(planner, 1, keeps_all_state=True).peak([2, 3], [])
+    net = Net()
+    record, opt = _plain_run(net, 8, memory_budget=budget, memory_planner=planner)
+    assert any(ckpt == [] for _, ckpt, _ in record) and any(ckpt for _, ckpt, _ in record)
+    for active, ckpt, calls in record:  # a checkpointed block runs forward twice
+        assert calls == [2 if i in ckpt else 1 for i in range(4)], (active, ckpt)
+    reference = Net(checkpoint_all=True)
+    ref_record, _ = _plain_run(reference, 8)
+    assert [a for a, _, _ in record] == [a for a, _, _ in ref_record]
+    for p, q in zip(net.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, q)
+    # close() gives the blocks their own forward back
+    opt.close()
+    assert all("forward" not in block.__dict__ for block in net.blocks)
+
+
+# ------------------------------------------------------------------ construction errors
+def test_budget_needs_a_shape_or_a_planner():
+    with pytest.raises(ValueError, match="memory_shape=\\(batch_size, seq_len\\)"):
+        ISTOptimizer(torch.optim.AdamW, lora_model(4), memory_budget="1GiB")
+
+
+def test_model_the_planner_cannot_describe():
+    net = Net()
+    with pytest.raises(ValueError, match="Llama-style causal LMs.*memory_planner="):
+        ISTOptimizer(torch.optim.AdamW, net, layers=list(net.blocks), memory_budget="1GiB",
+                     memory_shape=(2, 8))
+
+
+def test_planner_of_another_depth():
+    net = Net()
+    planner = MemoryPlanner(_plain_planner().config.__class__(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+        vocab_size=64), batch_size=2, seq_len=8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="describes 6 blocks but the optimizer trains 4"):
+        ISTOptimizer(torch.optim.AdamW, net, layers=list(net.blocks), memory_budget="1GiB",
+                     memory_planner=planner)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"memory_budget": "24 gigs", "memory_shape": (2, 8)}, "Invalid memory_budget"),
+    ({"memory_budget": "1GiB", "memory_shape": (2, 0)}, "Invalid memory_shape"),
+    ({"memory_shape": (2, 8)}, "memory_shape is set but memory_budget is not"),
+    ({"memory_budget": "1GiB", "memory_shape": (2, 8), "freeze_inactive": False},
+     "needs freeze_inactive=True"),
+])
+def test_bad_options(kwargs, message):
+    with pytest.raises(ValueError, match=message) as info:
+        ISTOptimizer(torch.optim.AdamW, lora_model(4), **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_take_back_after_the_model_switched_checkpointing_on(planner):
+    model = lora_model(4)
+    opt = _budget_opt(model, "1GiB", planner)
+    budget = opt.memory_budget
+    assert budget.take_back() is False  # nothing changed
+    model.get_base_model().activation_checkpointing_enable()  # what the HF Trainer does
+    assert all(layer.gradient_checkpointing for layer in _layers(model))
+    assert budget.take_back() is True
+    assert not any(layer.gradient_checkpointing for layer in _layers(model))
+    assert budget.take_back() is False
