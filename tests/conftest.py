@@ -63,6 +63,26 @@ def lora_model(num_layers: int = 4, seed: int = 0, **lora_kwargs):
     return model
 
 
+def save_tiny_llama_dir(folder, texts: list[str]):
+    """Save a 4-layer random Llama and a byte-level BPE tokenizer trained on ``texts`` to
+    ``folder`` (what ``ist-finetune --model DIR`` loads); returns ``folder``."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=300, min_frequency=1, special_tokens=["</s>"],
+                            show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="</s>")
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
 def lm_batch(batch: int = 2, seq: int = 8, vocab: int = 64, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq), generator=g)

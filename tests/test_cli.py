@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import lm_batch, lora_model
+from conftest import lm_batch, lora_model, save_tiny_llama_dir
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -36,22 +36,7 @@ TEXT = ("Shall I compare thee to a summer's day? Thou art more lovely and more t
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 4-layer random Llama and a byte-level BPE tokenizer trained on TEXT, saved."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([TEXT], vocab_size=300, min_frequency=1, special_tokens=["</s>"],
-                            show_progress=False)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="</s>")
-    tokenizer.save_pretrained(folder)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    return save_tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama"), [TEXT])
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_llama_dir
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -175,24 +176,11 @@ def test_report_pairs_each_seed_with_the_baseline():
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     """Ten fake plays and a 4-layer random Llama with a byte-level BPE tokenizer."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     plays = tmp_path_factory.mktemp("plays")
     for i in range(10):
         (plays / f"play{i}.txt").write_text(_play(i))
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([_play(i) for i in range(10)], vocab_size=300, min_frequency=1,
-                            special_tokens=["</s>"], show_progress=False)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="</s>")
-    tokenizer.save_pretrained(folder)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        LlamaForCausalLM(config).save_pretrained(folder)
+    folder = save_tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama"),
+                                 [_play(i) for i in range(10)])
     return folder, plays
 
 
