@@ -169,11 +169,12 @@ class StateResidency:
         if self.policy != "offload":
             return
         wanted = [p for p in params if p in self._store]
+        wanted_set = set(wanted)
         whole = []  # batches coming back complete: one copy per flat buffer
         for p in wanted:
             batch = self._batch_of.get(p)
             if (batch is not None and all(b is not batch for b in whole)
-                    and batch["params"] <= set(wanted)):
+                    and batch["params"] <= wanted_set):
                 whole.append(batch)
         restored: dict[torch.Tensor, dict[str, Any]] = {}
         for batch in whole:
