@@ -40,17 +40,25 @@ def _train(model, opt, steps, on_step=None):
             on_step(step + 1)
 
 
+def _compiled_ist(update_interval: int):
+    """A fresh dynamo cache and counters, a 4-layer LoRA Llama, its ISTOptimizer, blocks
+    compiled with aot_eager (inductor's guards without the C++ build)."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = lora_model(4)
+    model.config.use_cache = False
+    opt = ISTOptimizer(torch.optim.AdamW, model, lr=1e-2, seed=0,
+                       update_interval=update_interval)
+    compile_blocks(opt, backend="aot_eager")
+    return model, opt
+
+
 @pytest.fixture(scope="module")
 def compiled_run():
     """50 IST steps (paper sampling and importance rounds) with compiled blocks, beside the
     same 50 steps in eager mode; the recompile limit is lifted so that a storm would show
     as a growing count instead of a silent fallback to eager."""
-    torch._dynamo.reset()
-    counters.clear()
-    model = lora_model(4)
-    model.config.use_cache = False
-    opt = ISTOptimizer(torch.optim.AdamW, model, lr=1e-2, seed=0, update_interval=10)
-    compile_blocks(opt, backend="aot_eager")
+    model, opt = _compiled_ist(update_interval=10)
     graphs = {}
     with torch._dynamo.config.patch(recompile_limit=1000):
         _train(model, opt, STEPS, lambda s: graphs.__setitem__(s, _graphs()))
@@ -106,12 +114,7 @@ def test_trainer_runs_with_compiled_blocks():
 
     from ist_optim.integrations import add_ist_callback
 
-    torch._dynamo.reset()
-    counters.clear()
-    model = lora_model(4)
-    model.config.use_cache = False
-    opt = ISTOptimizer(torch.optim.AdamW, model, lr=1e-2, seed=0, update_interval=2)
-    compile_blocks(opt, backend="aot_eager")
+    model, opt = _compiled_ist(update_interval=2)
     data = [{k: v[0] for k, v in lm_batch(1, 8, seed=i).items()} for i in range(8)]
     args = TrainingArguments(tempfile.mkdtemp(), max_steps=6, per_device_train_batch_size=2,
                              use_cpu=True, report_to=[], disable_tqdm=True,
