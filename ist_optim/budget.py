@@ -81,7 +81,7 @@ def _decoder(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
 
 
 def planner_for_model(model: nn.Module, optimizer: Optimizer, *, batch_size: int,
-                      seq_len: int) -> MemoryPlanner:
+                      seq_len: int, keep_logits: bool = True) -> MemoryPlanner:
     """The :class:`~ist_optim.MemoryPlanner` of ``model`` (a transformers Llama-style
     causal LM, bare or wrapped by peft) training with ``optimizer`` on ``batch_size`` x
     ``seq_len`` tokens.
@@ -90,7 +90,8 @@ def planner_for_model(model: nn.Module, optimizer: Optimizer, *, batch_size: int
     (``"eager"``, else the fused kernel), and peft LoRA adapters (targets, the largest
     rank, its alpha, the adapters' dtype; no adapters: full training). The optimizer is
     modelled as AdamW (bitsandbytes 8-bit optimizers as AdamW8bit); optimizers with less
-    state (SGD, Adafactor) are over-estimated, never under.
+    state (SGD, Adafactor) are over-estimated, never under. ``keep_logits``: see
+    :class:`~ist_optim.MemoryPlanner` (False for a loop that keeps only the loss).
 
     Raises:
         ValueError: for a model that is not a transformers Llama-style causal LM
@@ -124,7 +125,7 @@ def planner_for_model(model: nn.Module, optimizer: Optimizer, *, batch_size: int
         batch_size=batch_size, seq_len=seq_len, dtype=dtype,
         optimizer="adamw8bit" if "8bit" in name else "adamw", foreach=foreach is not False,
         attention="eager" if getattr(config, "_attn_implementation", None) == "eager"
-        else "sdpa")
+        else "sdpa", keep_logits=keep_logits)
     if ranks:
         rank = max(ranks)
         kwargs.update(method="lora", lora_rank=rank, lora_alpha=alphas[rank],
