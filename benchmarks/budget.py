@@ -101,6 +101,14 @@ METHODS: dict[str, Method] = {
     "badam+gc": Method("full", "badam", "model"),
 }
 LR_GRID = (5e-4, 1e-3, 2e-3, 4e-3)
+# Full fine-tuning diverges at adapter rates (benchmarks/few_data.py chose 1e-4): its grid is
+# shifted down by the same factors.
+FULL_LR_GRID = (1e-4, 2e-4, 5e-4, 1e-3)
+
+
+def lr_grid(name: str) -> tuple[float, ...]:
+    """The rates swept for method ``name``."""
+    return FULL_LR_GRID if METHODS[name].peft == "full" else LR_GRID
 
 
 # --------------------------------------------------------------------------- data
@@ -117,7 +125,7 @@ class Data:
 
 
 def prepare(args: argparse.Namespace) -> Data:
-    docs = load_documents("shakespeare")
+    docs = load_documents(args.data)
     train_i, val_i, test_i = split_plays([d.name for d in docs], 0.1, 2)
     tokenizer = load_tokenizer(args.model)
 
@@ -174,7 +182,7 @@ def run_one(name: str, method: Method, lr: float, seed: int, steps: int, data: D
     """Train ``method`` (called ``name``) at ``lr`` for ``steps`` steps inside ``budget``
     (None: unbudgeted, to measure the budget itself)."""
     device = args.device
-    model = add_adapters(load_model(args.model, args.dtype), method.peft, rank=8,
+    model = add_adapters(load_model(args.model, args.dtype), method.peft, rank=args.rank,
                          seed=seed).to(device)
     ist_kwargs = dict(method.ist_kwargs)
     if method.checkpointing == "model":
@@ -279,24 +287,23 @@ def chosen_lrs(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {m: lr for m, (_v, lr) in best.items()}
 
 
-def todo(methods: list[str], lrs: tuple[float, ...], seeds: list[int],
+def todo(methods: list[str], grids: dict[str, tuple[float, ...]], seeds: list[int],
          rows: list[dict[str, Any]]) -> list[tuple[str, str, float, int]]:
-    """The runs left, as (phase, method, lr, seed): first every method's sweep on seed 0,
-    then per method (in order) its chosen rate on every seed.
+    """The runs left, as (phase, method, lr, seed): first every method's sweep on seed 0
+    (methods with one rate have none), then per method its chosen rate on every seed.
 
     Example:
-        >>> todo(["a"], (1.0, 2.0), [0, 1], [])
+        >>> todo(["a"], {"a": (1.0, 2.0)}, [0, 1], [])
         [('sweep', 'a', 1.0, 0), ('sweep', 'a', 2.0, 0)]
+        >>> todo(["a"], {"a": (1.0,)}, [0, 1], [])
+        [('final', 'a', 1.0, 0), ('final', 'a', 1.0, 1)]
     """
     have = {(r.get("phase"), r["method"], r["lr"], r["seed"]) for r in rows if "method" in r}
-    if len(lrs) > 1:
-        sweep = [("sweep", m, lr, 0) for m in methods for lr in lrs
-                 if ("sweep", m, lr, 0) not in have]
-        if sweep:
-            return sweep
-        chosen = chosen_lrs(rows)
-    else:
-        chosen = {m: lrs[0] for m in methods}
+    sweep = [("sweep", m, lr, 0) for m in methods if len(grids[m]) > 1 for lr in grids[m]
+             if ("sweep", m, lr, 0) not in have]
+    if sweep:
+        return sweep
+    chosen = {**chosen_lrs(rows), **{m: g[0] for m, g in grids.items() if len(g) == 1}}
     return [("final", m, chosen[m], s) for m in methods for s in seeds
             if ("final", m, chosen[m], s) not in have]
 
@@ -436,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--lrs", type=float, nargs="+", default=None,
-                   help=f"rates to sweep (default {LR_GRID}; on cuda one rate, 1e-3)")
+                   help=f"rates to sweep for every method (default {LR_GRID}, full "
+                   f"fine-tuning {FULL_LR_GRID}; on cuda one rate, 1e-3)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=None, help="default 200 (cpu), 30 (cuda)")
     p.add_argument("--sweep-steps", type=int, default=50)
@@ -447,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch", type=int, default=8)
     p.add_argument("--margin", type=float, default=0.10)
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--data", default="shakespeare")
+    p.add_argument("--rank", type=int, default=8, help="LoRA / DoRA rank")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--out", type=Path, default=OUT_DIR / "runs.jsonl")
     p.add_argument("--max-runs", type=int, default=None)
@@ -474,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     args.batch_size = args.batch_size or (8 if cuda else 4)
     args.seq_len = args.seq_len or (512 if cuda else 128)
     args.dtype = torch.bfloat16 if cuda else torch.float32
-    lrs = tuple(args.lrs) if args.lrs else ((1e-3,) if cuda else LR_GRID)
+    grids = {m: tuple(args.lrs) if args.lrs else ((1e-3,) if cuda else lr_grid(m))
+             for m in args.methods}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     data = prepare(args)
     rows = read([args.out])
@@ -495,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     done = 0
     while args.max_runs is None or done < args.max_runs:
         rows = read([args.out])
-        left = todo(args.methods, lrs, args.seeds, rows)
+        left = todo(args.methods, grids, args.seeds, rows)
         if not left:
             break
         phase, name, lr, seed = left[0]
