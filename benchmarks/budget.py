@@ -203,13 +203,14 @@ def run_one(name: str, method: Method, lr: float, seed: int, steps: int, data: D
     meter = PeakMeter(device, model, optimizer)
     cpu, wall, accounted, losses, checkpointed = [], [], [], [], []
     evals = [{"step": 0, **base}]
-    trainable = [p for p in model.parameters() if p.requires_grad]
     held: dict[str, float] = {}
 
     def one_step(batch: dict[str, torch.Tensor]) -> None:
         loss = model(**batch).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in trainable if p.grad is not None], 1.0)
+        # every parameter with a gradient (IST's trainable set changes from step to step)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
+                                       1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         held["loss"] = loss.item()
