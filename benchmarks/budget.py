@@ -87,6 +87,9 @@ FIRST_ORDER = {"estimator": "first-order", "sampling": "depth-aware"}
 METHODS: dict[str, Method] = {
     "lora+gc": Method("lora", "adamw", "model"),
     "dora+gc": Method("dora", "adamw", "model"),
+    # LoRA on every layer, every step, in ISTOptimizer: memory_budget then checkpoints only
+    # the blocks needed to fit (the same updates as lora+gc; only memory and time differ).
+    "lora+budget": Method("lora", "ist", "budget", {"active_layers": 1.0, "sampling": "uniform"}),
     "lora+ist+budget": Method("lora", "ist", "budget"),
     "lora+ist-fo-da+budget": Method("lora", "ist", "budget", FIRST_ORDER),
     "lora+uniform+budget": Method("lora", "ist", "budget", {"sampling": "uniform"}),
