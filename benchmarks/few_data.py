@@ -119,7 +119,8 @@ def pick_blocks(tokens: torch.Tensor, seq_len: int, count: int,
     return blocks[index].clone()
 
 
-def _stream(tokenizer: Any, texts: list[str]) -> torch.Tensor:
+def token_stream(tokenizer: Any, texts: list[str]) -> torch.Tensor:
+    """The token ids of ``texts``, one after another, each followed by EOS."""
     ids: list[int] = []
     for text in texts:
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -137,10 +138,10 @@ def prepare(args: argparse.Namespace) -> Setup:
         return [docs[i].text for i in idx]
 
     data_gen = torch.Generator().manual_seed(args.data_seed)
-    train = pick_blocks(_stream(tokenizer, texts(train_i)), args.seq_len, args.train_blocks,
+    train = pick_blocks(token_stream(tokenizer, texts(train_i)), args.seq_len, args.train_blocks,
                         data_gen)
-    val = pick_blocks(_stream(tokenizer, texts(val_i)), args.seq_len, args.eval_blocks)
-    test = pick_blocks(_stream(tokenizer, texts(test_i)), args.seq_len, args.eval_blocks)
+    val = pick_blocks(token_stream(tokenizer, texts(val_i)), args.seq_len, args.eval_blocks)
+    test = pick_blocks(token_stream(tokenizer, texts(test_i)), args.seq_len, args.eval_blocks)
     questions = next_line_questions(texts(test_i), args.questions_per_play,
                                     seed=args.data_seed)
     plays = {"train": [docs[i].name for i in train_i], "val": [docs[i].name for i in val_i],

@@ -4,8 +4,9 @@
 #   1. LoRA and LoRA + IST: 3 learning rates each on seed 0, then seeds 1 and 2 at the rate
 #      with the lowest validation loss at the last epoch;
 #   2. full + IST: 2 rates on seed 0;
-#   3. LoRA + IST first-order and LoRA + uniform at the rate chosen for LoRA + IST, seed 0;
-#   4. the remaining seeds (1, 2) of full + IST and of the two IST variants.
+#   3. LoRA + IST first-order and LoRA + uniform: the same 3 rates each on seed 0;
+#   4. the remaining seeds (1, 2) of full + IST and of the two IST variants, each at its own
+#      chosen rate.
 # All runs append to one JSONL file; a rerun skips the runs already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,8 +20,8 @@ run() {
     --lrs lora=3e-4,1e-3,3e-3 --lrs lora+ist=3e-4,1e-3,3e-3 "$@"
 }
 ALL=(lora lora+ist full+ist lora+ist-first-order lora+uniform)
-SAME=(--same-lr-as lora+ist-first-order=lora+ist --same-lr-as lora+uniform=lora+ist)
+SWEEP=(--lrs lora+ist-first-order=3e-4,1e-3,3e-3 --lrs lora+uniform=3e-4,1e-3,3e-3)
 run --methods lora lora+ist
 run --methods lora lora+ist full+ist --seeds 0
-run --methods "${ALL[@]}" "${SAME[@]}" --seeds 0
-run --methods "${ALL[@]}" "${SAME[@]}"
+run --methods "${ALL[@]}" "${SWEEP[@]}" --seeds 0
+run --methods "${ALL[@]}" "${SWEEP[@]}"

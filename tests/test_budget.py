@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -13,7 +14,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ist_optim import ISTOptimizer, MemoryPlanner
-from ist_optim.budget import CheckpointPolicy, parse_memory_budget, planner_for_model
+from ist_optim.budget import (
+    PLANNING_HEADROOM,
+    CheckpointPolicy,
+    parse_memory_budget,
+    planner_for_model,
+)
 
 UNITS = {"B": 1, "kB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
@@ -108,23 +114,45 @@ def _count_calls(module):
     return calls
 
 
+def _budget_for(peak):
+    """The smallest budget whose planning limit (less the headroom) holds ``peak``."""
+    return math.ceil(peak / (1 - PLANNING_HEADROOM)) + 1
+
+
 def test_tight_budget_checkpoints_exactly_what_the_policy_says(planner):
     policy = CheckpointPolicy(planner, 1, keeps_all_state=True)  # state_policy "keep"
     active = [1, 2]
-    budget = policy.peak(active, [1])
-    assert policy.peak(active, []) > budget  # without checkpointing it does not fit
+    peak = policy.peak(active, [1])
+    assert policy.peak(active, []) > _budget_for(peak)  # without checkpointing it does not fit
     model = lora_model(4)
+    budget = _budget_for(peak)
     opt = _budget_opt(model, budget, planner)
     opt.set_active_layers(active)
     report = opt.memory_report()
     assert report["checkpointed_layers"] == [1]
-    assert report["predicted_peak_bytes"] == budget
+    assert report["predicted_peak_bytes"] == peak and report["memory_budget"] == budget
     assert [layer.gradient_checkpointing for layer in _layers(model)] == [False, True,
                                                                          False, False]
     # block 1 is recomputed in backward (its MLP runs twice), block 2 is not
     calls = [_count_calls(layer.mlp) for layer in _layers(model)]
     model(**lm_batch()).loss.backward()
     assert [c[0] for c in calls] == [1, 2, 1, 1]
+
+
+def test_headroom_plans_each_step_below_the_budget(planner):
+    """Planning to 100% of the budget put a SmolLM2 step 1.5 MiB over its 950 MiB budget
+    (the planner was 0.3% low): a step fits only within the budget less the headroom."""
+    exact = CheckpointPolicy(planner, 1).peak([1, 2], [])
+    bare = CheckpointPolicy(planner, exact, headroom=0.0).decide([1, 2])
+    assert bare.checkpointed == [] and bare.fits
+    planned = CheckpointPolicy(planner, exact)  # the default headroom
+    assert planned.limit == int(exact * (1 - PLANNING_HEADROOM)) < exact
+    decision = planned.decide([1, 2])
+    assert decision.checkpointed and decision.peak_bytes <= planned.limit and decision.fits
+    assert CheckpointPolicy(planner, _budget_for(exact)).decide([1, 2]).checkpointed == []
+    for bad in (-0.1, 1.0, float("nan"), True, "2%"):
+        with pytest.raises(ValueError, match="Invalid headroom"):
+            CheckpointPolicy(planner, exact, headroom=bad)
 
 
 def test_policy_order_and_greedy(planner):
@@ -134,7 +162,7 @@ def test_policy_order_and_greedy(planner):
     assert CheckpointPolicy(planner, 1, cut_backward=False).order([1, 3]) == [1, 3, 0, 2]
     one = policy.peak([1, 3], [1])
     assert policy.peak([1, 3], []) > one
-    assert CheckpointPolicy(planner, one).decide([1, 3]).checkpointed == [1]
+    assert CheckpointPolicy(planner, one, headroom=0.0).decide([1, 3]).checkpointed == [1]
     # the top block is recomputed as backward starts: checkpointing it raises the peak, so
     # it is skipped, and block 2 (frozen, but backward runs through it) is taken instead
     assert policy.peak([1, 3], [1, 3]) > one
@@ -160,7 +188,7 @@ def test_budget_below_everything_warns_once(planner):
 
 def test_parameters_bit_identical_to_always_checkpointing(planner):
     probe = CheckpointPolicy(planner, 1, keeps_all_state=True)
-    budget = probe.peak([2, 3], [])  # the top pair fits as it is; lower sets do not
+    budget = _budget_for(probe.peak([2, 3], []))  # the top pair fits as it is; lower do not
     model = lora_model(4)
     opt = _budget_opt(model, budget, planner)
     record = _train(opt, model, 8)
@@ -248,7 +276,7 @@ def _plain_run(net, steps, **kwargs):
 
 def test_plain_blocks_bit_identical_and_recomputed():
     planner = _plain_planner()
-    budget = CheckpointPolicy(planner, 1, keeps_all_state=True).peak([2, 3], [])
+    budget = _budget_for(CheckpointPolicy(planner, 1, keeps_all_state=True).peak([2, 3], []))
     net = Net()
     record, opt = _plain_run(net, 8, memory_budget=budget, memory_planner=planner)
     assert any(ckpt == [] for _, ckpt, _ in record) and any(ckpt for _, ckpt, _ in record)

@@ -127,6 +127,11 @@ class MemoryPlanner:
             moment-sized temporary for all parameters at once; False: one parameter at a
             time.
         attention: ``"sdpa"`` (the fused attention kernel a GPU runs) or ``"eager"``.
+        keep_logits: the default of :meth:`estimate`'s ``keep_logits``: whether the training
+            loop holds the model's output (and so its logits) through backward, as
+            ``out = model(**batch); out.loss.backward()`` does. False for a loop that keeps
+            only the loss (``loss = model(**batch).loss``, the HF Trainer): one logits tensor
+            less at the peak.
 
     Example:
         >>> from transformers import LlamaConfig
@@ -146,7 +151,8 @@ class MemoryPlanner:
                  lora_rank: int = 8, lora_alpha: float | None = None,
                  lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS,
                  adapter_dtype: torch.dtype = torch.float32, optimizer: str = "adamw",
-                 foreach: bool = True, attention: str = "sdpa") -> None:
+                 foreach: bool = True, attention: str = "sdpa",
+                 keep_logits: bool = True) -> None:
         for name, value in (("batch_size", batch_size), ("seq_len", seq_len),
                             ("lora_rank", lora_rank)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -166,6 +172,7 @@ class MemoryPlanner:
         if isinstance(lora_targets, str):
             raise TypeError(f"lora_targets must be a list of module names, got {lora_targets!r}")
         self.config = config
+        self.keep_logits = bool(keep_logits)
         self.method = method
         self.optimizer = optimizer
         self.foreach = foreach
@@ -218,7 +225,7 @@ class MemoryPlanner:
                  cut_backward: bool = True, train_embeddings: bool = False,
                  train_head: bool = False, state_layers: Sequence[int] | None = None,
                  offloaded_layers: Sequence[int] | None = None,
-                 keep_logits: bool = True) -> MemoryEstimate:
+                 keep_logits: bool | None = None) -> MemoryEstimate:
         """Peak of one steady-state training step with ``active_layers`` training.
 
         Args:
@@ -240,8 +247,11 @@ class MemoryPlanner:
             offloaded_layers: blocks whose optimizer state waits in host memory (IST's
                 ``state_policy="offload"`` holds every visited inactive layer there);
                 counted in ``host_bytes`` only.
-            keep_logits: the caller keeps the returned logits until the next forward ends.
+            keep_logits: the caller keeps the returned logits until the next forward ends
+                (None: the planner's ``keep_logits``).
         """
+        if keep_logits is None:
+            keep_logits = self.keep_logits
         n = self.num_layers
         active = self._layers(active_layers, "active_layers", range(n))
         if not active and not (train_embeddings or train_head):
@@ -343,7 +353,9 @@ def _walk(step: _Step, costs: ModelCosts, modes: Sequence[tuple[bool, bool]], lo
     flops += head.forward_flops + head.backward_flops
     step.mark("loss forward", head.forward_extra_bytes)
     step.add("activations", head.saved_bytes)
-    step.add("transient", head.after_forward_bytes - head.saved_bytes - logits_kept)
+    # The forward has returned: the previous output's logits go (kept), or else the new
+    # output's (the loop keeps only the loss, so nothing refers to them).
+    step.add("transient", head.after_forward_bytes - head.saved_bytes - costs.logits_bytes)
     step.mark("loss backward", head.backward_extra_bytes)
     step.add("activations", -head.saved_bytes)
     step.add("gradients", grads["head"])

@@ -1,0 +1,533 @@
+"""Inside one memory budget: which method gives the best model for the time spent?
+
+The question a user with an N GiB card has. The budget is the *measured* peak of the
+baseline a user would run, LoRA on every layer with gradient checkpointing (``lora+gc``),
+plus ``--margin`` (default 10%); LoRA without checkpointing must not fit it (checked, the
+run stops otherwise). Every method then trains inside that budget:
+
+* adapters or BAdam with the model's own gradient checkpointing on every block
+  (``lora+gc``, ``dora+gc``, ``badam+gc``);
+* IST with ``memory_budget=`` (``+budget``): per step, only the blocks that step needs
+  checkpointed to fit are checkpointed, none when the active set fits as it is.
+
+Protocol (CPU, SmolLM2-135M, the Shakespeare plays of ``benchmarks/few_data.py``: training
+plays, 2 validation plays, the 4 held-out test plays): each method's learning rate is
+chosen from ``--lrs`` by the validation loss after ``--sweep-steps`` steps on seed 0; the
+chosen rate then runs ``--steps`` steps on every seed of ``--seeds`` (the sweep never sees
+the test plays). Batches of ``--batch-size`` x ``--seq-len`` tokens in the same order for
+every method of a seed (one pass over the training plays, no block repeats).
+
+Measured per run: the test (and validation) loss every ``--eval-every`` steps, the CPU
+time (``time.process_time``) and wall time of every step, and the peak memory. On CPU the
+peak is :func:`ist_optim.account_step` (exact tensor bytes) of steps 1 and 2, every 10th
+step, and every IST step whose predicted peak is the highest so far; accounting slows a
+step (~12%), so an accounted step's time is replaced by the mean of the run's other steps.
+On CUDA every step's ``torch.cuda.max_memory_allocated`` is the peak and the time is wall
+time (synchronised).
+
+Rows go to ``--out`` (JSONL) as each run ends; a rerun skips what is there, so a cut run
+resumes. ``--report`` builds the tables (equal steps, equal CPU time by linear
+interpolation of the eval points, paired per-seed differences vs ``lora+gc``) and the
+curves. Commands of docs/benchmarks.md::
+
+    OMP_NUM_THREADS=1 python benchmarks/budget.py --methods lora+gc lora+ist-fo-da+budget
+    python benchmarks/budget.py --report benchmarks/results/budget/runs.jsonl \\
+        --table benchmarks/results/budget/budget.md --plot benchmarks/results/budget/curves.png
+
+GPU mode (``--device cuda``): the same methods at a larger shape (bf16, 8 x 512 tokens) for
+``--steps 30`` without a sweep (``--lrs`` one rate each), memory and wall time only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from few_data import pick_blocks, split_plays, token_stream  # noqa: E402
+
+from ist_optim import ISTOptimizer, account_step  # noqa: E402
+from ist_optim.budget import planner_for_model  # noqa: E402
+from ist_optim.cli.data import block_batches, load_documents  # noqa: E402
+from ist_optim.cli.models import add_adapters, load_model, load_tokenizer  # noqa: E402
+from ist_optim.cli.report import markdown_table  # noqa: E402
+from ist_optim.cli.train import build_optimizer, evaluate  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+OUT_DIR = HERE / "results" / "budget"
+BASELINE = "lora+gc"
+
+
+@dataclass(frozen=True)
+class Method:
+    """A way to fine-tune inside the budget.
+
+    ``checkpointing``: ``"model"`` (every block, the model's own gradient checkpointing) or
+    ``"budget"`` (``ISTOptimizer(memory_budget=...)``).
+    """
+
+    peft: str
+    optimizer: str
+    checkpointing: str
+    ist_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+FIRST_ORDER = {"estimator": "first-order", "sampling": "depth-aware"}
+METHODS: dict[str, Method] = {
+    "lora+gc": Method("lora", "adamw", "model"),
+    "dora+gc": Method("dora", "adamw", "model"),
+    "lora+ist+budget": Method("lora", "ist", "budget"),
+    "lora+ist-fo-da+budget": Method("lora", "ist", "budget", FIRST_ORDER),
+    "lora+uniform+budget": Method("lora", "ist", "budget", {"sampling": "uniform"}),
+    "full+ist-3+budget": Method("full", "ist", "budget",
+                                {**FIRST_ORDER, "active_layers": 3, "state_policy": "drop"}),
+    "full+ist-25%+budget": Method("full", "ist", "budget",
+                                  {**FIRST_ORDER, "active_layers": 0.25,
+                                   "state_policy": "drop"}),
+    # LISA-style: 2 uniformly drawn blocks of full fine-tuning per step, no importance.
+    "lisa+budget": Method("full", "ist", "budget",
+                          {"sampling": "uniform", "active_layers": 2, "state_policy": "drop"}),
+    "badam+gc": Method("full", "badam", "model"),
+}
+LR_GRID = (5e-4, 1e-3, 2e-3, 4e-3)
+# Full fine-tuning diverges at adapter rates (benchmarks/few_data.py chose 1e-4): its grid is
+# shifted down by the same factors.
+FULL_LR_GRID = (1e-4, 2e-4, 5e-4, 1e-3)
+
+
+def lr_grid(name: str) -> tuple[float, ...]:
+    """The rates swept for method ``name``."""
+    return FULL_LR_GRID if METHODS[name].peft == "full" else LR_GRID
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class Data:
+    train: torch.Tensor  # one token stream (training plays)
+    val: torch.Tensor  # blocks
+    test: torch.Tensor  # blocks
+    eval_batch: int
+
+    def batches(self, blocks: torch.Tensor, device: str) -> list[dict[str, torch.Tensor]]:
+        return [{k: v.to(device) for k, v in b.items()}
+                for b in block_batches(blocks.flatten(), blocks.shape[1], self.eval_batch)]
+
+
+def prepare(args: argparse.Namespace) -> Data:
+    docs = load_documents(args.data)
+    train_i, val_i, test_i = split_plays([d.name for d in docs], 0.1, 2)
+    tokenizer = load_tokenizer(args.model)
+
+    def stream(idx: list[int]) -> torch.Tensor:
+        return token_stream(tokenizer, [docs[i].text for i in idx])
+
+    return Data(stream(train_i), pick_blocks(stream(val_i), args.seq_len, args.eval_blocks),
+                pick_blocks(stream(test_i), args.seq_len, args.eval_blocks), args.eval_batch)
+
+
+# --------------------------------------------------------------------------- measuring
+class PeakMeter:
+    """Peak bytes of a training step: exact tensor accounting on CPU (some steps), the
+    allocator's peak on CUDA (every step)."""
+
+    def __init__(self, device: str, model: torch.nn.Module, optimizer: Any) -> None:
+        self.device, self.model, self.optimizer = device, model, optimizer
+        self.peak = 0
+        self.accounted: list[int] = []
+        self._highest_prediction = -1
+
+    def wants(self, step: int, predicted: int | None) -> bool:
+        if self.device != "cpu":
+            return False
+        new_high = predicted is not None and predicted > self._highest_prediction
+        if predicted is not None:
+            self._highest_prediction = max(self._highest_prediction, predicted)
+        return step <= 2 or step % 10 == 0 or new_high
+
+    def run(self, step: int, one_step: Callable[[], None], predicted: int | None) -> bool:
+        """Run the step (accounted if chosen); returns whether it was accounted."""
+        if self.device != "cpu":
+            torch.cuda.reset_peak_memory_stats()
+            one_step()
+            torch.cuda.synchronize()
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated())
+            return False
+        if not self.wants(step, predicted):
+            one_step()
+            return False
+        peak = account_step(one_step, model=self.model, optimizer=self.optimizer).peak_bytes
+        self.peak = max(self.peak, peak)
+        self.accounted.append(step)
+        return True
+
+
+def gradient_checkpointing(model: Any) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def run_one(name: str, method: Method, lr: float, seed: int, steps: int, data: Data,
+            args: argparse.Namespace, budget: int | None, *, eval_every: int,
+            splits: tuple[str, ...], base: dict[str, float]) -> dict[str, Any]:
+    """Train ``method`` (called ``name``) at ``lr`` for ``steps`` steps inside ``budget``
+    (None: unbudgeted, to measure the budget itself)."""
+    device = args.device
+    model = add_adapters(load_model(args.model, args.dtype), method.peft, rank=args.rank,
+                         seed=seed).to(device)
+    ist_kwargs = dict(method.ist_kwargs)
+    if method.checkpointing == "model":
+        gradient_checkpointing(model)
+    elif budget is not None:
+        # The loop below keeps only the loss, not the output's logits (keep_logits=False).
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        planner = planner_for_model(model, torch.optim.AdamW(trainable),
+                                    batch_size=args.batch_size, seq_len=args.seq_len,
+                                    keep_logits=False)
+        ist_kwargs.update(memory_budget=budget, memory_planner=planner)
+    optimizer = build_optimizer(method.optimizer, model, lr=lr, seed=seed,
+                                ist_kwargs=ist_kwargs if method.optimizer == "ist" else None)
+    ist = optimizer if isinstance(optimizer, ISTOptimizer) else None
+    model.train()
+    batches = block_batches(data.train, args.seq_len, args.batch_size,
+                            generator=torch.Generator().manual_seed(seed))
+    meter = PeakMeter(device, model, optimizer)
+    cpu, wall, accounted, losses, checkpointed = [], [], [], [], []
+    evals = [{"step": 0, **base}]
+    held: dict[str, float] = {}
+
+    def one_step(batch: dict[str, torch.Tensor]) -> None:
+        loss = model(**batch).loss
+        loss.backward()
+        # every parameter with a gradient (IST's trainable set changes from step to step)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
+                                       1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        held["loss"] = loss.item()
+
+    for step in range(1, steps + 1):
+        batch = {k: v.to(device) for k, v in next(batches).items()}
+        report = ist.memory_report() if ist is not None and budget is not None else {}
+        checkpointed.append(len(report.get("checkpointed_layers", [])))
+        start, start_cpu = time.perf_counter(), time.process_time()
+        accounted.append(meter.run(step, lambda b=batch: one_step(b),
+                                   report.get("predicted_peak_bytes")))
+        cpu.append(time.process_time() - start_cpu)
+        wall.append(time.perf_counter() - start)
+        losses.append(held["loss"])
+        if step % eval_every == 0 or step == steps:
+            evals.append({"step": step, **{s: evaluate(model, data.batches(
+                getattr(data, s), device)) for s in splits}})
+    if ist is not None:
+        ist.close()
+    plain = [c for c, a in zip(cpu, accounted, strict=True) if not a] or cpu
+    plain_wall = [w for w, a in zip(wall, accounted, strict=True) if not a] or wall
+    cpu_fair = [statistics.fmean(plain) if a else c for c, a in zip(cpu, accounted, strict=True)]
+    wall_fair = [statistics.fmean(plain_wall) if a else w
+                 for w, a in zip(wall, accounted, strict=True)]
+    return {"method": name, "lr": lr, "seed": seed, "steps": steps, "device": device,
+            "batch_size": args.batch_size, "seq_len": args.seq_len, "model": args.model,
+            "budget_bytes": budget, "peak_bytes": meter.peak, "accounted_steps": meter.accounted,
+            "cpu_seconds": cpu_fair, "wall_seconds": wall_fair,
+            "cpu_seconds_per_step": statistics.fmean(plain),
+            "wall_seconds_per_step": statistics.fmean(plain_wall),
+            "checkpointed_blocks": checkpointed, "train_losses": losses, "evals": evals}
+
+
+def measure_budget(data: Data, args: argparse.Namespace, base: dict[str, float]
+                   ) -> dict[str, Any]:
+    """The budget: the peak of ``lora+gc`` plus the margin; LoRA without checkpointing must
+    exceed it."""
+    measured = {name: run_one(name, method, 1e-3, 0, 3, data, args, None, eval_every=10**9,
+                              splits=(), base=base)
+                for name, method in ((BASELINE, METHODS[BASELINE]),
+                                     ("lora", Method("lora", "adamw", "none")))}
+    gc, plain = measured[BASELINE], measured["lora"]
+    budget = int(gc["peak_bytes"] * (1 + args.margin))
+    if plain["peak_bytes"] <= budget:
+        raise SystemExit(f"LoRA without checkpointing peaks at {plain['peak_bytes']:,} bytes, "
+                         f"within the budget {budget:,}: lower --margin")
+    return {"phase": "budget", "device": args.device, "model": args.model,
+            "batch_size": args.batch_size, "seq_len": args.seq_len, "margin": args.margin,
+            "lora_gc_peak_bytes": gc["peak_bytes"], "lora_peak_bytes": plain["peak_bytes"],
+            "budget_bytes": budget, "lora_gc_cpu_seconds_per_step": gc["cpu_seconds_per_step"],
+            "lora_cpu_seconds_per_step": plain["cpu_seconds_per_step"]}
+
+
+# --------------------------------------------------------------------------- plan
+def read(paths: list[Path]) -> list[dict[str, Any]]:
+    return [json.loads(line) for p in paths if p.exists()
+            for line in p.read_text().splitlines() if line.strip()]
+
+
+def chosen_lrs(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Per method, the swept rate with the lowest final validation loss.
+
+    Example:
+        >>> rows = [{"phase": "sweep", "method": "m", "lr": lr, "evals": [{"val": v}]}
+        ...         for lr, v in ((1e-3, 4.0), (2e-3, 3.5))]
+        >>> chosen_lrs(rows)
+        {'m': 0.002}
+    """
+    best: dict[str, tuple[float, float]] = {}
+    for r in rows:
+        if r.get("phase") == "sweep":
+            val = r["evals"][-1]["val"]
+            if r["method"] not in best or val < best[r["method"]][0]:
+                best[r["method"]] = (val, r["lr"])
+    return {m: lr for m, (_v, lr) in best.items()}
+
+
+def todo(methods: list[str], grids: dict[str, tuple[float, ...]], seeds: list[int],
+         rows: list[dict[str, Any]]) -> list[tuple[str, str, float, int]]:
+    """The runs left, as (phase, method, lr, seed): first every method's sweep on seed 0
+    (methods with one rate have none), then per method its chosen rate on every seed.
+
+    Example:
+        >>> todo(["a"], {"a": (1.0, 2.0)}, [0, 1], [])
+        [('sweep', 'a', 1.0, 0), ('sweep', 'a', 2.0, 0)]
+        >>> todo(["a"], {"a": (1.0,)}, [0, 1], [])
+        [('final', 'a', 1.0, 0), ('final', 'a', 1.0, 1)]
+    """
+    have = {(r.get("phase"), r["method"], r["lr"], r["seed"]) for r in rows if "method" in r}
+    sweep = [("sweep", m, lr, 0) for m in methods if len(grids[m]) > 1 for lr in grids[m]
+             if ("sweep", m, lr, 0) not in have]
+    if sweep:
+        return sweep
+    chosen = {**chosen_lrs(rows), **{m: g[0] for m, g in grids.items() if len(g) == 1}}
+    return [("final", m, chosen[m], s) for m in methods for s in seeds
+            if ("final", m, chosen[m], s) not in have]
+
+
+# --------------------------------------------------------------------------- report
+def at_time(run: dict[str, Any], seconds: float, split: str = "test") -> float:
+    """The ``split`` loss at ``seconds`` of training CPU time, linearly interpolated
+    between eval points (NaN past the run's end).
+
+    Example:
+        >>> run = {"cpu_seconds": [1.0, 1.0], "evals": [{"step": 0, "test": 4.0},
+        ...                                               {"step": 2, "test": 3.0}]}
+        >>> at_time(run, 1.0)
+        3.5
+    """
+    clock = [0.0]
+    for s in run["cpu_seconds"]:
+        clock.append(clock[-1] + s)
+    points = [(clock[e["step"]], e[split]) for e in run["evals"] if split in e]
+    for (t0, v0), (t1, v1) in zip(points, points[1:], strict=False):
+        if t0 <= seconds <= t1:
+            return v0 + (v1 - v0) * (seconds - t0) / (t1 - t0) if t1 > t0 else v1
+    return math.nan
+
+
+def _mean_range(values: list[float], digits: int = 4) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "n/a"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def report(rows: list[dict[str, Any]]) -> str:
+    budgets = [r for r in rows if r.get("phase") == "budget"]
+    finals = [r for r in rows if r.get("phase") == "final"]
+    out: list[str] = []
+    if budgets:
+        b = budgets[-1]
+        mib = 2**20
+        out.append(f"Budget: LoRA all + GC peaks at {b['lora_gc_peak_bytes'] / mib:.1f} MiB "
+                   f"(accounted), + {b['margin']:.0%} = **{b['budget_bytes'] / mib:.1f} MiB**; "
+                   f"LoRA all without GC: {b['lora_peak_bytes'] / mib:.1f} MiB (does not "
+                   f"fit). {b['batch_size']} x {b['seq_len']} tokens, {b['device']}.\n")
+    sweeps = [r for r in rows if r.get("phase") == "sweep"]
+    if sweeps:
+        chosen = chosen_lrs(rows)
+        out.append("Learning-rate sweep (seed 0, validation loss after "
+                   f"{sweeps[0]['steps']} steps):\n")
+        methods = list(dict.fromkeys(r["method"] for r in sweeps))
+        lrs = sorted({r["lr"] for r in sweeps})
+        table = [[m] + [next((f"{r['evals'][-1]['val']:.4f}" + (" *" if chosen[m] == lr
+                                                                   else "")
+                              for r in sweeps if r["method"] == m and r["lr"] == lr), "")
+                        for lr in lrs] for m in methods]
+        out.append(markdown_table(["method", *[f"{lr:g}" for lr in lrs]], table) + "\n")
+    if not finals:
+        return "\n".join(out)
+    methods = list(dict.fromkeys(r["method"] for r in finals))
+    by = {(r["method"], r["seed"]): r for r in finals}
+    seeds = sorted({r["seed"] for r in finals})
+    budget = finals[0]["budget_bytes"]
+    rows_out = []
+    for m in methods:
+        runs = [by[m, s] for s in seeds if (m, s) in by]
+        peak = max(r["peak_bytes"] for r in runs)
+        rows_out.append([
+            m, f"{runs[0]['lr']:g}", ", ".join(str(r["seed"]) for r in runs),
+            f"{peak / 2**20:.1f}", "yes" if budget is None or peak <= budget else "**no**",
+            _mean_range([r["cpu_seconds_per_step"] for r in runs], 2),
+            _mean_range([statistics.fmean(r["checkpointed_blocks"]) for r in runs], 1),
+            _mean_range([r["evals"][-1]["test"] for r in runs])])
+    steps = finals[0]["steps"]
+    out.append(f"At the chosen rates ({steps} steps; peak = the most accounted bytes over "
+               "every seed):\n")
+    out.append(markdown_table(["method", "lr", "seeds", "peak MiB", "<= budget",
+                               "CPU s/step", "blocks checkpointed/step",
+                               f"test loss at step {steps}"], rows_out) + "\n")
+    if BASELINE in methods:
+        diffs = []
+        for m in methods:
+            if m == BASELINE:
+                continue
+            pairs = [(by[m, s], by[BASELINE, s]) for s in seeds
+                     if (m, s) in by and (BASELINE, s) in by]
+            if not pairs:
+                continue
+            steps_d = [a["evals"][-1]["test"] - b["evals"][-1]["test"] for a, b in pairs]
+            time_d = []
+            for a, b in pairs:
+                t = min(sum(a["cpu_seconds"]), sum(b["cpu_seconds"]))
+                time_d.append(at_time(a, t) - at_time(b, t))
+            ratio = [a["cpu_seconds_per_step"] / b["cpu_seconds_per_step"] for a, b in pairs]
+            for label, d in (("equal steps", steps_d), ("equal CPU time", time_d)):
+                diffs.append([m, label, ", ".join(f"{x:+.4f}" for x in d),
+                              f"{statistics.fmean(d):+.4f}",
+                              f"{sum(x < 0 for x in d)}/{len(d)}",
+                              f"{statistics.fmean(ratio):.2f}"])
+        out.append(f"Paired test-loss differences vs {BASELINE} (method minus baseline, same "
+                   f"seed; negative = better; equal CPU time = the shorter run's total, the "
+                   f"other run's loss interpolated there):\n")
+        out.append(markdown_table(["method", "at", "per seed", "mean", "seeds better",
+                                   "CPU s/step ratio"], diffs) + "\n")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finals = [r for r in rows if r.get("phase") == "final"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for m in dict.fromkeys(r["method"] for r in finals):
+        runs = [r for r in finals if r["method"] == m]
+        steps = [e["step"] for e in runs[0]["evals"]]
+        mean = [statistics.fmean(r["evals"][i]["test"] for r in runs)
+                for i in range(len(steps))]
+        clock = [statistics.fmean(sum(r["cpu_seconds"][:s]) for r in runs) for s in steps]
+        axes[0].plot(steps, mean, marker=".", label=m)
+        axes[1].plot(clock, mean, marker=".", label=m)
+    axes[0].set_xlabel("step")
+    axes[1].set_xlabel("training CPU seconds")
+    axes[0].set_ylabel(f"test loss (mean of {len({r['seed'] for r in finals})} seeds)")
+    axes[0].set_ylim(top=min(4.6, axes[0].get_ylim()[1]))
+    axes[1].legend(fontsize=8)
+    fig.suptitle("Inside one memory budget: held-out loss vs steps and vs CPU time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# --------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--lrs", type=float, nargs="+", default=None,
+                   help=f"rates to sweep for every method (default {LR_GRID}, full "
+                   f"fine-tuning {FULL_LR_GRID}; on cuda one rate, 1e-3)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=None, help="default 200 (cpu), 30 (cuda)")
+    p.add_argument("--sweep-steps", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--batch-size", type=int, default=None, help="default 4 (cpu), 8 (cuda)")
+    p.add_argument("--seq-len", type=int, default=None, help="default 128 (cpu), 512 (cuda)")
+    p.add_argument("--eval-blocks", type=int, default=16)
+    p.add_argument("--eval-batch", type=int, default=8)
+    p.add_argument("--margin", type=float, default=0.10)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--data", default="shakespeare")
+    p.add_argument("--rank", type=int, default=8, help="LoRA / DoRA rank")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--out", type=Path, default=OUT_DIR / "runs.jsonl")
+    p.add_argument("--max-runs", type=int, default=None)
+    p.add_argument("--report", nargs="+", type=Path, default=None, metavar="JSONL")
+    p.add_argument("--table", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.report:
+        rows = read(args.report)
+        text = report(rows)
+        print(text)
+        if args.table:
+            args.table.write_text(text + "\n")
+        if args.plot:
+            plot(rows, args.plot)
+        return 0
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    args.steps = args.steps or (30 if cuda else 200)
+    args.batch_size = args.batch_size or (8 if cuda else 4)
+    args.seq_len = args.seq_len or (512 if cuda else 128)
+    args.dtype = torch.bfloat16 if cuda else torch.float32
+    grids = {m: tuple(args.lrs) if args.lrs else ((1e-3,) if cuda else lr_grid(m))
+             for m in args.methods}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    data = prepare(args)
+    rows = read([args.out])
+    shape = {"device": args.device, "model": args.model, "batch_size": args.batch_size,
+             "seq_len": args.seq_len, "margin": args.margin}
+    budgets = [r for r in rows if r.get("phase") == "budget"
+               and all(r[k] == v for k, v in shape.items())]
+    base_model = load_model(args.model, args.dtype).to(args.device)
+    base = {s: evaluate(base_model, data.batches(getattr(data, s), args.device))
+            for s in ("val", "test")}
+    del base_model
+    if not budgets:
+        budgets = [measure_budget(data, args, base)]
+        with args.out.open("a") as f:
+            f.write(json.dumps(budgets[0]) + "\n")
+    budget = budgets[-1]["budget_bytes"]
+    print(f"budget {budget:,} bytes", flush=True)
+    done = 0
+    while args.max_runs is None or done < args.max_runs:
+        rows = read([args.out])
+        left = todo(args.methods, grids, args.seeds, rows)
+        if not left:
+            break
+        phase, name, lr, seed = left[0]
+        sweep = phase == "sweep"
+        steps = args.sweep_steps if sweep else args.steps
+        row = run_one(name, METHODS[name], lr, seed, steps, data, args,
+                      budget, eval_every=args.sweep_steps if sweep else args.eval_every,
+                      splits=("val",) if sweep else ("val", "test"), base=base)
+        row["phase"] = phase
+        with args.out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        last = row["evals"][-1]
+        print(f"{phase} {name} lr {lr:g} seed {seed}: " + " ".join(
+            f"{k} {v:.4f}" for k, v in last.items() if k != "step")
+            + f"; peak {row['peak_bytes'] / 2**20:.1f} MiB"
+            f" ({'fits' if row['peak_bytes'] <= budget else 'OVER'}); "
+            f"{row['cpu_seconds_per_step']:.2f} CPU s/step", flush=True)
+        done += 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,118 @@
+"""benchmarks/budget.py: the budget measured from LoRA + GC, runs inside it (IST's peaks
+accounted within the budget), sweep then seeds, resume, the equal-time report; on a tiny
+random-init Llama (nothing downloaded)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_tiny_llama_dir
+from hypothesis import given
+from hypothesis import strategies as st
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+budget = _load("budget")
+
+
+@given(st.lists(st.floats(0.01, 5.0), min_size=2, max_size=30), st.data())
+def test_at_time_interpolates_between_eval_points(seconds, data):
+    steps = len(seconds)
+    evals = [{"step": 0, "test": 5.0}, {"step": steps, "test": 3.0}]
+    run = {"cpu_seconds": seconds, "evals": evals}
+    total = sum(seconds)
+    t = data.draw(st.floats(0.0, total))
+    assert budget.at_time(run, t) == pytest.approx(5.0 - 2.0 * t / total)
+    assert budget.at_time(run, total * 1.01 + 1e-9) != budget.at_time(run, total * 1.01 + 1e-9)
+
+
+def test_plan_sweeps_every_method_then_runs_each_chosen_rate_on_every_seed():
+    grids = {"a": (1.0, 2.0), "b": (3.0,)}
+    assert budget.todo(["a", "b"], grids, [0, 1], []) == [("sweep", "a", 1.0, 0),
+                                                          ("sweep", "a", 2.0, 0)]
+    rows = [{"phase": "sweep", "method": "a", "lr": lr, "seed": 0, "evals": [{"val": v}]}
+            for lr, v in ((1.0, 4.0), (2.0, 3.0))]
+    assert budget.todo(["a", "b"], grids, [0, 1], rows) == [
+        ("final", "a", 2.0, 0), ("final", "a", 2.0, 1), ("final", "b", 3.0, 0),
+        ("final", "b", 3.0, 1)]
+
+
+def test_full_fine_tuning_sweeps_lower_rates():
+    assert budget.lr_grid("lora+gc") == (5e-4, 1e-3, 2e-3, 4e-3)
+    assert max(budget.lr_grid("full+ist-3+budget")) < max(budget.lr_grid("lora+gc"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    words = ("love night crown sword grief honour fortune heaven blood king fair sweet "
+             "death time heart eyes").split()
+    plays = tmp_path_factory.mktemp("plays")
+    texts = []
+    for i in range(10):
+        rng = __import__("random").Random(i)
+        texts.append("\n".join(" ".join(rng.choice(words) for _ in range(7))
+                               for _ in range(300)))
+        (plays / f"play{i}.txt").write_text(texts[-1])
+    return save_tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama"), texts), plays
+
+
+def _args(tiny, out, *extra):
+    model, plays = tiny
+    return ["--model", str(model), "--data", str(plays), "--batch-size", "4", "--seq-len", "32",
+            "--eval-blocks", "8", "--eval-batch", "4", "--rank", "2", "--sweep-steps", "2",
+            "--steps", "6", "--eval-every", "3", "--seeds", "0", "1", "--out", str(out),
+            *extra]
+
+
+def test_end_to_end_inside_the_budget_resume_and_report(tiny, tmp_path):
+    out = tmp_path / "runs.jsonl"
+    args = _args(tiny, out, "--methods", "lora+gc", "lora+ist-fo-da+budget",
+                 "--lrs", "1e-3", "1e-2")
+    rng = torch.random.get_rng_state()
+    assert budget.main(args + ["--max-runs", "3"]) == 0
+    assert budget.main(args) == 0
+    assert torch.equal(rng, torch.random.get_rng_state())  # global RNG untouched
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    limit = rows[0]
+    assert limit["phase"] == "budget"
+    assert limit["lora_peak_bytes"] > limit["budget_bytes"] >= limit["lora_gc_peak_bytes"]
+    runs = rows[1:]
+    assert [(r["phase"], r["method"], r["seed"]) for r in runs] == [
+        ("sweep", "lora+gc", 0), ("sweep", "lora+gc", 0), ("sweep", "lora+ist-fo-da+budget", 0),
+        ("sweep", "lora+ist-fo-da+budget", 0), ("final", "lora+gc", 0),
+        ("final", "lora+gc", 1), ("final", "lora+ist-fo-da+budget", 0),
+        ("final", "lora+ist-fo-da+budget", 1)]
+    chosen = budget.chosen_lrs(runs)
+    for r in runs:
+        assert r["peak_bytes"] <= limit["budget_bytes"], (r["method"], r["peak_bytes"])
+        assert 1 in r["accounted_steps"] and len(r["cpu_seconds"]) == r["steps"]
+        if r["phase"] == "final":
+            assert r["lr"] == chosen[r["method"]]
+            assert [e["step"] for e in r["evals"]] == [0, 3, 6]
+    # the same seed and batches: LoRA + GC's first-step loss is the same for every method
+    finals = {(r["method"], r["seed"]): r for r in runs if r["phase"] == "final"}
+    assert finals["lora+gc", 1]["train_losses"][0] == pytest.approx(
+        finals["lora+ist-fo-da+budget", 1]["train_losses"][0])
+    text = budget.report(rows)
+    assert "Paired test-loss differences vs lora+gc" in text and "equal CPU time" in text
+    budget.plot(rows, tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_a_margin_that_lets_lora_without_checkpointing_fit_is_refused(tiny, tmp_path):
+    with pytest.raises(SystemExit, match="lower --margin"):
+        budget.main(_args(tiny, tmp_path / "r.jsonl", "--methods", "lora+gc", "--margin", "5"))
