@@ -231,9 +231,9 @@ class CheckpointPolicy:
                                      **self._options).peak_bytes
 
     def fits_as_is(self, active: Sequence[int]) -> bool:
-        """Whether a step training ``active`` fits the budget without checkpointing any
-        block (what ``budget_redraws=`` asks of a draw)."""
-        return self.peak(active, []) <= self.budget
+        """Whether a step training ``active`` fits without checkpointing any block: its
+        predicted peak is within :attr:`limit` (what ``budget_redraws=`` asks of a draw)."""
+        return self.peak(active, []) <= self.limit
 
     def order(self, active: Sequence[int]) -> list[int]:
         """The blocks in the order they are checkpointed (see the class docstring)."""

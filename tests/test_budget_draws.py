@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import math
 
 import pytest
 import torch
@@ -12,7 +13,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ist_optim import ISTOptimizer, LayerSampler
-from ist_optim.budget import CheckpointPolicy, planner_for_model
+from ist_optim.budget import PLANNING_HEADROOM, CheckpointPolicy, planner_for_model
+
+
+def _budget_for(peak: int) -> int:
+    """The smallest budget whose planning limit (the budget less the headroom) holds
+    ``peak``."""
+    return math.ceil(peak / (1 - PLANNING_HEADROOM)) + 1
 
 
 # ------------------------------------------------------------------ the sampler's rule
@@ -73,11 +80,14 @@ def test_fits_as_is_is_the_policy_deciding_no_checkpointing():
     model = lora_model(4)
     planner = planner_for_model(model, torch.optim.AdamW(model.parameters()), batch_size=2,
                                 seq_len=8)
-    budget = CheckpointPolicy(planner, 1).peak([2, 3], [])
-    policy = CheckpointPolicy(planner, budget)
-    for active in itertools.combinations(range(4), 2):
-        assert policy.fits_as_is(active) == (policy.decide(active).checkpointed == [])
-    assert policy.fits_as_is([2, 3]) and not policy.fits_as_is([0, 1])
+    peak = CheckpointPolicy(planner, 1).peak([2, 3], [])
+    for policy in (CheckpointPolicy(planner, _budget_for(peak)),
+                   CheckpointPolicy(planner, peak, headroom=0.0)):
+        for active in itertools.combinations(range(4), 2):
+            assert policy.fits_as_is(active) == (policy.decide(active).checkpointed == [])
+        assert policy.fits_as_is([2, 3]) and not policy.fits_as_is([0, 1])
+    # the headroom counts: a budget of exactly the peak leaves the step no room
+    assert not CheckpointPolicy(planner, peak).fits_as_is([2, 3])
 
 
 # ------------------------------------------------------------------ on a tiny Llama
@@ -93,9 +103,9 @@ def high_budget():
                                 seq_len=8)
     probe = CheckpointPolicy(planner, 1, keeps_all_state=True)  # state_policy "keep" on CPU
     sets = list(itertools.combinations(range(LAYERS), ACTIVE))
-    budget = max(probe.peak(s, []) for s in sets if min(s) >= 3)
-    fitting = [s for s in sets if probe.peak(s, []) <= budget]
-    assert fitting == [(3, 4), (3, 5), (4, 5)]
+    budget = _budget_for(max(probe.peak(s, []) for s in sets if min(s) >= 3))
+    policy = CheckpointPolicy(planner, budget, keeps_all_state=True)
+    assert [s for s in sets if policy.fits_as_is(s)] == [(3, 4), (3, 5), (4, 5)]
     return budget
 
 
