@@ -8,9 +8,14 @@ recomputation) relative to LoRA on all layers without checkpointing, against
 checkpointing every block in every step. These are the planner's predictions, not
 measurements (see docs/memory.md for how the planner compares with the H200 runs).
 
+A second table repeats the depth-aware draws with ``budget_redraws`` = 0, 2, 4, 8 (draw
+again while the set does not fit without checkpointing): steps that checkpoint, blocks
+per step, compute, how many times the least and the most drawn layer trained in the 200
+steps, and the CPU time of the draws and the decision per step.
+
 Run::
 
-    python benchmarks/budget_policy.py
+    OMP_NUM_THREADS=1 python benchmarks/budget_policy.py
 """
 
 from __future__ import annotations
@@ -51,6 +56,35 @@ def main(budget: str = "24GiB", draws: int = 200) -> None:
         print(f"| {sampling} | {steps}/{draws} | {blocks / draws:.1f}, {most} | "
               f"{peak / 2**30:.2f} | {flops / draws / base:.2f}x | "
               f"{flops_gc / draws / base:.2f}x | {1000 * seconds / draws:.2f} |")
+    print()
+    redraw_rows(planner, policy, base, draws)
+
+
+def redraw_rows(planner: MemoryPlanner, policy: CheckpointPolicy, base: float,
+                draws: int) -> None:
+    """Depth-aware draws with ``budget_redraws`` = 0, 2, 4, 8 (what ``ISTOptimizer`` does:
+    ``draw_active(policy.fits_as_is, redraws)``, then ``policy.decide``)."""
+    print("| budget_redraws | steps checkpointing | blocks per step (mean) | compute, budget "
+          "| times a layer trained (least, most) | draw + decide ms |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for redraws in (0, 2, 4, 8):
+        sampler = LayerSampler(planner.num_layers, 8, "depth-aware", 0, None)
+        counts = [0] * planner.num_layers
+        steps = blocks = flops = 0
+        seconds = 0.0
+        for _ in range(draws):
+            start = time.process_time()
+            active = sampler.draw_active(policy.fits_as_is if redraws else None, redraws)
+            decision = policy.decide(active)
+            seconds += time.process_time() - start
+            for layer in active:
+                counts[layer] += 1
+            steps += bool(decision.checkpointed)
+            blocks += len(decision.checkpointed)
+            flops += planner.estimate(active, gradient_checkpointing=decision.checkpointed).flops
+        print(f"| {redraws} | {steps}/{draws} | {blocks / draws:.1f} | "
+              f"{flops / draws / base:.2f}x | {min(counts)}, {max(counts)} | "
+              f"{1000 * seconds / draws:.2f} |")
 
 
 if __name__ == "__main__":

@@ -196,12 +196,14 @@ class CheckpointPolicy:
         ...                      num_attention_heads=4, vocab_size=256)
         >>> planner = MemoryPlanner(config, batch_size=2, seq_len=16, dtype=torch.float32)
         >>> roomy = CheckpointPolicy(planner, 10**9)
-        >>> roomy.decide([1, 3]).checkpointed
-        []
+        >>> roomy.decide([1, 3]).checkpointed, roomy.fits_as_is([1, 3])
+        ([], True)
         >>> tight = planner.estimate([1, 3], gradient_checkpointing=[1]).peak_bytes
         >>> decision = CheckpointPolicy(planner, tight, headroom=0.0).decide([1, 3])
         >>> decision.checkpointed, decision.peak_bytes == tight
         ([1], True)
+        >>> CheckpointPolicy(planner, tight).fits_as_is([1, 3])
+        False
     """
 
     def __init__(self, planner: MemoryPlanner, budget: int, *, cut_backward: bool = True,
@@ -227,6 +229,11 @@ class CheckpointPolicy:
         """Predicted peak bytes of a step training ``active`` with ``checkpointed``."""
         return self.planner.estimate(list(active), gradient_checkpointing=list(checkpointed),
                                      **self._options).peak_bytes
+
+    def fits_as_is(self, active: Sequence[int]) -> bool:
+        """Whether a step training ``active`` fits without checkpointing any block: its
+        predicted peak is within :attr:`limit` (what ``budget_redraws=`` asks of a draw)."""
+        return self.peak(active, []) <= self.limit
 
     def order(self, active: Sequence[int]) -> list[int]:
         """The blocks in the order they are checkpointed (see the class docstring)."""
@@ -318,6 +325,11 @@ class MemoryBudget:
             train_head=_trains(model, "get_output_embeddings", trainable),
             keeps_all_state=keeps_all_state)
         return cls(policy, blocks)
+
+    def fits_as_is(self, active: Sequence[int]) -> bool:
+        """Whether ``active`` fits without checkpointing (:meth:`CheckpointPolicy.fits_as_is`);
+        checkpoints nothing."""
+        return self.policy.fits_as_is(active)
 
     def apply(self, active: Sequence[int]) -> BudgetDecision:
         """Decide for ``active`` and checkpoint exactly the chosen blocks."""

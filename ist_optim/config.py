@@ -181,6 +181,8 @@ class ISTConfig:
             :func:`ist_optim.budget.parse_memory_budget`); ``None``: no budget.
         memory_shape: ``(batch_size, seq_len)`` of the largest training batch, for the
             memory prediction of ``memory_budget``.
+        budget_redraws: draws made again, at most, while the drawn set does not fit
+            ``memory_budget`` without checkpointing (0: every draw is taken).
 
     Example:
         >>> ISTConfig(active_layers=2, sampling="uniform").runs_rounds
@@ -210,6 +212,7 @@ class ISTConfig:
     depth_window: int | None = None
     memory_budget: int | str | None = None
     memory_shape: tuple[int, int] | None = None
+    budget_redraws: int = 0
 
     def __post_init__(self) -> None:
         _check_count("active_layers", self.active_layers)
@@ -250,6 +253,11 @@ class ISTConfig:
         self._check_memory_options()
 
     def _check_memory_options(self) -> None:
+        check_int("budget_redraws", self.budget_redraws, 0)
+        if self.budget_redraws and self.memory_budget is None:
+            raise ValueError(
+                f"budget_redraws={self.budget_redraws} is set but memory_budget is not; "
+                "pass memory_budget= (and memory_shape=) too, or drop budget_redraws")
         if self.memory_budget is not None:
             parse_memory_budget(self.memory_budget)
             if not self.freeze_inactive:

@@ -146,6 +146,11 @@ class ISTOptimizer(Optimizer):
             bare or peft-wrapped; see :func:`ist_optim.budget.planner_for_model`).
         memory_planner: a :class:`ist_optim.MemoryPlanner` to predict with instead
             (other models, plain block lists, or settings the model does not show).
+        budget_redraws: with ``memory_budget``, draw the active set again, up to this
+            many times, while it does not fit without checkpointing; the first set that
+            fits is taken, else the last draw (checkpointed as above). 0 (default): every
+            draw is taken. Meant for ``sampling="depth-aware"``; every set keeps a
+            non-zero probability, so every layer still trains.
         **optimizer_kwargs: passed verbatim to ``optimizer_cls``.
 
     Example:
@@ -191,6 +196,7 @@ class ISTOptimizer(Optimizer):
         memory_budget: int | str | None = None,
         memory_shape: tuple[int, int] | None = None,
         memory_planner: MemoryPlanner | None = None,
+        budget_redraws: int = 0,
         **optimizer_kwargs: Any,
     ) -> None:
         check_optimizer_and_model(optimizer_cls, model, loss_fn)
@@ -202,7 +208,7 @@ class ISTOptimizer(Optimizer):
             state_policy=state_policy, skip_backward=skip_backward, seed=seed,
             advantage_scale=advantage_scale, score_retention=score_retention,
             scale_decay=scale_decay, depth_window=depth_window, memory_budget=memory_budget,
-            memory_shape=memory_shape)
+            memory_shape=memory_shape, budget_redraws=budget_redraws)
         if memory_planner is not None and memory_budget is None:
             raise ValueError("memory_planner is set but memory_budget is not; pass "
                              "memory_budget= too, or drop memory_planner")
@@ -242,7 +248,7 @@ class ISTOptimizer(Optimizer):
         self.activator = LayerActivator(
             self.layer_groups, residency, freeze_inactive=freeze_inactive,
             cut_backward=self.config.cuts_backward, defer_first_freeze=self._group is not None)
-        self._activate(self.sampler.draw_active())
+        self._activate(self._draw())
 
     # ------------------------------------------------------------------ torch contract
     def _init_torch_optimizer_attributes(self) -> None:
@@ -379,6 +385,14 @@ class ISTOptimizer(Optimizer):
         return self.sampler.fingerprint()
 
     # ------------------------------------------------------------------ stepping
+    def _draw(self) -> list[int]:
+        """The sampler's draw, redrawn up to ``budget_redraws`` times while it does not
+        fit ``memory_budget`` without checkpointing."""
+        if self.memory_budget is None or not self.config.budget_redraws:
+            return self.sampler.draw_active()
+        return self.sampler.draw_active(self.memory_budget.fits_as_is,
+                                        self.config.budget_redraws)
+
     def _activate(self, active: list[int]) -> None:
         self.activator.set_active(active)
         self.sampler.active = list(self.activator.active)
@@ -433,7 +447,7 @@ class ISTOptimizer(Optimizer):
         if self.rounds is not None and self.num_steps % self.config.update_interval == 0:
             self.rounds.run(self.sampler)
         self.activator.end_deferral()
-        self._activate(self.sampler.draw_active())
+        self._activate(self._draw())
         return loss
 
     def set_active_layers(self, layers: Iterable[int]) -> None:

@@ -8,7 +8,7 @@ the state they read, so one object answers "which layers train next, and why".
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -88,9 +88,36 @@ class LayerSampler:
         """:func:`ist_optim.sampling.distribution_spread` of :meth:`probabilities`."""
         return distribution_spread(self.probabilities())
 
-    def draw_active(self) -> list[int]:
-        """Draw the layers of the next step (sorted); does not change :attr:`active`."""
+    def draw_active(self, accept: Callable[[list[int]], bool] | None = None,
+                    redraws: int = 0) -> list[int]:
+        """Draw the layers of the next step (sorted); does not change :attr:`active`.
+
+        Args:
+            accept: a predicate on a drawn set; ``None`` (default) takes the first draw.
+            redraws: how many more draws to make while ``accept`` refuses (0: one draw,
+                as without ``accept``). The first accepted set of the ``redraws + 1``
+                draws is returned, else the last one, so every set the draw can produce
+                keeps a non-zero probability. Every draw uses the private generator.
+
+        Example:
+            >>> sampler = LayerSampler(8, 2, "depth-aware", seed=0)
+            >>> high = sampler.draw_active(lambda layers: min(layers) >= 4, redraws=8)
+            >>> len(high)
+            2
+        """
+        if isinstance(redraws, bool) or not isinstance(redraws, int) or redraws < 0:
+            raise ValueError(f"Invalid redraws: {redraws!r}; expected an int >= 0")
         weights = self.training_weights()
+        drawn = self._draw(weights)
+        if accept is None:
+            return drawn
+        for _ in range(redraws):
+            if accept(drawn):
+                break
+            drawn = self._draw(weights)
+        return drawn
+
+    def _draw(self, weights: torch.Tensor) -> list[int]:
         if self.sampling == "depth-aware":
             return sample_depth_aware(weights, self.num_active, self.generator,
                                       self.depth_window)
