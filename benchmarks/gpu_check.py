@@ -284,6 +284,11 @@ def memory_part(name: str, preset: str, device: str, out: Path, timeout_s: float
     return Part(f"memory-{preset}:{name}", command, timeout_s, jsonl=jsonl)
 
 
+#: The budget benchmark's methods on the GPU: the baseline, the same updates under the
+#: budget, IST with adapters and with full fine-tuning.
+BUDGET_METHODS = ("lora+gc", "lora+budget", "lora+ist-fo-da+budget", "full+ist-3+budget")
+
+
 def budget_part(device: str, out: Path, timeout_s: float, env: dict[str, str]) -> Part:
     script = ROOT / "benchmarks" / "budget.py"
     if not script.exists():
@@ -294,7 +299,11 @@ def budget_part(device: str, out: Path, timeout_s: float, env: dict[str, str]) -
     if "--device" not in help_text:
         return Part("budget", None, 0, skip_reason="benchmarks/budget.py has no --device "
                     "option (no GPU mode)")
-    command = [sys.executable, str(script), "--device", device]
+    command = [sys.executable, str(script), "--device", device, "--seeds", "0",
+               "--methods", *BUDGET_METHODS]
+    if device == "cpu":  # dry mode: the same code path, a few tokens
+        command += ["--steps", "2", "--eval-every", "2", "--batch-size", "1", "--seq-len", "32",
+                    "--eval-blocks", "2", "--eval-batch", "1", "--lrs", "1e-3", "--margin", "0.02"]
     if "--out" in help_text:
         command += ["--out", str(out / "budget.jsonl")]
     return Part("budget", command, timeout_s, jsonl=out / "budget.jsonl")
