@@ -137,8 +137,9 @@ class ISTOptimizer(Optimizer):
         memory_budget: device memory a step may use, in bytes or as a string
             (``"24GiB"``, ``"512MiB"``); ``None`` (default): no budget. After each draw
             the step's peak is predicted (:class:`ist_optim.MemoryPlanner`) and activation
-            checkpointing is turned on for the fewest blocks that make it fit, none when
-            it fits as it is (see :class:`ist_optim.budget.CheckpointPolicy`). Replaces
+            checkpointing is turned on for the fewest blocks that make it fit within the
+            budget less a 2% planning headroom, none when it fits as it is (see
+            :class:`ist_optim.budget.CheckpointPolicy`). Replaces
             the model's own gradient checkpointing setting. Needs ``memory_shape`` or
             ``memory_planner``.
         memory_shape: ``(batch_size, seq_len)`` of the largest batch a step trains on;
