@@ -380,6 +380,7 @@ def report(rows: list[dict[str, Any]]) -> str:
             m, f"{runs[0]['lr']:g}", ", ".join(str(r["seed"]) for r in runs),
             f"{peak / 2**20:.1f}", "yes" if budget is None or peak <= budget else "**no**",
             _mean_range([r["cpu_seconds_per_step"] for r in runs], 2),
+            "all" if METHODS.get(m, Method("", "", "")).checkpointing == "model" else
             _mean_range([statistics.fmean(r["checkpointed_blocks"]) for r in runs], 1),
             _mean_range([r["evals"][-1]["test"] for r in runs])])
     steps = finals[0]["steps"]
