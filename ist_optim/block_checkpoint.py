@@ -16,6 +16,7 @@ Either way the checkpoint wraps ``forward``, not ``Module.__call__``, so forward
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -23,9 +24,24 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["BlockCheckpointer"]
+__all__ = ["BlockCheckpointer", "is_checkpoint_managed"]
 
 _MISSING = object()
+_MANAGED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # blocks of a live checkpointer
+
+
+def is_checkpoint_managed(block: nn.Module) -> bool:
+    """Whether a :class:`BlockCheckpointer` (``ISTOptimizer(memory_budget=...)``) switches
+    ``block``'s checkpointing per step (until its ``remove()``).
+
+    Example:
+        >>> block = torch.nn.Linear(2, 2)
+        >>> ckpt = BlockCheckpointer([block]); is_checkpoint_managed(block)
+        True
+        >>> ckpt.remove(); is_checkpoint_managed(block)
+        False
+    """
+    return block in _MANAGED
 
 
 def _is_hf_layer(module: nn.Module) -> bool:
@@ -87,6 +103,7 @@ class BlockCheckpointer:
                                                        _MISSING)))
             else:
                 self._saved.append((block.__dict__.get("forward", _MISSING), None))
+        _MANAGED.update(self.blocks)
 
     def set(self, indices: Sequence[int]) -> None:
         """Checkpoint the blocks ``indices`` from the next forward on; no others.
@@ -134,6 +151,8 @@ class BlockCheckpointer:
 
     def remove(self) -> None:
         """Give every block back its own checkpointing setting and ``forward``."""
+        for block in self.blocks:
+            _MANAGED.discard(block)
         for i, block in enumerate(self.blocks):
             if self._hf[i]:
                 for name, value in zip(("gradient_checkpointing",

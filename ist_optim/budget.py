@@ -25,6 +25,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .block_checkpoint import BlockCheckpointer
+from .compile import is_compiled_block
 from .memory import MemoryPlanner
 
 __all__ = ["PLANNING_HEADROOM", "BudgetDecision", "CheckpointPolicy", "MemoryBudget",
@@ -275,7 +276,8 @@ class MemoryBudget:
         blocks: the model's blocks (the optimizer's layers), as many as the planner's.
 
     Raises:
-        ValueError: when the planner describes another number of blocks.
+        ValueError: when the planner describes another number of blocks, or a block went
+            through :func:`~ist_optim.compile_blocks`.
     """
 
     def __init__(self, policy: CheckpointPolicy, blocks: Sequence[nn.Module]) -> None:
@@ -284,6 +286,13 @@ class MemoryBudget:
                 f"the memory planner describes {policy.planner.num_layers} blocks but the "
                 f"optimizer trains {len(blocks)} layers; memory_budget needs one planner "
                 f"block per layer (pass a matching memory_planner=)")
+        compiled = [i for i, block in enumerate(blocks) if is_compiled_block(block)]
+        if compiled:
+            raise ValueError(
+                f"memory_budget cannot switch the checkpointing of compiled blocks (blocks "
+                f"{compiled} went through compile_blocks; torch 2.13 fails to compile a "
+                f"checkpointed block that records no graph): drop memory_budget, or build "
+                f"the optimizer on uncompiled blocks")
         self.policy = policy
         self.checkpointer = BlockCheckpointer(blocks)
         if self.checkpointer.took_over:

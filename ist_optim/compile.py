@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .block_checkpoint import is_checkpoint_managed
 from .groups import discover_layers
 
 __all__ = ["check_not_compiled_whole", "compile_blocks", "is_compiled_block"]
@@ -103,6 +104,13 @@ def _check_blocks(blocks: list[nn.Module], model: nn.Module) -> None:
                 "by accelerate's device-map hooks or by hand); compile_blocks compiles the "
                 "class's forward shared by all blocks: remove that attribute first"
             )
+        if is_checkpoint_managed(block):
+            raise ValueError(
+                f"block {index} ({type(block).__name__}) has its checkpointing switched per "
+                "step by an ISTOptimizer's memory_budget; compiled blocks and per-step "
+                "checkpointing do not mix (torch 2.13 fails to compile a checkpointed block "
+                "that records no graph): drop memory_budget, or leave the blocks uncompiled"
+            )
         if getattr(block, "gradient_checkpointing", False):
             raise ValueError(
                 f"block {index} ({type(block).__name__}) has gradient checkpointing on; in "
@@ -169,7 +177,8 @@ def compile_blocks(
     Raises:
         TypeError: for a target that is neither a module nor an ``ISTOptimizer``.
         ValueError: for a model already compiled as a whole, a block with its own
-            ``forward`` attribute, a block with gradient checkpointing on, or forward hooks
+            ``forward`` attribute, a block with gradient checkpointing on or switched per
+            step by ``memory_budget``, or forward hooks
             on modules inside a block (as ``estimator="first-order"`` registers on LoRA
             adapters).
 

@@ -242,10 +242,15 @@ class ISTOptimizer(Optimizer):
                 cut_backward=self.config.cuts_backward, keeps_all_state=policy == "keep"))
         # Hooks on the model last, once nothing can raise any more (the rounds validate
         # every adapter before they place a hook).
-        self.rounds: ImportanceRound | None = build_round(
-            self.config, num_suppressed=num_suppressed, group=self._group, model=model,
-            blocks=self.layer_groups.modules, batches=importance_batches, loss_fn=loss_fn,
-            device=device)
+        try:
+            self.rounds: ImportanceRound | None = build_round(
+                self.config, num_suppressed=num_suppressed, group=self._group, model=model,
+                blocks=self.layer_groups.modules, batches=importance_batches,
+                loss_fn=loss_fn, device=device)
+        except Exception:
+            if self.memory_budget is not None:  # let go of the blocks it would manage
+                self.memory_budget.close()
+            raise
         self.activator = LayerActivator(
             self.layer_groups, residency, freeze_inactive=freeze_inactive,
             cut_backward=self.config.cuts_backward, defer_first_freeze=self._group is not None)

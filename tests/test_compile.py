@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 import torch._dynamo
-from conftest import lm_batch, lora_model
+from conftest import lm_batch, lora_model, tiny_llama
 from test_backward import BackwardCounter
 from torch._dynamo.utils import counters
 
@@ -194,3 +194,34 @@ def test_compile_blocks_refuses_what_cannot_work():
     with pytest.raises(ValueError, match="block 1 .* own `forward`"):
         compile_blocks(model)
     assert not any(is_compiled_block(b) for b in _blocks(model))  # nothing half-done
+
+
+def test_compiled_blocks_and_memory_budget_refuse_each_other():
+    """memory_budget switches blocks' checkpointing per step; compiled blocks cannot follow
+    (torch 2.13 fails on checkpointed blocks that record no graph). Either order is refused
+    with the way out, and nothing is left half-done."""
+    model = lora_model(3)
+    opt = ISTOptimizer(torch.optim.AdamW, model, lr=1e-2, sampling="uniform", seed=0,
+                       memory_budget="1GiB", memory_shape=(2, 8))
+    with pytest.raises(ValueError, match="block 0 .* memory_budget; .* drop memory_budget"):
+        compile_blocks(opt)
+    with pytest.raises(ValueError, match="memory_budget"):
+        compile_blocks(model)  # the model route too: the blocks know who manages them
+    assert not any(is_compiled_block(b) for b in _blocks(model))
+    opt.close()  # gives the blocks back: now they compile
+    with pytest.warns(UserWarning, match="use_cache"):
+        compile_blocks(model, backend="aot_eager")
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"compiled blocks \(blocks \[0, 1, 2\] went through"):
+        ISTOptimizer(torch.optim.AdamW, model, lr=1e-2, sampling="uniform", seed=0,
+                     memory_budget="1GiB", memory_shape=(2, 8))
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_a_failed_construction_lets_go_of_the_budget_blocks():
+    model = tiny_llama(2)  # no adapters: the rounds refuse suppression_mode="adapters"
+    with pytest.raises(ValueError, match="needs peft tuner layers"):
+        ISTOptimizer(torch.optim.AdamW, model, lr=1e-2, seed=0, memory_budget="1GiB",
+                     memory_shape=(2, 8), suppression_mode="adapters")
+    with pytest.warns(UserWarning, match="use_cache"):
+        compile_blocks(model, backend="aot_eager")  # not held by the failed optimizer
