@@ -93,6 +93,12 @@ METHODS: dict[str, Method] = {
     "lora+ist+budget": Method("lora", "ist", "budget"),
     "lora+ist-fo-da+budget": Method("lora", "ist", "budget", FIRST_ORDER),
     "lora+uniform+budget": Method("lora", "ist", "budget", {"sampling": "uniform"}),
+    # levers on lora+ist-fo-da+budget: prefer draws that fit (fewer checkpointed blocks),
+    # and twice the active layers (more progress per step)
+    "lora+ist-fo-da+budget+redraw4": Method("lora", "ist", "budget",
+                                            {**FIRST_ORDER, "budget_redraws": 4}),
+    "lora+ist-fo-da-50%+budget": Method("lora", "ist", "budget",
+                                        {**FIRST_ORDER, "active_layers": 0.5}),
     "full+ist-3+budget": Method("full", "ist", "budget",
                                 {**FIRST_ORDER, "active_layers": 3, "state_policy": "drop"}),
     "full+ist-25%+budget": Method("full", "ist", "budget",
@@ -333,6 +339,23 @@ def at_time(run: dict[str, Any], seconds: float, split: str = "test") -> float:
     return math.nan
 
 
+def steps_worth(run: dict[str, Any], baseline: dict[str, Any]) -> float:
+    """The baseline step at which the baseline's test loss first equals ``run``'s final test
+    loss (linear between eval points; NaN when the baseline never gets that high or low).
+
+    Example:
+        >>> base = {"evals": [{"step": 0, "test": 5.0}, {"step": 10, "test": 3.0}]}
+        >>> steps_worth({"evals": [{"step": 10, "test": 4.0}]}, base)
+        5.0
+    """
+    target = run["evals"][-1]["test"]
+    points = [(e["step"], e["test"]) for e in baseline["evals"] if "test" in e]
+    for (s0, v0), (s1, v1) in zip(points, points[1:], strict=False):
+        if v1 <= target <= v0:
+            return s0 + (s1 - s0) * (v0 - target) / (v0 - v1) if v0 > v1 else float(s1)
+    return math.nan
+
+
 def _mean_range(values: list[float], digits: int = 4) -> str:
     values = [v for v in values if not math.isnan(v)]
     if not values:
@@ -414,6 +437,21 @@ def report(rows: list[dict[str, Any]]) -> str:
                    f"other run's loss interpolated there):\n")
         out.append(markdown_table(["method", "at", "per seed", "mean", "seeds better",
                                    "CPU s/step ratio"], diffs) + "\n")
+        worth = []
+        for m in methods:
+            pairs = [(by[m, s], by[BASELINE, s]) for s in seeds
+                     if m != BASELINE and (m, s) in by and (BASELINE, s) in by]
+            if pairs:
+                w = [steps_worth(a, b) for a, b in pairs]
+                ratio = statistics.fmean(a["cpu_seconds_per_step"] / b["cpu_seconds_per_step"]
+                                         for a, b in pairs)
+                need = [x / a["steps"] for x, (a, _b) in zip(w, pairs, strict=True)]
+                worth.append([m, _mean_range(w, 0), _mean_range(need, 2), f"{ratio:.2f}"])
+        out.append(f"Progress per step: the {BASELINE} step whose test loss equals the "
+                   f"method's after {steps} steps, and the CPU s/step ratio to {BASELINE} "
+                   f"at which the method would tie at equal time (= that step / {steps}):\n")
+        out.append(markdown_table(["method", f"worth {BASELINE} steps", "tie needs ratio <=",
+                                   "measured ratio"], worth) + "\n")
     return "\n".join(out)
 
 
