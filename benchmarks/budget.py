@@ -391,7 +391,9 @@ def report(rows: list[dict[str, Any]]) -> str:
         out.append(markdown_table(["method", *[f"{lr:g}" for lr in lrs]], table) + "\n")
     if not finals:
         return "\n".join(out)
-    methods = list(dict.fromkeys(r["method"] for r in finals))
+    order = list(METHODS)
+    methods = sorted(dict.fromkeys(r["method"] for r in finals),
+                     key=lambda m: order.index(m) if m in order else len(order))
     by = {(r["method"], r["seed"]): r for r in finals}
     seeds = sorted({r["seed"] for r in finals})
     budget = finals[0]["budget_bytes"]
@@ -469,11 +471,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         mean = [statistics.fmean(r["evals"][i]["test"] for r in runs)
                 for i in range(len(steps))]
         clock = [statistics.fmean(sum(r["cpu_seconds"][:s]) for r in runs) for s in steps]
-        axes[0].plot(steps, mean, marker=".", label=m)
-        axes[1].plot(clock, mean, marker=".", label=m)
+        label = f"{m} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+        axes[0].plot(steps, mean, marker=".", label=label)
+        axes[1].plot(clock, mean, marker=".", label=label)
     axes[0].set_xlabel("step")
     axes[1].set_xlabel("training CPU seconds")
-    axes[0].set_ylabel(f"test loss (mean of {len({r['seed'] for r in finals})} seeds)")
+    axes[0].set_ylabel("test loss (mean over the seeds run)")
     axes[0].set_ylim(top=min(4.6, axes[0].get_ylim()[1]))
     axes[1].legend(fontsize=8)
     fig.suptitle("Inside one memory budget: held-out loss vs steps and vs CPU time")
