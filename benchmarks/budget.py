@@ -61,7 +61,7 @@ from ist_optim import ISTOptimizer, account_step  # noqa: E402
 from ist_optim.budget import planner_for_model  # noqa: E402
 from ist_optim.cli.data import block_batches, load_documents  # noqa: E402
 from ist_optim.cli.models import add_adapters, load_model, load_tokenizer  # noqa: E402
-from ist_optim.cli.report import markdown_table  # noqa: E402
+from ist_optim.cli.report import markdown_table, mean_range  # noqa: E402
 from ist_optim.cli.train import build_optimizer, evaluate  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -356,16 +356,6 @@ def steps_worth(run: dict[str, Any], baseline: dict[str, Any]) -> float:
     return math.nan
 
 
-def _mean_range(values: list[float], digits: int = 4) -> str:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return "n/a"
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
-
-
 def report(rows: list[dict[str, Any]]) -> str:
     budgets = [r for r in rows if r.get("phase") == "budget"]
     finals = [r for r in rows if r.get("phase") == "final"]
@@ -404,10 +394,10 @@ def report(rows: list[dict[str, Any]]) -> str:
         rows_out.append([
             m, f"{runs[0]['lr']:g}", ", ".join(str(r["seed"]) for r in runs),
             f"{peak / 2**20:.1f}", "yes" if budget is None or peak <= budget else "**no**",
-            _mean_range([r["cpu_seconds_per_step"] for r in runs], 2),
+            mean_range([r["cpu_seconds_per_step"] for r in runs], 2),
             "all" if METHODS.get(m, Method("", "", "")).checkpointing == "model" else
-            _mean_range([statistics.fmean(r["checkpointed_blocks"]) for r in runs], 1),
-            _mean_range([r["evals"][-1]["test"] for r in runs])])
+            mean_range([statistics.fmean(r["checkpointed_blocks"]) for r in runs], 1),
+            mean_range([r["evals"][-1]["test"] for r in runs])])
     steps = finals[0]["steps"]
     out.append(f"At the chosen rates ({steps} steps; peak = the most accounted bytes over "
                "every seed):\n")
@@ -448,7 +438,7 @@ def report(rows: list[dict[str, Any]]) -> str:
                 ratio = statistics.fmean(a["cpu_seconds_per_step"] / b["cpu_seconds_per_step"]
                                          for a, b in pairs)
                 need = [x / a["steps"] for x, (a, _b) in zip(w, pairs, strict=True)]
-                worth.append([m, _mean_range(w, 0), _mean_range(need, 2), f"{ratio:.2f}"])
+                worth.append([m, mean_range(w, 0), mean_range(need, 2), f"{ratio:.2f}"])
         out.append(f"Progress per step: the {BASELINE} step whose test loss equals the "
                    f"method's after {steps} steps, and the CPU s/step ratio to {BASELINE} "
                    f"at which the method would tie at equal time (= that step / {steps}):\n")

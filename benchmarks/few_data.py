@@ -45,7 +45,7 @@ from next_line import Question, accuracy, choice_losses, next_line_questions  # 
 from ist_optim.cli.data import block_batches, heldout_indices, load_documents  # noqa: E402
 from ist_optim.cli.errors import CLIError  # noqa: E402
 from ist_optim.cli.models import add_adapters, load_model, load_tokenizer  # noqa: E402
-from ist_optim.cli.report import markdown_table  # noqa: E402
+from ist_optim.cli.report import markdown_table, mean_range  # noqa: E402
 from ist_optim.cli.runner import MethodSpec  # noqa: E402
 from ist_optim.cli.train import build_optimizer, evaluate, train  # noqa: E402
 
@@ -284,15 +284,6 @@ def paired(runs: list[dict[str, Any]], baseline: str,
     return out
 
 
-def _mean_range(values: list[float], digits: int = 4) -> str:
-    if not values:
-        return "n/a"
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
-
-
 def final_runs(runs: list[dict[str, Any]], sweep_seed: int) -> list[dict[str, Any]]:
     """The runs at each method's chosen rate (all seeds)."""
     chosen = choose_lrs(runs, sweep_seed)
@@ -319,12 +310,12 @@ def report(runs: list[dict[str, Any]], sweep_seed: int = 0, baseline: str = "lor
         mine = [r for r in chosen_runs if r["method"] == m]
         rows.append([
             m, f"{chosen[m]:g}", ", ".join(str(r["seed"]) for r in mine),
-            _mean_range([best(r)[0] for r in mine]),
+            mean_range([best(r)[0] for r in mine]),
             ", ".join(str(best(r)[1]) for r in mine),
-            _mean_range([r["per_epoch"][-1]["test"] for r in mine]),
-            _mean_range([r["per_epoch"][-1]["train"] for r in mine]),
-            _mean_range([100 * r["accuracy"] for r in mine], 1),
-            _mean_range([r["cpu_seconds_per_step"] for r in mine], 2),
+            mean_range([r["per_epoch"][-1]["test"] for r in mine]),
+            mean_range([r["per_epoch"][-1]["train"] for r in mine]),
+            mean_range([100 * r["accuracy"] for r in mine], 1),
+            mean_range([r["cpu_seconds_per_step"] for r in mine], 2),
         ])
     first = chosen_runs[0]
     text = [f"Learning-rate sweep (seed {sweep_seed}; chosen = lowest validation loss at the "

@@ -29,14 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from ist_optim.cli.errors import CLIError
-from ist_optim.cli.report import markdown_table
+from ist_optim.cli.report import markdown_table, mean_range
 from ist_optim.cli.runner import MethodSpec, prepare_context, run_method
 
 METHODS: dict[str, MethodSpec] = {
@@ -91,16 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _mean_range(values: list[float], digits: int = 4) -> str:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return "n/a"
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
-
-
 def _within(run: dict[str, Any], seconds: float, clock: str) -> tuple[int, float]:
     """(step, held-out loss) of the run's last evaluation within ``seconds`` of ``clock``."""
     column = 3 if clock == "cpu" else 1
@@ -127,15 +116,15 @@ def report(runs: list[dict[str, Any]], clock: str = "cpu") -> str:
         step_at_time = [step for step, _loss in reached]
         rows.append([
             method, len(mine),
-            _mean_range([r["val_loss_before"] for r in mine]),
-            _mean_range([r["val_loss_after"] for r in mine]),
-            _mean_range(at_time),
-            _mean_range([float(s) for s in step_at_time], 0),
-            _mean_range([r["cpu_seconds_per_step"] for r in mine], 2),
-            _mean_range([r["seconds_per_step"] for r in mine], 2),
-            _mean_range([r["optimizer_state_bytes"] / 2**20 for r in mine], 1),
-            _mean_range([r["peak_bytes"] / 2**20 for r in mine], 0),
-            _mean_range([(r.get("sampling_spread") or {}).get("max_min_ratio", math.nan)
+            mean_range([r["val_loss_before"] for r in mine]),
+            mean_range([r["val_loss_after"] for r in mine]),
+            mean_range(at_time),
+            mean_range([float(s) for s in step_at_time], 0),
+            mean_range([r["cpu_seconds_per_step"] for r in mine], 2),
+            mean_range([r["seconds_per_step"] for r in mine], 2),
+            mean_range([r["optimizer_state_bytes"] / 2**20 for r in mine], 1),
+            mean_range([r["peak_bytes"] / 2**20 for r in mine], 0),
+            mean_range([(r.get("sampling_spread") or {}).get("max_min_ratio", math.nan)
                          for r in mine], 3),
         ])
     steps = sorted({r["steps"] for r in runs})

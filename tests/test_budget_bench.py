@@ -4,29 +4,15 @@ random-init Llama (nothing downloaded)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_llama_dir
+from conftest import load_benchmark, save_tiny_llama_dir
 from hypothesis import given
 from hypothesis import strategies as st
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-budget = _load("budget")
+budget = load_benchmark("budget")
 
 
 @given(st.lists(st.floats(0.01, 5.0), min_size=2, max_size=30), st.data())

@@ -4,30 +4,16 @@ and one end-to-end run on a tiny random-init Llama (nothing downloaded)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_llama_dir
+from conftest import load_benchmark, save_tiny_llama_dir
 from hypothesis import given
 from hypothesis import strategies as st
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-next_line = _load("next_line")
-few_data = _load("few_data")
+next_line = load_benchmark("next_line")
+few_data = load_benchmark("few_data")
 
 WORDS = ("love", "night", "crown", "sword", "grief", "honour", "fortune", "heaven", "blood",
          "king", "fair", "sweet", "death", "time", "heart", "eyes")

@@ -48,5 +48,5 @@ def test_report_equal_time_uses_the_fastest_methods_budget():
 
 
 def test_mean_range_ignores_nan():
-    assert quality._mean_range([1.0, 3.0]) == "2.0000 (1.0000-3.0000)"
-    assert quality._mean_range([math.nan]) == "n/a"
+    assert quality.mean_range([1.0, 3.0]) == "2.0000 (1.0000-3.0000)"
+    assert quality.mean_range([math.nan]) == "n/a"

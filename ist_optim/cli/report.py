@@ -10,7 +10,7 @@ from typing import Any
 
 from .runner import MethodRun
 
-__all__ = ["compare_table", "markdown_table", "results_table", "save_outputs"]
+__all__ = ["compare_table", "markdown_table", "mean_range", "results_table", "save_outputs"]
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -26,6 +26,23 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
              "| " + " | ".join("---" for _ in headers) + " |"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def mean_range(values: Sequence[float], digits: int = 4) -> str:
+    """``mean (min-max)`` of the values that are not NaN (just the mean for one, ``n/a``
+    for none): a table cell for a measure over seeds.
+
+    Example:
+        >>> mean_range([1.0, 2.0, 3.0], 1), mean_range([2.5]), mean_range([math.nan])
+        ('2.0 (1.0-3.0)', '2.5000', 'n/a')
+    """
+    kept = [v for v in values if not math.isnan(v)]
+    if not kept:
+        return "n/a"
+    mean = sum(kept) / len(kept)
+    if len(kept) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ({min(kept):.{digits}f}-{max(kept):.{digits}f})"
 
 
 def _mb(num_bytes: float) -> str:
