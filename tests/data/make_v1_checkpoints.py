@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import lm_batch, lora_model  # noqa: E402
+from conftest import lora_model, train_steps  # noqa: E402
 
 from ist_optim import ISTOptimizer  # noqa: E402
 
@@ -34,25 +34,15 @@ def trainable(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
-def run(model, opt, start, steps):
-    sets = []
-    for step in range(start, start + steps):
-        sets.append(opt.active_layers)
-        model(**lm_batch(seed=step)).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return sets
-
-
 def main() -> None:
     out = {}
     for name, kwargs in CONFIGS.items():
         model = lora_model(8)
         opt = ISTOptimizer(torch.optim.AdamW, model, **kwargs)
-        run(model, opt, 0, 5)
+        train_steps(model, opt, 5)
         entry = {"kwargs": kwargs, "params": trainable(model),
                  "optimizer": copy.deepcopy(opt.state_dict())}  # state tensors are live
-        entry["next_sets"] = run(model, opt, 5, 4)
+        entry["next_sets"] = train_steps(model, opt, 4, start=5)
         entry["final_params"] = trainable(model)
         entry["final_scores"] = opt.scores
         out[name] = entry
