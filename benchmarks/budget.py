@@ -8,7 +8,9 @@ run stops otherwise). Every method then trains inside that budget:
 * adapters or BAdam with the model's own gradient checkpointing on every block
   (``lora+gc``, ``dora+gc``, ``badam+gc``);
 * IST with ``memory_budget=`` (``+budget``): per step, only the blocks that step needs
-  checkpointed to fit are checkpointed, none when the active set fits as it is.
+  checkpointed to fit are checkpointed, none when the active set fits as it is. Before
+  any step, each such method's easiest step (the top blocks active) is planned; when even
+  it cannot fit, the method is recorded as not fitting and not run.
 
 Protocol (CPU, SmolLM2-135M, the Shakespeare plays of ``benchmarks/few_data.py``: training
 plays, 2 validation plays, the 4 held-out test plays): each method's learning rate is
@@ -46,6 +48,7 @@ import math
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,14 +188,11 @@ def gradient_checkpointing(model: Any) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def run_one(name: str, method: Method, lr: float, seed: int, steps: int, data: Data,
-            args: argparse.Namespace, budget: int | None, *, eval_every: int,
-            splits: tuple[str, ...], base: dict[str, float]) -> dict[str, Any]:
-    """Train ``method`` (called ``name``) at ``lr`` for ``steps`` steps inside ``budget``
-    (None: unbudgeted, to measure the budget itself)."""
-    device = args.device
+def build(method: Method, lr: float, seed: int, args: argparse.Namespace,
+          budget: int | None) -> tuple[torch.nn.Module, Any]:
+    """The model (adapters added, checkpointing set up) and the optimizer of ``method``."""
     model = add_adapters(load_model(args.model, args.dtype), method.peft, rank=args.rank,
-                         seed=seed).to(device)
+                         seed=seed).to(args.device)
     ist_kwargs = dict(method.ist_kwargs)
     if method.checkpointing == "model":
         gradient_checkpointing(model)
@@ -205,6 +205,36 @@ def run_one(name: str, method: Method, lr: float, seed: int, steps: int, data: D
         ist_kwargs.update(memory_budget=budget, memory_planner=planner)
     optimizer = build_optimizer(method.optimizer, model, lr=lr, seed=seed,
                                 ist_kwargs=ist_kwargs if method.optimizer == "ist" else None)
+    return model, optimizer
+
+
+def check_fit(name: str, method: Method, args: argparse.Namespace, budget: int
+              ) -> dict[str, Any]:
+    """Whether an IST method under ``memory_budget`` can fit the budget at all, before any
+    step is spent on it: the planner's lowest peak over the method's easiest step (the top
+    ``num_active`` blocks active, so the backward is cut highest) with the blocks the policy
+    checkpoints. When even that is over the budget's planning limit no draw fits, and the
+    method is reported as not fitting instead of run (it would train over the budget)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the budget warns when a step does not fit
+        _model, optimizer = build(method, max(lr_grid(name)), 0, args, budget)
+        policy = optimizer.memory_budget.policy
+        top = list(range(optimizer.num_layers - optimizer.num_active, optimizer.num_layers))
+        decision = policy.decide(top)
+    optimizer.close()
+    return {"phase": "fit", "method": name, "device": args.device, "budget_bytes": budget,
+            "limit_bytes": policy.limit, "active_layers": top,
+            "best_case_peak_bytes": decision.peak_bytes,
+            "checkpointed_layers": decision.checkpointed, "fits": decision.fits}
+
+
+def run_one(name: str, method: Method, lr: float, seed: int, steps: int, data: Data,
+            args: argparse.Namespace, budget: int | None, *, eval_every: int,
+            splits: tuple[str, ...], base: dict[str, float]) -> dict[str, Any]:
+    """Train ``method`` (called ``name``) at ``lr`` for ``steps`` steps inside ``budget``
+    (None: unbudgeted, to measure the budget itself)."""
+    device = args.device
+    model, optimizer = build(method, lr, seed, args, budget)
     ist = optimizer if isinstance(optimizer, ISTOptimizer) else None
     model.train()
     batches = block_batches(data.train, args.seq_len, args.batch_size,
@@ -308,7 +338,8 @@ def todo(methods: list[str], grids: dict[str, tuple[float, ...]], seeds: list[in
         >>> todo(["a"], {"a": (1.0,)}, [0, 1], [])
         [('final', 'a', 1.0, 0), ('final', 'a', 1.0, 1)]
     """
-    have = {(r.get("phase"), r["method"], r["lr"], r["seed"]) for r in rows if "method" in r}
+    have = {(r["phase"], r["method"], r["lr"], r["seed"]) for r in rows
+            if r.get("phase") in ("sweep", "final")}
     sweep = [("sweep", m, lr, 0) for m in methods if len(grids[m]) > 1 for lr in grids[m]
              if ("sweep", m, lr, 0) not in have]
     if sweep:
@@ -379,6 +410,14 @@ def report(rows: list[dict[str, Any]]) -> str:
                               for r in sweeps if r["method"] == m and r["lr"] == lr), "")
                         for lr in lrs] for m in methods]
         out.append(markdown_table(["method", *[f"{lr:g}" for lr in lrs]], table) + "\n")
+    unfit = [r for r in rows if r.get("phase") == "fit" and not r["fits"]]
+    if unfit:
+        mib = 2**20
+        out.append("Not run, cannot fit the budget: " + "; ".join(
+            f"`{r['method']}` (its easiest step, the top {len(r['active_layers'])} blocks "
+            f"active with {len(r['checkpointed_layers'])} checkpointed, is predicted at "
+            f"{r['best_case_peak_bytes'] / mib:.1f} MiB > {r['limit_bytes'] / mib:.1f} MiB, "
+            f"the budget less its planning headroom)" for r in unfit) + ".\n")
     if not finals:
         return "\n".join(out)
     order = list(METHODS)
@@ -539,10 +578,22 @@ def main(argv: list[str] | None = None) -> int:
             f.write(json.dumps(budgets[0]) + "\n")
     budget = budgets[-1]["budget_bytes"]
     print(f"budget {budget:,} bytes", flush=True)
+    checked = {r["method"] for r in rows if r.get("phase") == "fit"}
+    for name in args.methods:
+        if METHODS[name].checkpointing == "budget" and name not in checked:
+            row = check_fit(name, METHODS[name], args, budget)
+            with args.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{name}: easiest step predicted at "
+                  f"{row['best_case_peak_bytes'] / 2**20:.1f} MiB with blocks "
+                  f"{row['checkpointed_layers']} checkpointed: "
+                  f"{'fits' if row['fits'] else 'DOES NOT FIT, not run'}", flush=True)
+    unfit = {r["method"] for r in read([args.out]) if r.get("phase") == "fit" and not r["fits"]}
+    methods = [m for m in args.methods if m not in unfit]
     done = 0
     while args.max_runs is None or done < args.max_runs:
         rows = read([args.out])
-        left = todo(args.methods, grids, args.seeds, rows)
+        left = todo(methods, grids, args.seeds, rows)
         if not left:
             break
         phase, name, lr, seed = left[0]

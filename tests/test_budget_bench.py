@@ -76,7 +76,10 @@ def test_end_to_end_inside_the_budget_resume_and_report(tiny, tmp_path):
     limit = rows[0]
     assert limit["phase"] == "budget"
     assert limit["lora_peak_bytes"] > limit["budget_bytes"] >= limit["lora_gc_peak_bytes"]
-    runs = rows[1:]
+    # the IST methods' easiest steps were planned first: they fit
+    assert [(r["method"], r["fits"]) for r in rows if r.get("phase") == "fit"] == [
+        ("lora+ist-fo-da+budget", True), ("lora+budget", True)]
+    runs = [r for r in rows if r.get("phase") in ("sweep", "final")]
     names = ["lora+gc", "lora+ist-fo-da+budget", "lora+budget"]
     assert [(r["phase"], r["method"], r["seed"]) for r in runs] == [
         *[("sweep", m, 0) for m in names for _ in range(2)],
@@ -108,3 +111,24 @@ def test_end_to_end_inside_the_budget_resume_and_report(tiny, tmp_path):
 def test_a_margin_that_lets_lora_without_checkpointing_fit_is_refused(tiny, tmp_path):
     with pytest.raises(SystemExit, match="lower --margin"):
         budget.main(_args(tiny, tmp_path / "r.jsonl", "--methods", "lora+gc", "--margin", "5"))
+
+
+def test_a_method_that_cannot_fit_the_budget_is_recorded_and_not_run(tiny, tmp_path):
+    # Full fine-tuning of 3 of the 4 tiny blocks holds their gradients and Adam state on top
+    # of everything LoRA + GC needs: it cannot fit a budget 2% over LoRA + GC's peak.
+    out = tmp_path / "runs.jsonl"
+    args = _args(tiny, out, "--methods", "full+ist-3+budget", "lora+ist-fo-da+budget",
+                 "--lrs", "1e-3", "--seeds", "0", "--margin", "0.02")
+    assert budget.main(args) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    fit = {r["method"]: r for r in rows if r.get("phase") == "fit"}
+    assert not fit["full+ist-3+budget"]["fits"]
+    assert fit["full+ist-3+budget"]["best_case_peak_bytes"] > fit["full+ist-3+budget"][
+        "limit_bytes"]
+    assert fit["full+ist-3+budget"]["active_layers"] == [1, 2, 3]
+    assert fit["lora+ist-fo-da+budget"]["fits"]
+    runs = [(r["method"], r["phase"]) for r in rows if r.get("phase") in ("sweep", "final")]
+    assert runs == [("lora+ist-fo-da+budget", "final")]
+    assert "Not run, cannot fit the budget: `full+ist-3+budget`" in budget.report(rows)
+    assert budget.main(args) == 0  # a rerun neither checks again nor runs it
+    assert out.read_text().count('"phase": "fit"') == 2
