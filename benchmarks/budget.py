@@ -97,11 +97,15 @@ METHODS: dict[str, Method] = {
     "lora+ist-fo-da+budget": Method("lora", "ist", "budget", FIRST_ORDER),
     "lora+uniform+budget": Method("lora", "ist", "budget", {"sampling": "uniform"}),
     # levers on lora+ist-fo-da+budget: prefer draws that fit (fewer checkpointed blocks),
-    # and twice the active layers (more progress per step)
+    # twice the active layers (more progress per step),
     "lora+ist-fo-da+budget+redraw4": Method("lora", "ist", "budget",
                                             {**FIRST_ORDER, "budget_redraws": 4}),
     "lora+ist-fo-da-50%+budget": Method("lora", "ist", "budget",
                                         {**FIRST_ORDER, "active_layers": 0.5}),
+    # and a fresh optimizer state (Adam's bias correction restarts) each time a layer
+    # becomes active, instead of its state kept from its last active step
+    "lora+ist-fo-da+budget+drop": Method("lora", "ist", "budget",
+                                         {**FIRST_ORDER, "state_policy": "drop"}),
     "full+ist-3+budget": Method("full", "ist", "budget",
                                 {**FIRST_ORDER, "active_layers": 3, "state_policy": "drop"}),
     "full+ist-25%+budget": Method("full", "ist", "budget",
