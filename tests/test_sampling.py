@@ -111,5 +111,7 @@ def test_sampling_weights_positive_and_ordered(scores):
     s = torch.tensor(scores, dtype=torch.float64)
     w = sampling_weights(s, -1.0)
     assert (w > 0).all() and torch.isfinite(w).all()
-    order = torch.argsort(s)
-    assert (w[order].diff() <= 0).all()  # higher score -> lower training weight
+    ordered = w[torch.argsort(s)]
+    # higher score -> lower training weight, up to the rounding of torch.sigmoid (its
+    # vectorised and scalar paths differ by an ulp: 1.8080e-35 then 1.8080e-35 + 2.7e-51)
+    assert (ordered.diff() <= 4 * torch.finfo(torch.float64).eps * ordered[:-1]).all()
