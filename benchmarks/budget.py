@@ -122,6 +122,10 @@ LR_GRID = (5e-4, 1e-3, 2e-3, 4e-3)
 FULL_LR_GRID = (1e-4, 2e-4, 5e-4, 1e-3)
 
 
+#: Rates a sweep may add beyond its grid when its best rate is at an edge (see :func:`todo`).
+MAX_EXTENSIONS = 2
+
+
 def lr_grid(name: str) -> tuple[float, ...]:
     """The rates swept for method ``name``."""
     return FULL_LR_GRID if METHODS[name].peft == "full" else LR_GRID
@@ -332,15 +336,24 @@ def chosen_lrs(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def todo(methods: list[str], grids: dict[str, tuple[float, ...]], seeds: list[int],
-         rows: list[dict[str, Any]]) -> list[tuple[str, str, float, int]]:
+         rows: list[dict[str, Any]], *, extend: bool = True
+         ) -> list[tuple[str, str, float, int]]:
     """The runs left, as (phase, method, lr, seed): first every method's sweep on seed 0
     (methods with one rate have none), then per method its chosen rate on every seed.
+
+    With ``extend``, a sweep whose best rate is the highest (lowest) swept is extended by
+    the rate twice as high (half as low), up to :data:`MAX_EXTENSIONS` rates, so that the
+    chosen rate is not an edge of the grid.
 
     Example:
         >>> todo(["a"], {"a": (1.0, 2.0)}, [0, 1], [])
         [('sweep', 'a', 1.0, 0), ('sweep', 'a', 2.0, 0)]
         >>> todo(["a"], {"a": (1.0,)}, [0, 1], [])
         [('final', 'a', 1.0, 0), ('final', 'a', 1.0, 1)]
+        >>> rows = [{"phase": "sweep", "method": "a", "lr": lr, "seed": 0,
+        ...          "evals": [{"val": v}]} for lr, v in ((1.0, 4.0), (2.0, 3.0))]
+        >>> todo(["a"], {"a": (1.0, 2.0)}, [0], rows)  # 2.0 is best and the edge
+        [('sweep', 'a', 4.0, 0)]
     """
     have = {(r["phase"], r["method"], r["lr"], r["seed"]) for r in rows
             if r.get("phase") in ("sweep", "final")}
@@ -349,6 +362,15 @@ def todo(methods: list[str], grids: dict[str, tuple[float, ...]], seeds: list[in
     if sweep:
         return sweep
     chosen = {**chosen_lrs(rows), **{m: g[0] for m, g in grids.items() if len(g) == 1}}
+    for m in methods:
+        swept = sorted(lr for phase, name, lr, _seed in have if phase == "sweep" and name == m)
+        if not extend or len(grids[m]) == 1 or len(swept) >= len(grids[m]) + MAX_EXTENSIONS:
+            continue
+        edge = {swept[-1]: swept[-1] * 2, swept[0]: swept[0] / 2}.get(chosen[m])
+        if edge is not None:
+            sweep.append(("sweep", m, edge, 0))
+    if sweep:
+        return sweep
     return [("final", m, chosen[m], s) for m in methods for s in seeds
             if ("final", m, chosen[m], s) not in have]
 
@@ -391,9 +413,18 @@ def steps_worth(run: dict[str, Any], baseline: dict[str, Any]) -> float:
     return math.nan
 
 
+def final_runs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The final runs at each method's chosen rate: a rate swept later (an edge extension,
+    see :func:`todo`) supersedes the finals run at the previous choice."""
+    chosen = chosen_lrs(rows)
+    return [r for r in rows if r.get("phase") == "final"
+            and chosen.get(r["method"], r["lr"]) == r["lr"]]
+
+
 def report(rows: list[dict[str, Any]]) -> str:
     budgets = [r for r in rows if r.get("phase") == "budget"]
-    finals = [r for r in rows if r.get("phase") == "final"]
+    chosen = chosen_lrs(rows)
+    finals = final_runs(rows)
     out: list[str] = []
     if budgets:
         b = budgets[-1]
@@ -404,7 +435,6 @@ def report(rows: list[dict[str, Any]]) -> str:
                    f"fit). {b['batch_size']} x {b['seq_len']} tokens, {b['device']}.\n")
     sweeps = [r for r in rows if r.get("phase") == "sweep"]
     if sweeps:
-        chosen = chosen_lrs(rows)
         out.append("Learning-rate sweep (seed 0, validation loss after "
                    f"{sweeps[0]['steps']} steps):\n")
         methods = list(dict.fromkeys(r["method"] for r in sweeps))
@@ -496,7 +526,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    finals = [r for r in rows if r.get("phase") == "final"]
+    finals = final_runs(rows)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for m in dict.fromkeys(r["method"] for r in finals):
         runs = [r for r in finals if r["method"] == m]
@@ -522,8 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--lrs", type=float, nargs="+", default=None,
-                   help=f"rates to sweep for every method (default {LR_GRID}, full "
-                   f"fine-tuning {FULL_LR_GRID}; on cuda one rate, 1e-3)")
+                   help=f"rates to sweep for every method, as given (default {LR_GRID}, "
+                   f"full fine-tuning {FULL_LR_GRID}, extended past an edge that is best; "
+                   f"on cuda one rate, 1e-3)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=None, help="default 200 (cpu), 30 (cuda)")
     p.add_argument("--sweep-steps", type=int, default=50)
@@ -597,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     done = 0
     while args.max_runs is None or done < args.max_runs:
         rows = read([args.out])
-        left = todo(methods, grids, args.seeds, rows)
+        left = todo(methods, grids, args.seeds, rows, extend=args.lrs is None and not cuda)
         if not left:
             break
         phase, name, lr, seed = left[0]

@@ -26,15 +26,36 @@ def test_at_time_interpolates_between_eval_points(seconds, data):
     assert budget.at_time(run, total * 1.01 + 1e-9) != budget.at_time(run, total * 1.01 + 1e-9)
 
 
+def _sweep(method, *rate_loss):
+    return [{"phase": "sweep", "method": method, "lr": lr, "seed": 0, "evals": [{"val": v}]}
+            for lr, v in rate_loss]
+
+
 def test_plan_sweeps_every_method_then_runs_each_chosen_rate_on_every_seed():
-    grids = {"a": (1.0, 2.0), "b": (3.0,)}
-    assert budget.todo(["a", "b"], grids, [0, 1], []) == [("sweep", "a", 1.0, 0),
-                                                          ("sweep", "a", 2.0, 0)]
-    rows = [{"phase": "sweep", "method": "a", "lr": lr, "seed": 0, "evals": [{"val": v}]}
-            for lr, v in ((1.0, 4.0), (2.0, 3.0))]
+    grids = {"a": (1.0, 2.0, 4.0), "b": (3.0,)}
+    assert budget.todo(["a", "b"], grids, [0, 1], []) == [
+        ("sweep", "a", 1.0, 0), ("sweep", "a", 2.0, 0), ("sweep", "a", 4.0, 0)]
+    rows = _sweep("a", (1.0, 4.0), (2.0, 3.0), (4.0, 3.5))
     assert budget.todo(["a", "b"], grids, [0, 1], rows) == [
         ("final", "a", 2.0, 0), ("final", "a", 2.0, 1), ("final", "b", 3.0, 0),
         ("final", "b", 3.0, 1)]
+
+
+def test_a_sweep_whose_best_rate_is_an_edge_is_extended_past_it():
+    grids = {"up": (1.0, 2.0), "down": (1.0, 2.0)}
+    rows = _sweep("up", (1.0, 4.0), (2.0, 3.0)) + _sweep("down", (1.0, 3.0), (2.0, 4.0))
+    assert budget.todo(["up", "down"], grids, [0], rows) == [("sweep", "up", 4.0, 0),
+                                                             ("sweep", "down", 0.5, 0)]
+    # an explicit grid (--lrs) is run as given
+    assert budget.todo(["up"], grids, [0], rows, extend=False) == [("final", "up", 2.0, 0)]
+    # at most MAX_EXTENSIONS rates are added; then the best swept rate runs
+    rows += _sweep("up", (4.0, 2.0), (8.0, 1.0)) + _sweep("down", (0.5, 3.5))
+    assert budget.MAX_EXTENSIONS == 2
+    assert budget.todo(["up", "down"], grids, [0], rows) == [("final", "up", 8.0, 0),
+                                                             ("final", "down", 1.0, 0)]
+    # finals run at an earlier choice are superseded in the report and the plot
+    finals = [{"phase": "final", "method": "up", "lr": lr, "seed": 0} for lr in (2.0, 8.0)]
+    assert budget.final_runs(rows + finals) == finals[1:]
 
 
 def test_full_fine_tuning_sweeps_lower_rates():
