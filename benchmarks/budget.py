@@ -70,6 +70,8 @@ from ist_optim.cli.train import build_optimizer, evaluate  # noqa: E402
 HERE = Path(__file__).resolve().parent
 OUT_DIR = HERE / "results" / "budget"
 BASELINE = "lora+gc"
+#: The layer-wise peers IST with adapters is also compared with, seed by seed.
+PEERS = ("lisa+budget", "badam+gc")
 
 
 @dataclass(frozen=True)
@@ -421,6 +423,30 @@ def final_runs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             and chosen.get(r["method"], r["lr"]) == r["lr"]]
 
 
+def paired_table(by: dict[tuple[str, int], dict[str, Any]], seeds: list[int],
+                 pairs_of: list[tuple[str, str]]) -> str:
+    """Per (method, reference): the test-loss differences of the seeds both ran, at equal
+    steps and at equal CPU time, and the CPU s/step ratio."""
+    rows = []
+    for m, ref in pairs_of:
+        pairs = [(by[m, s], by[ref, s]) for s in seeds if (m, s) in by and (ref, s) in by]
+        if not pairs:
+            continue
+        steps_d = [a["evals"][-1]["test"] - b["evals"][-1]["test"] for a, b in pairs]
+        time_d = []
+        for a, b in pairs:
+            t = min(sum(a["cpu_seconds"]), sum(b["cpu_seconds"]))
+            time_d.append(at_time(a, t) - at_time(b, t))
+        ratio = [a["cpu_seconds_per_step"] / b["cpu_seconds_per_step"] for a, b in pairs]
+        name = m if ref == BASELINE else f"{m} vs {ref}"
+        for label, d in (("equal steps", steps_d), ("equal CPU time", time_d)):
+            rows.append([name, label, ", ".join(f"{x:+.4f}" for x in d),
+                         f"{statistics.fmean(d):+.4f}", f"{sum(x < 0 for x in d)}/{len(d)}",
+                         f"{statistics.fmean(ratio):.2f}"])
+    return markdown_table(["method", "at", "per seed", "mean", "seeds better",
+                           "CPU s/step ratio"], rows)
+
+
 def report(rows: list[dict[str, Any]]) -> str:
     budgets = [r for r in rows if r.get("phase") == "budget"]
     chosen = chosen_lrs(rows)
@@ -478,30 +504,20 @@ def report(rows: list[dict[str, Any]]) -> str:
                                "CPU s/step", "blocks checkpointed/step",
                                f"test loss at step {steps}"], rows_out) + "\n")
     if BASELINE in methods:
-        diffs = []
-        for m in methods:
-            if m == BASELINE:
-                continue
-            pairs = [(by[m, s], by[BASELINE, s]) for s in seeds
-                     if (m, s) in by and (BASELINE, s) in by]
-            if not pairs:
-                continue
-            steps_d = [a["evals"][-1]["test"] - b["evals"][-1]["test"] for a, b in pairs]
-            time_d = []
-            for a, b in pairs:
-                t = min(sum(a["cpu_seconds"]), sum(b["cpu_seconds"]))
-                time_d.append(at_time(a, t) - at_time(b, t))
-            ratio = [a["cpu_seconds_per_step"] / b["cpu_seconds_per_step"] for a, b in pairs]
-            for label, d in (("equal steps", steps_d), ("equal CPU time", time_d)):
-                diffs.append([m, label, ", ".join(f"{x:+.4f}" for x in d),
-                              f"{statistics.fmean(d):+.4f}",
-                              f"{sum(x < 0 for x in d)}/{len(d)}",
-                              f"{statistics.fmean(ratio):.2f}"])
         out.append(f"Paired test-loss differences vs {BASELINE} (method minus baseline, same "
                    f"seed; negative = better; equal CPU time = the shorter run's total, the "
                    f"other run's loss interpolated there):\n")
-        out.append(markdown_table(["method", "at", "per seed", "mean", "seeds better",
-                                   "CPU s/step ratio"], diffs) + "\n")
+        out.append(paired_table(by, seeds, [(m, BASELINE) for m in methods if m != BASELINE])
+                   + "\n")
+    versus = [(m, peer) for m in methods if METHODS.get(m) is not None
+              and METHODS[m].peft == "lora" and METHODS[m].optimizer == "ist"
+              and len([s for s in seeds if (m, s) in by]) > 1
+              for peer in PEERS if peer in methods]
+    if versus:
+        out.append("IST with adapters vs the layer-wise peers (the same pairing, "
+                   "IST minus peer):\n")
+        out.append(paired_table(by, seeds, versus) + "\n")
+    if BASELINE in methods:
         worth = []
         for m in methods:
             pairs = [(by[m, s], by[BASELINE, s]) for s in seeds

@@ -153,3 +153,21 @@ def test_a_method_that_cannot_fit_the_budget_is_recorded_and_not_run(tiny, tmp_p
     assert "Not run, cannot fit the budget: `full+ist-3+budget`" in budget.report(rows)
     assert budget.main(args) == 0  # a rerun neither checks again nor runs it
     assert out.read_text().count('"phase": "fit"') == 2
+
+
+def test_ist_is_paired_with_the_layer_wise_peers_seed_by_seed():
+    def run(method, seed, final, step_cost):
+        return {"phase": "final", "method": method, "lr": 1e-3, "seed": seed, "steps": 2,
+                "budget_bytes": 10, "peak_bytes": 5, "cpu_seconds": [step_cost] * 2,
+                "cpu_seconds_per_step": step_cost, "checkpointed_blocks": [1, 1],
+                "evals": [{"step": 0, "test": 5.0}, {"step": 2, "test": final}]}
+
+    rows = [run("lora+gc", s, 3.0, 2.0) for s in (0, 1)]
+    rows += [run("lora+ist-fo-da+budget", s, 3.5 - 0.1 * s, 1.0) for s in (0, 1)]
+    rows += [run("lisa+budget", s, 3.8, 1.0) for s in (0, 1)]
+    text = budget.report(rows)
+    peers = text.split("IST with adapters vs the layer-wise peers")[1]
+    lines = [line for line in peers.splitlines() if " vs lisa" in line]
+    assert lines[0].startswith("| lora+ist-fo-da+budget vs lisa+budget | equal steps | "
+                               "-0.3000, -0.4000 | -0.3500 | 2/2 | 1.00 |")
+    assert "equal CPU time" in lines[1] and len(lines) == 2  # BAdam did not run: no row
