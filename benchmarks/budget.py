@@ -423,13 +423,19 @@ def final_runs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             and chosen.get(r["method"], r["lr"]) == r["lr"]]
 
 
+def seed_pairs(by: dict[tuple[str, int], dict[str, Any]], seeds: list[int], method: str,
+               ref: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(run of ``method``, run of ``ref``) for every seed both ran."""
+    return [(by[method, s], by[ref, s]) for s in seeds if (method, s) in by and (ref, s) in by]
+
+
 def paired_table(by: dict[tuple[str, int], dict[str, Any]], seeds: list[int],
                  pairs_of: list[tuple[str, str]]) -> str:
     """Per (method, reference): the test-loss differences of the seeds both ran, at equal
     steps and at equal CPU time, and the CPU s/step ratio."""
     rows = []
     for m, ref in pairs_of:
-        pairs = [(by[m, s], by[ref, s]) for s in seeds if (m, s) in by and (ref, s) in by]
+        pairs = seed_pairs(by, seeds, m, ref)
         if not pairs:
             continue
         steps_d = [a["evals"][-1]["test"] - b["evals"][-1]["test"] for a, b in pairs]
@@ -520,8 +526,7 @@ def report(rows: list[dict[str, Any]]) -> str:
     if BASELINE in methods:
         worth = []
         for m in methods:
-            pairs = [(by[m, s], by[BASELINE, s]) for s in seeds
-                     if m != BASELINE and (m, s) in by and (BASELINE, s) in by]
+            pairs = seed_pairs(by, seeds, m, BASELINE) if m != BASELINE else []
             if pairs:
                 w = [steps_worth(a, b) for a, b in pairs]
                 ratio = statistics.fmean(a["cpu_seconds_per_step"] / b["cpu_seconds_per_step"]
@@ -629,18 +634,18 @@ def main(argv: list[str] | None = None) -> int:
             f.write(json.dumps(budgets[0]) + "\n")
     budget = budgets[-1]["budget_bytes"]
     print(f"budget {budget:,} bytes", flush=True)
-    checked = {r["method"] for r in rows if r.get("phase") == "fit"}
+    fits = {r["method"]: r["fits"] for r in rows if r.get("phase") == "fit"}
     for name in args.methods:
-        if METHODS[name].checkpointing == "budget" and name not in checked:
+        if METHODS[name].checkpointing == "budget" and name not in fits:
             row = check_fit(name, METHODS[name], args, budget)
             with args.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+            fits[name] = row["fits"]
             print(f"{name}: easiest step predicted at "
                   f"{row['best_case_peak_bytes'] / 2**20:.1f} MiB with blocks "
                   f"{row['checkpointed_layers']} checkpointed: "
                   f"{'fits' if row['fits'] else 'DOES NOT FIT, not run'}", flush=True)
-    unfit = {r["method"] for r in read([args.out]) if r.get("phase") == "fit" and not r["fits"]}
-    methods = [m for m in args.methods if m not in unfit]
+    methods = [m for m in args.methods if fits.get(m, True)]
     done = 0
     while args.max_runs is None or done < args.max_runs:
         rows = read([args.out])

@@ -13,11 +13,10 @@ import time
 import zipfile
 from pathlib import Path
 
+from conftest import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-gpu_check = importlib.util.module_from_spec(spec)
-sys.modules.setdefault("gpu_check", gpu_check)  # its dataclasses look their module up
-spec.loader.exec_module(gpu_check)
+gpu_check = load_benchmark("gpu_check")
 
 
 def test_dry_mode_runs_every_part_and_writes_the_results(tmp_path):

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
-spec = importlib.util.spec_from_file_location("quality_bench", PATH)
-quality = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(quality)
+quality = load_benchmark("quality")
 
 
 def test_parse_method_adds_ist_kwargs_and_lr():
