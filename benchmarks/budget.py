@@ -99,11 +99,13 @@ METHODS: dict[str, Method] = {
     "lora+ist-fo-da+budget": Method("lora", "ist", "budget", FIRST_ORDER),
     "lora+uniform+budget": Method("lora", "ist", "budget", {"sampling": "uniform"}),
     # levers on lora+ist-fo-da+budget: prefer draws that fit (fewer checkpointed blocks),
-    # twice the active layers (more progress per step),
+    # twice and three times the active layers (more progress per step),
     "lora+ist-fo-da+budget+redraw4": Method("lora", "ist", "budget",
                                             {**FIRST_ORDER, "budget_redraws": 4}),
     "lora+ist-fo-da-50%+budget": Method("lora", "ist", "budget",
                                         {**FIRST_ORDER, "active_layers": 0.5}),
+    "lora+ist-fo-da-75%+budget": Method("lora", "ist", "budget",
+                                        {**FIRST_ORDER, "active_layers": 0.75}),
     # and a fresh optimizer state (Adam's bias correction restarts) each time a layer
     # becomes active, instead of its state kept from its last active step
     "lora+ist-fo-da+budget+drop": Method("lora", "ist", "budget",
@@ -453,6 +455,38 @@ def paired_table(by: dict[tuple[str, int], dict[str, Any]], seeds: list[int],
                            "CPU s/step ratio"], rows)
 
 
+def gap_by_step(by: dict[tuple[str, int], dict[str, Any]], seeds: list[int],
+                methods: list[str], ref: str = BASELINE) -> str:
+    """Per method: its test loss minus ``ref``'s at each eval step both runs have, the mean
+    over the seeds both ran; whether a gap closes with more steps or stays set.
+
+    Example:
+        >>> run = lambda *v: {"evals": [{"step": 10 * i, "test": x} for i, x in enumerate(v)]}
+        >>> by = {("a", 0): run(4.0, 3.5, 3.2), ("b", 0): run(4.0, 3.0, 3.0)}
+        >>> print(gap_by_step(by, [0], ["a", "b"], ref="b"))
+        | method | seeds | 10 | 20 |
+        | --- | --- | --- | --- |
+        | a | 1 | +0.500 | +0.200 |
+    """
+    rows, steps = [], []
+    for m in methods:
+        pairs = seed_pairs(by, seeds, m, ref) if m != ref else []
+        if not pairs:
+            continue
+        gaps: dict[int, list[float]] = {}
+        for a, b in pairs:
+            theirs = {e["step"]: e["test"] for e in b["evals"] if "test" in e}
+            for e in a["evals"]:
+                if e["step"] > 0 and "test" in e and e["step"] in theirs:
+                    gaps.setdefault(e["step"], []).append(e["test"] - theirs[e["step"]])
+        common = {k: v for k, v in gaps.items() if len(v) == len(pairs)}
+        steps = sorted(set(steps) | set(common))
+        rows.append((m, len(pairs), common))
+    return markdown_table(["method", "seeds", *map(str, steps)],
+                          [[m, str(n), *(f"{statistics.fmean(g[k]):+.3f}" if k in g else ""
+                                         for k in steps)] for m, n, g in rows])
+
+
 def report(rows: list[dict[str, Any]]) -> str:
     budgets = [r for r in rows if r.get("phase") == "budget"]
     chosen = chosen_lrs(rows)
@@ -538,6 +572,9 @@ def report(rows: list[dict[str, Any]]) -> str:
                    f"at which the method would tie at equal time (= that step / {steps}):\n")
         out.append(markdown_table(["method", f"worth {BASELINE} steps", "tie needs ratio <=",
                                    "measured ratio"], worth) + "\n")
+        out.append(f"The gap over training: test loss minus {BASELINE}'s at the same step "
+                   "(mean over the seeds both ran):\n")
+        out.append(gap_by_step(by, seeds, methods) + "\n")
     return "\n".join(out)
 
 

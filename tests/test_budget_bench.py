@@ -4,6 +4,7 @@ random-init Llama (nothing downloaded)."""
 
 from __future__ import annotations
 
+import doctest
 import json
 
 import pytest
@@ -171,3 +172,19 @@ def test_ist_is_paired_with_the_layer_wise_peers_seed_by_seed():
     assert lines[0].startswith("| lora+ist-fo-da+budget vs lisa+budget | equal steps | "
                                "-0.3000, -0.4000 | -0.3500 | 2/2 | 1.00 |")
     assert "equal CPU time" in lines[1] and len(lines) == 2  # BAdam did not run: no row
+
+
+def test_the_gap_over_training_is_reported_per_eval_step_and_the_examples_hold():
+    def run(method, seed, tests):
+        return {"phase": "final", "method": method, "lr": 1e-3, "seed": seed, "steps": 20,
+                "budget_bytes": 10, "peak_bytes": 5, "cpu_seconds": [1.0] * 20,
+                "cpu_seconds_per_step": 1.0, "checkpointed_blocks": [1] * 20,
+                "evals": [{"step": 10 * i, "test": t} for i, t in enumerate(tests)]}
+
+    rows = [run("lora+gc", s, (5.0, 4.0, 3.0)) for s in (0, 1)]
+    rows += [run("lora+ist-fo-da+budget", 0, (5.0, 4.5, 3.5)),
+             run("lora+ist-fo-da+budget", 1, (5.0, 4.3, 3.1))]
+    gap = budget.report(rows).split("The gap over training")[1]
+    assert "| lora+ist-fo-da+budget | 2 | +0.400 | +0.300 |" in gap
+    assert "| lora+gc |" not in gap
+    assert doctest.testmod(budget).failed == 0
