@@ -575,6 +575,19 @@ def report(rows: list[dict[str, Any]]) -> str:
         out.append(f"The gap over training: test loss minus {BASELINE}'s at the same step "
                    "(mean over the seeds both ran):\n")
         out.append(gap_by_step(by, seeds, methods) + "\n")
+    others = [r for r in rows if r.get("phase") == "final" and r not in finals]
+    if others:
+        out.append("Finals at a rate other than the method's chosen one (a choice superseded "
+                   "by a later sweep, or a check of the choice; not in the tables above), "
+                   "with the chosen rate's run on the same seed:\n")
+        out.append(markdown_table(
+            ["method", "lr", "seed", f"test loss at step {steps}", "chosen lr",
+             "chosen lr's test loss", "difference"],
+            [[r["method"], f"{r['lr']:g}", str(r["seed"]), f"{r['evals'][-1]['test']:.4f}",
+              *((f"{c['lr']:g}", f"{c['evals'][-1]['test']:.4f}",
+                 f"{r['evals'][-1]['test'] - c['evals'][-1]['test']:+.4f}")
+                if (c := by.get((r["method"], r["seed"]))) else ("", "", ""))]
+             for r in others]) + "\n")
     return "\n".join(out)
 
 

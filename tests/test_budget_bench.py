@@ -188,3 +188,18 @@ def test_the_gap_over_training_is_reported_per_eval_step_and_the_examples_hold()
     assert "| lora+ist-fo-da+budget | 2 | +0.400 | +0.300 |" in gap
     assert "| lora+gc |" not in gap
     assert doctest.testmod(budget).failed == 0
+
+
+def test_a_final_at_a_rate_other_than_the_chosen_one_is_shown_apart():
+    def row(phase, lr, seed, loss):
+        return {"phase": phase, "method": "lora+gc", "lr": lr, "seed": seed, "steps": 2,
+                "budget_bytes": 10, "peak_bytes": 5, "cpu_seconds": [1.0, 1.0],
+                "cpu_seconds_per_step": 1.0, "checkpointed_blocks": [1, 1],
+                "evals": [{"step": 0, "val": 5.0, "test": 5.0},
+                          {"step": 2, "val": loss, "test": loss}]}
+
+    rows = [row("sweep", 1e-3, 0, 3.0), row("sweep", 2e-3, 0, 3.2),
+            row("final", 1e-3, 0, 3.1), row("final", 2e-3, 0, 3.4)]
+    head, others = budget.report(rows).split("Finals at a rate other than")
+    assert "| lora+gc | 0.001 | 0 |" in head and "| lora+gc | 0.002 | 0 |" not in head
+    assert "| lora+gc | 0.002 | 0 | 3.4000 | 0.001 | 3.1000 | +0.3000 |" in others
