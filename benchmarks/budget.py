@@ -579,15 +579,23 @@ def report(rows: list[dict[str, Any]]) -> str:
     if others:
         out.append("Finals at a rate other than the method's chosen one (a choice superseded "
                    "by a later sweep, or a check of the choice; not in the tables above), "
-                   "with the chosen rate's run on the same seed:\n")
+                   "against the chosen rate's run on the same seed (differences after "
+                   f"{steps} steps, negative = the other rate is better):\n")
+        table = []
+        for r in others:
+            c = by.get((r["method"], r["seed"]))
+            d = {k: r["evals"][-1][k] - c["evals"][-1][k] for k in ("val", "test")} if c else {}
+            b = by.get((BASELINE, r["seed"]))
+            t = min(sum(r["cpu_seconds"]), sum(b["cpu_seconds"])) if b else 0.0
+            table.append([r["method"], f"{r['lr']:g}", str(r["seed"]),
+                          f"{r['evals'][-1]['test']:.4f}", f"{c['lr']:g}" if c else "",
+                          f"{c['evals'][-1]['test']:.4f}" if c else "",
+                          *(f"{d[k]:+.4f}" if d else "" for k in ("val", "test")),
+                          f"{at_time(r, t) - at_time(b, t):+.4f}" if b else ""])
         out.append(markdown_table(
             ["method", "lr", "seed", f"test loss at step {steps}", "chosen lr",
-             "chosen lr's test loss", "difference"],
-            [[r["method"], f"{r['lr']:g}", str(r["seed"]), f"{r['evals'][-1]['test']:.4f}",
-              *((f"{c['lr']:g}", f"{c['evals'][-1]['test']:.4f}",
-                 f"{r['evals'][-1]['test'] - c['evals'][-1]['test']:+.4f}")
-                if (c := by.get((r["method"], r["seed"]))) else ("", "", ""))]
-             for r in others]) + "\n")
+             "chosen lr's test loss", "difference: validation", "difference: test",
+             f"test vs {BASELINE} at equal CPU time"], table) + "\n")
     return "\n".join(out)
 
 

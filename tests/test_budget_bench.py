@@ -191,15 +191,19 @@ def test_the_gap_over_training_is_reported_per_eval_step_and_the_examples_hold()
 
 
 def test_a_final_at_a_rate_other_than_the_chosen_one_is_shown_apart():
-    def row(phase, lr, seed, loss):
-        return {"phase": phase, "method": "lora+gc", "lr": lr, "seed": seed, "steps": 2,
-                "budget_bytes": 10, "peak_bytes": 5, "cpu_seconds": [1.0, 1.0],
-                "cpu_seconds_per_step": 1.0, "checkpointed_blocks": [1, 1],
+    def row(phase, method, lr, loss, step_cost=1.0):
+        return {"phase": phase, "method": method, "lr": lr, "seed": 0, "steps": 2,
+                "budget_bytes": 10, "peak_bytes": 5, "cpu_seconds": [step_cost] * 2,
+                "cpu_seconds_per_step": step_cost, "checkpointed_blocks": [1, 1],
                 "evals": [{"step": 0, "val": 5.0, "test": 5.0},
                           {"step": 2, "val": loss, "test": loss}]}
 
-    rows = [row("sweep", 1e-3, 0, 3.0), row("sweep", 2e-3, 0, 3.2),
-            row("final", 1e-3, 0, 3.1), row("final", 2e-3, 0, 3.4)]
+    ist = "lora+ist+budget"
+    rows = [row("sweep", ist, 1e-3, 3.0), row("sweep", ist, 2e-3, 3.2),
+            row("final", ist, 1e-3, 3.1), row("final", ist, 2e-3, 3.4, step_cost=2.0),
+            row("final", "lora+gc", 1e-3, 3.1)]
     head, others = budget.report(rows).split("Finals at a rate other than")
-    assert "| lora+gc | 0.001 | 0 |" in head and "| lora+gc | 0.002 | 0 |" not in head
-    assert "| lora+gc | 0.002 | 0 | 3.4000 | 0.001 | 3.1000 | +0.3000 |" in others
+    assert f"| {ist} | 0.001 | 0 |" in head and f"| {ist} | 0.002 | 0 |" not in head
+    # vs lora+gc at its 2 CPU s: 4.2 (half way through the 4 s run) against 3.1
+    assert f"| {ist} | 0.002 | 0 | 3.4000 | 0.001 | 3.1000 | +0.3000 | +0.3000 | +1.1000 |" \
+        in others
