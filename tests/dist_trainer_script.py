@@ -60,4 +60,11 @@ def main(out: str, route: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "instance")
+    try:
+        main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "instance")
+    finally:
+        # Shut gloo down before the interpreter does: left to exit, a rank can abort in
+        # teardown ("terminate called without an active exception", SIGABRT) after the
+        # training itself succeeded.
+        if dist.is_initialized():
+            dist.destroy_process_group()
