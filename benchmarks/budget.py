@@ -400,6 +400,22 @@ def at_time(run: dict[str, Any], seconds: float, split: str = "test") -> float:
     return math.nan
 
 
+def equal_time_gap(run: dict[str, Any], ref: dict[str, Any]) -> float:
+    """``run``'s test loss minus ``ref``'s at the shorter run's total CPU time (the longer
+    run's loss interpolated there, see :func:`at_time`).
+
+    Example:
+        >>> fast = {"cpu_seconds": [1.0, 1.0], "evals": [{"step": 0, "test": 4.0},
+        ...                                                {"step": 2, "test": 3.0}]}
+        >>> slow = {"cpu_seconds": [2.0, 2.0], "evals": [{"step": 0, "test": 4.0},
+        ...                                                {"step": 2, "test": 2.0}]}
+        >>> equal_time_gap(fast, slow)  # at 2 s: 3.0 against 3.0
+        0.0
+    """
+    t = min(sum(run["cpu_seconds"]), sum(ref["cpu_seconds"]))
+    return at_time(run, t) - at_time(ref, t)
+
+
 def steps_worth(run: dict[str, Any], baseline: dict[str, Any]) -> float:
     """The baseline step at which the baseline's test loss first equals ``run``'s final test
     loss (linear between eval points; NaN when the baseline never gets that high or low).
@@ -441,10 +457,7 @@ def paired_table(by: dict[tuple[str, int], dict[str, Any]], seeds: list[int],
         if not pairs:
             continue
         steps_d = [a["evals"][-1]["test"] - b["evals"][-1]["test"] for a, b in pairs]
-        time_d = []
-        for a, b in pairs:
-            t = min(sum(a["cpu_seconds"]), sum(b["cpu_seconds"]))
-            time_d.append(at_time(a, t) - at_time(b, t))
+        time_d = [equal_time_gap(a, b) for a, b in pairs]
         ratio = [a["cpu_seconds_per_step"] / b["cpu_seconds_per_step"] for a, b in pairs]
         name = m if ref == BASELINE else f"{m} vs {ref}"
         for label, d in (("equal steps", steps_d), ("equal CPU time", time_d)):
@@ -586,12 +599,11 @@ def report(rows: list[dict[str, Any]]) -> str:
             c = by.get((r["method"], r["seed"]))
             d = {k: r["evals"][-1][k] - c["evals"][-1][k] for k in ("val", "test")} if c else {}
             b = by.get((BASELINE, r["seed"]))
-            t = min(sum(r["cpu_seconds"]), sum(b["cpu_seconds"])) if b else 0.0
             table.append([r["method"], f"{r['lr']:g}", str(r["seed"]),
                           f"{r['evals'][-1]['test']:.4f}", f"{c['lr']:g}" if c else "",
                           f"{c['evals'][-1]['test']:.4f}" if c else "",
                           *(f"{d[k]:+.4f}" if d else "" for k in ("val", "test")),
-                          f"{at_time(r, t) - at_time(b, t):+.4f}" if b else ""])
+                          f"{equal_time_gap(r, b):+.4f}" if b else ""])
         out.append(markdown_table(
             ["method", "lr", "seed", f"test loss at step {steps}", "chosen lr",
              "chosen lr's test loss", "difference: validation", "difference: test",

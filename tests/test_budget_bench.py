@@ -156,12 +156,19 @@ def test_a_method_that_cannot_fit_the_budget_is_recorded_and_not_run(tiny, tmp_p
     assert out.read_text().count('"phase": "fit"') == 2
 
 
+def final_row(method, evals, *, phase="final", lr=1e-3, seed=0, step_cost=1.0):
+    """A run as the benchmark writes it, of ``evals[-1]["step"]`` steps."""
+    steps = evals[-1]["step"]
+    return {"phase": phase, "method": method, "lr": lr, "seed": seed, "steps": steps,
+            "budget_bytes": 10, "peak_bytes": 5, "cpu_seconds": [step_cost] * steps,
+            "cpu_seconds_per_step": step_cost, "checkpointed_blocks": [1] * steps,
+            "evals": evals}
+
+
 def test_ist_is_paired_with_the_layer_wise_peers_seed_by_seed():
     def run(method, seed, final, step_cost):
-        return {"phase": "final", "method": method, "lr": 1e-3, "seed": seed, "steps": 2,
-                "budget_bytes": 10, "peak_bytes": 5, "cpu_seconds": [step_cost] * 2,
-                "cpu_seconds_per_step": step_cost, "checkpointed_blocks": [1, 1],
-                "evals": [{"step": 0, "test": 5.0}, {"step": 2, "test": final}]}
+        return final_row(method, [{"step": 0, "test": 5.0}, {"step": 2, "test": final}],
+                         seed=seed, step_cost=step_cost)
 
     rows = [run("lora+gc", s, 3.0, 2.0) for s in (0, 1)]
     rows += [run("lora+ist-fo-da+budget", s, 3.5 - 0.1 * s, 1.0) for s in (0, 1)]
@@ -176,10 +183,8 @@ def test_ist_is_paired_with_the_layer_wise_peers_seed_by_seed():
 
 def test_the_gap_over_training_is_reported_per_eval_step_and_the_examples_hold():
     def run(method, seed, tests):
-        return {"phase": "final", "method": method, "lr": 1e-3, "seed": seed, "steps": 20,
-                "budget_bytes": 10, "peak_bytes": 5, "cpu_seconds": [1.0] * 20,
-                "cpu_seconds_per_step": 1.0, "checkpointed_blocks": [1] * 20,
-                "evals": [{"step": 10 * i, "test": t} for i, t in enumerate(tests)]}
+        return final_row(method, [{"step": 10 * i, "test": t} for i, t in enumerate(tests)],
+                         seed=seed)
 
     rows = [run("lora+gc", s, (5.0, 4.0, 3.0)) for s in (0, 1)]
     rows += [run("lora+ist-fo-da+budget", 0, (5.0, 4.5, 3.5)),
@@ -192,11 +197,9 @@ def test_the_gap_over_training_is_reported_per_eval_step_and_the_examples_hold()
 
 def test_a_final_at_a_rate_other_than_the_chosen_one_is_shown_apart():
     def row(phase, method, lr, loss, step_cost=1.0):
-        return {"phase": phase, "method": method, "lr": lr, "seed": 0, "steps": 2,
-                "budget_bytes": 10, "peak_bytes": 5, "cpu_seconds": [step_cost] * 2,
-                "cpu_seconds_per_step": step_cost, "checkpointed_blocks": [1, 1],
-                "evals": [{"step": 0, "val": 5.0, "test": 5.0},
-                          {"step": 2, "val": loss, "test": loss}]}
+        return final_row(method, [{"step": 0, "val": 5.0, "test": 5.0},
+                                  {"step": 2, "val": loss, "test": loss}],
+                         phase=phase, lr=lr, step_cost=step_cost)
 
     ist = "lora+ist+budget"
     rows = [row("sweep", ist, 1e-3, 3.0), row("sweep", ist, 2e-3, 3.2),
