@@ -251,6 +251,7 @@ def run_one(name: str, method: Method, lr: float, seed: int, steps: int, data: D
     model.train()
     batches = block_batches(data.train, args.seq_len, args.batch_size,
                             generator=torch.Generator().manual_seed(seed))
+    scheduler = lr_schedule(optimizer, args.schedule, steps, args.warmup)
     meter = PeakMeter(device, model, optimizer)
     cpu, wall, accounted, losses, checkpointed = [], [], [], [], []
     evals = [{"step": 0, **base}]
@@ -264,6 +265,8 @@ def run_one(name: str, method: Method, lr: float, seed: int, steps: int, data: D
                                        1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
         held["loss"] = loss.item()
 
     for step in range(1, steps + 1):
@@ -287,12 +290,26 @@ def run_one(name: str, method: Method, lr: float, seed: int, steps: int, data: D
     wall_fair = [statistics.fmean(plain_wall) if a else w
                  for w, a in zip(wall, accounted, strict=True)]
     return {"method": name, "lr": lr, "seed": seed, "steps": steps, "device": device,
+            "schedule": args.schedule, "warmup": args.warmup,
             "batch_size": args.batch_size, "seq_len": args.seq_len, "model": args.model,
             "budget_bytes": budget, "peak_bytes": meter.peak, "accounted_steps": meter.accounted,
             "cpu_seconds": cpu_fair, "wall_seconds": wall_fair,
             "cpu_seconds_per_step": statistics.fmean(plain),
             "wall_seconds_per_step": statistics.fmean(plain_wall),
             "checkpointed_blocks": checkpointed, "train_losses": losses, "evals": evals}
+
+
+def lr_schedule(optimizer: Any, kind: str, steps: int, warmup: float) -> Any:
+    """The rate schedule a user of the HF Trainer runs: ``"linear"`` (the Trainer's default:
+    linear warm-up over ``warmup`` of the steps, then linear decay to 0 at ``steps``) or
+    ``"cosine"`` (the same warm-up, then cosine decay to 0); ``"constant"``: None, the rate
+    as set (the protocol of the first budget tables)."""
+    if kind == "constant":
+        return None
+    from transformers import get_scheduler
+
+    return get_scheduler(kind, optimizer, num_warmup_steps=round(warmup * steps),
+                         num_training_steps=steps)
 
 
 def measure_budget(data: Data, args: argparse.Namespace, base: dict[str, float]
@@ -319,6 +336,20 @@ def measure_budget(data: Data, args: argparse.Namespace, base: dict[str, float]
 def read(paths: list[Path]) -> list[dict[str, Any]]:
     return [json.loads(line) for p in paths if p.exists()
             for line in p.read_text().splitlines() if line.strip()]
+
+
+def runs_of_schedule(rows: list[dict[str, Any]], schedule: str) -> list[dict[str, Any]]:
+    """The rows of runs at rate schedule ``schedule`` (rows written before schedules existed
+    ran at a constant rate), with the budget and fit rows, which every schedule shares.
+
+    Example:
+        >>> rows = [{"phase": "budget"}, {"phase": "final"},
+        ...         {"phase": "final", "schedule": "linear"}]
+        >>> runs_of_schedule(rows, "linear")
+        [{'phase': 'budget'}, {'phase': 'final', 'schedule': 'linear'}]
+    """
+    return [r for r in rows if r.get("phase") in ("budget", "fit")
+            or r.get("schedule", "constant") == schedule]
 
 
 def chosen_lrs(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -648,7 +679,14 @@ def build_parser() -> argparse.ArgumentParser:
                    f"on cuda one rate, 1e-3)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=None, help="default 200 (cpu), 30 (cuda)")
-    p.add_argument("--sweep-steps", type=int, default=50)
+    p.add_argument("--sweep-steps", type=int, default=50,
+                   help="steps of a sweep run; equal to --steps, the sweep on seed 0 also "
+                   "serves as the seed-0 final run of the chosen rate (test evals included)")
+    p.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"],
+                   help="rate schedule: constant, or the HF Trainer's linear warm-up then "
+                   "linear (its default) or cosine decay to 0 at the run's last step")
+    p.add_argument("--warmup", type=float, default=0.1,
+                   help="warm-up as a fraction of the run's steps (linear, cosine)")
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--batch-size", type=int, default=None, help="default 4 (cpu), 8 (cuda)")
     p.add_argument("--seq-len", type=int, default=None, help="default 128 (cpu), 512 (cuda)")
@@ -689,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
              for m in args.methods}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     data = prepare(args)
-    rows = read([args.out])
+    rows = runs_of_schedule(read([args.out]), args.schedule)
     shape = {"device": args.device, "model": args.model, "batch_size": args.batch_size,
              "seq_len": args.seq_len, "margin": args.margin}
     budgets = [r for r in rows if r.get("phase") == "budget"
@@ -718,16 +756,25 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in args.methods if fits.get(m, True)]
     done = 0
     while args.max_runs is None or done < args.max_runs:
-        rows = read([args.out])
+        rows = runs_of_schedule(read([args.out]), args.schedule)
         left = todo(methods, grids, args.seeds, rows, extend=args.lrs is None and not cuda)
         if not left:
             break
         phase, name, lr, seed = left[0]
         sweep = phase == "sweep"
+        full_length = args.sweep_steps == args.steps
         steps = args.sweep_steps if sweep else args.steps
-        row = run_one(name, METHODS[name], lr, seed, steps, data, args,
-                      budget, eval_every=args.sweep_steps if sweep else args.eval_every,
-                      splits=("val",) if sweep else ("val", "test"), base=base)
+        reuse = [r for r in rows if r.get("phase") == "sweep" and full_length
+                 and (r["method"], r["lr"], r["seed"], r["steps"]) == (name, lr, seed, steps)]
+        if phase == "final" and reuse:
+            # a sweep run at the full length, with test evals, *is* this final run
+            row = {**reuse[-1], "from_sweep": True}
+        else:
+            row = run_one(name, METHODS[name], lr, seed, steps, data, args, budget,
+                          eval_every=args.eval_every if full_length or not sweep
+                          else args.sweep_steps,
+                          splits=("val", "test") if full_length or not sweep else ("val",),
+                          base=base)
         row["phase"] = phase
         with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")
