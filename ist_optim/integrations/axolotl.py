@@ -1,0 +1,426 @@
+"""axolotl plugin: IST from a YAML file (``plugins: [ist_optim.integrations.axolotl.ISTPlugin]``).
+
+axolotl (``axolotl train cfg.yml``) loads a plugin by dotted path from any installed
+package. :class:`ISTPlugin` adds the ``ist_*`` YAML keys to axolotl's config schema
+(:class:`ISTArgs`, validated with the rest of the YAML), refuses the settings that cannot
+work with IST, and after axolotl built its trainer replaces the trainer's optimizer by an
+:class:`ist_optim.ISTOptimizer` around the optimizer axolotl would have used (same class,
+constructor arguments and param groups: learning rates, weight decay, LoRA+ groups), so
+axolotl's scheduler, checkpoints and ``resume_from_checkpoint`` see the ISTOptimizer. It
+attaches :class:`ist_optim.integrations.ISTCallback` first among the callbacks, so the
+``ist/*`` keys reach every log.
+
+Importing this module needs only torch: ``ISTPlugin`` (which subclasses axolotl's
+``BasePlugin``) and ``ISTArgs`` (a pydantic model) are built when first accessed, and the
+pure parts (:func:`ist_options`, :func:`check_axolotl_config`, :func:`install_ist_optimizer`)
+work without axolotl. See docs/axolotl.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+from torch.optim import Optimizer
+
+from ..config import ISTConfig
+from ..optimizer import ISTOptimizer
+from .common import unwrap_ist_optimizer
+
+__all__ = [
+    "IMPORTANCE_SOURCES",
+    "OPTIMIZER_ALIAS_PREFIX",
+    "OPTION_KEYS",
+    "check_axolotl_config",
+    "install_ist_optimizer",
+    "ist_options",
+    "resolve_optimizer_alias",
+]
+
+logger = logging.getLogger(__name__)
+
+#: YAML key -> ``ISTOptimizer`` keyword (meaning and default: ``ist_optim.ISTConfig``).
+OPTION_KEYS: dict[str, str] = {
+    "ist_active_layers": "active_layers",
+    "ist_update_interval": "update_interval",
+    "ist_estimator": "estimator",
+    "ist_sampling": "sampling",
+    "ist_state_policy": "state_policy",
+    "ist_memory_budget": "memory_budget",
+    "ist_budget_redraws": "budget_redraws",
+    "ist_seed": "seed",
+    "ist_suppressed_layers": "suppressed_layers",
+    "ist_num_candidates": "num_candidates",
+    "ist_score_lr": "score_lr",
+    "ist_suppression": "suppression",
+    "ist_freeze_inactive": "freeze_inactive",
+    "ist_depth_window": "depth_window",
+}
+
+#: Values of ``ist_importance_batches``: ``last`` measures the rounds on the latest training
+#: batch (the optimizer's default), ``eval`` / ``train`` as in ``add_ist_callback``.
+IMPORTANCE_SOURCES = ("last", "eval", "train")
+
+#: ``optimizer: ist_adamw_torch`` means ``adamw_torch`` wrapped by IST; without the plugin
+#: axolotl passes the name to transformers, which refuses it, so the run stops instead of
+#: training without IST.
+OPTIMIZER_ALIAS_PREFIX = "ist_"
+
+# Optimizers that do not step through ``optimizer.step()`` on the param groups (fused
+# backward, layer-wise hooks) or need ``optimizer.train()/eval()`` calls IST does not forward.
+_REFUSED_OPTIMIZER_PARTS = ("lomo", "layerwise", "schedule_free")
+_ADAPTERS = (None, "lora", "qlora")
+# Keys the Trainer's optimizer construction reads from its kwargs instead of passing them on.
+_NOT_CONSTRUCTOR_KEYS = ("params", "model", "optimizer_dict")
+
+
+# ---------------------------------------------------------------------- pure parts
+def resolve_optimizer_alias(optimizer: Any) -> tuple[Any, bool]:
+    """``(name, aliased)``: ``"ist_adamw_torch"`` -> ``("adamw_torch", True)``.
+
+    Example:
+        >>> resolve_optimizer_alias("ist_adamw_bnb_8bit")
+        ('adamw_bnb_8bit', True)
+        >>> resolve_optimizer_alias("adamw_torch")
+        ('adamw_torch', False)
+    """
+    name = getattr(optimizer, "value", optimizer)  # axolotl's enum members are str enums
+    if isinstance(name, str) and name.startswith(OPTIMIZER_ALIAS_PREFIX):
+        return name[len(OPTIMIZER_ALIAS_PREFIX):], True
+    return optimizer, False
+
+
+def ist_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``ISTOptimizer`` keywords an axolotl config asks for, validated by ``ISTConfig``.
+
+    Only the ``ist_*`` keys that are set (not None) are passed; the rest keep the
+    optimizer's defaults. ``ist_seed`` defaults to axolotl's ``seed``; with
+    ``ist_memory_budget`` the batch shape of the memory prediction is
+    ``(micro_batch_size, sequence_len)``.
+
+    Args:
+        cfg: the axolotl config (a dict or axolotl's ``DictDefault``).
+
+    Raises:
+        ValueError, TypeError: one line naming the YAML key, the value and the range.
+
+    Example:
+        >>> ist_options({"ist_active_layers": 2, "ist_sampling": "uniform", "seed": 7})
+        {'active_layers': 2, 'sampling': 'uniform', 'seed': 7}
+        >>> ist_options({"ist_update_interval": 0})
+        Traceback (most recent call last):
+        ...
+        ValueError: ist_update_interval: Invalid update_interval: 0; expected an int >= 1
+    """
+    options = {OPTION_KEYS[key]: cfg[key] for key in OPTION_KEYS if cfg.get(key) is not None}
+    if "seed" not in options and cfg.get("seed") is not None:
+        options["seed"] = cfg["seed"]
+    if options.get("memory_budget") is not None:
+        batch, seq = cfg.get("micro_batch_size"), cfg.get("sequence_len")
+        if batch is None or seq is None:
+            raise ValueError(
+                "ist_memory_budget predicts each step's memory from micro_batch_size and "
+                f"sequence_len (got {batch!r}, {seq!r}); set both in the YAML")
+        options["memory_shape"] = (int(batch), int(seq))
+    try:
+        ISTConfig(**options)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{_yaml_key_of(str(err))}: {err}") from None
+    return options
+
+
+def _yaml_key_of(message: str) -> str:
+    """The ``ist_*`` key whose option the message names first (``ist_*`` if none)."""
+    found = [(m.start(), key) for key, option in OPTION_KEYS.items()
+             if (m := re.search(rf"\b{option}\b", message))]
+    return min(found)[1] if found else "ist_*"
+
+
+def check_axolotl_config(cfg: Mapping[str, Any]) -> None:
+    """Refuse, with one line each, the axolotl settings that cannot work with the plugin.
+
+    Refused: ``lisa_n_layers`` (axolotl's LISA flips ``requires_grad`` under the plugin's
+    own layer choice), ``gradient_checkpointing`` with ``ist_memory_budget`` (the budget
+    checkpoints per step only the blocks it needs), ``torch_compile`` (each active set
+    would recompile the whole model), DeepSpeed and FSDP (their optimizer is built inside
+    the engine), RL trainers (``rl:``; the importance rounds measure ``model(**batch).loss``
+    of SFT batches), ReLoRA, adapters other than LoRA / QLoRA (or none: full
+    fine-tuning), optimizers that do not step on their param groups (LOMO, layer-wise
+    GaLore / APOLLO, schedule-free), and ``ist_importance_batches: eval`` without an
+    eval split. Also validates the ``ist_*`` options (:func:`ist_options`).
+
+    Raises:
+        ValueError: naming the setting and the fix.
+
+    Example:
+        >>> check_axolotl_config({"adapter": "lora", "ist_active_layers": 2})
+        >>> check_axolotl_config({"lisa_n_layers": 4})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: lisa_n_layers=4 is axolotl's LISA, ... remove lisa_n_layers and ...
+    """
+    if cfg.get("lisa_n_layers"):
+        raise ValueError(
+            f"lisa_n_layers={cfg['lisa_n_layers']} is axolotl's LISA, which flips "
+            "requires_grad at each step; the IST plugin samples the layers itself: remove "
+            "lisa_n_layers and lisa_step_interval (ist_active_layers sets the layers per step)")
+    if cfg.get("ist_memory_budget") is not None and cfg.get("gradient_checkpointing"):
+        raise ValueError(
+            f"gradient_checkpointing={cfg['gradient_checkpointing']!r} with "
+            f"ist_memory_budget={cfg['ist_memory_budget']!r}: the budget checkpoints per step "
+            "only the blocks that step needs to fit; set gradient_checkpointing: false")
+    if cfg.get("torch_compile"):
+        raise ValueError(
+            "torch_compile: true compiles the whole model, and every IST step freezes other "
+            "layers, so each active set would recompile it; set torch_compile: false")
+    for key in ("deepspeed", "fsdp", "fsdp_config"):
+        if cfg.get(key):
+            raise ValueError(
+                f"{key} is set: DeepSpeed and axolotl's FSDP build the optimizer inside their "
+                "engine, which the IST plugin cannot wrap; train on one device or with DDP "
+                f"(remove {key})")
+    if cfg.get("rl"):
+        raise ValueError(
+            f"rl={cfg['rl']!r}: the IST plugin supports supervised fine-tuning and "
+            "pretraining (its importance rounds measure model(**batch).loss); remove rl or "
+            "the plugin")
+    if cfg.get("relora") or cfg.get("relora_steps"):
+        raise ValueError(
+            "ReLoRA merges and resets the adapters and the optimizer state on its own "
+            "schedule, under IST's per-layer state; remove the relora settings or the plugin")
+    adapter = cfg.get("adapter") or None
+    if adapter not in _ADAPTERS:
+        raise ValueError(
+            f"adapter={adapter!r} is not supported by the IST plugin; use lora, qlora, or no "
+            "adapter (full fine-tuning)")
+    name, _ = resolve_optimizer_alias(cfg.get("optimizer"))
+    if isinstance(name, str) and any(part in name for part in _REFUSED_OPTIMIZER_PARTS):
+        raise ValueError(
+            f"optimizer={name!r} does not update through optimizer.step() on its param "
+            "groups (or needs optimizer.train()/eval()), so IST cannot choose the layers it "
+            "trains; use e.g. adamw_torch, adamw_torch_fused or adamw_bnb_8bit")
+    source = cfg.get("ist_importance_batches")
+    if source is not None and source not in IMPORTANCE_SOURCES:
+        raise ValueError(
+            f"Invalid ist_importance_batches: {source!r}; expected one of {IMPORTANCE_SOURCES}")
+    if source == "eval" and not (cfg.get("val_set_size") or cfg.get("test_datasets")):
+        raise ValueError(
+            "ist_importance_batches: eval needs an eval split; set val_set_size (or "
+            "test_datasets), or use ist_importance_batches: train")
+    if source in ("eval", "train") and cfg.get("ist_sampling") == "uniform":
+        raise ValueError(
+            f"ist_importance_batches: {source} is set but ist_sampling: uniform runs no "
+            "importance rounds; drop ist_importance_batches")
+    ist_options(cfg)
+
+
+def _constructor_kwargs(trainer: Any, inner_cls: type) -> dict[str, Any] | None:
+    """The kwargs the trainer built ``inner_cls`` with, or None when unknown."""
+    candidates = []
+    if getattr(trainer, "optimizer_cls_and_kwargs", None) is not None:
+        candidates.append(trainer.optimizer_cls_and_kwargs)
+    get = getattr(trainer, "get_optimizer_cls_and_kwargs", None)
+    if get is not None:
+        candidates.append(get(trainer.args, trainer.model))
+    for cls, kwargs in candidates:
+        if cls is inner_cls:
+            return {k: v for k, v in kwargs.items() if k not in _NOT_CONSTRUCTOR_KEYS}
+    return None
+
+
+def install_ist_optimizer(trainer: Any, options: Mapping[str, Any],
+                          model: nn.Module | None = None) -> ISTOptimizer:
+    """Replace ``trainer``'s optimizer-to-be by an ``ISTOptimizer`` around the same optimizer.
+
+    Lets the trainer build its optimizer (``trainer.create_optimizer()``: axolotl's param
+    groups, weight decay, LoRA+ and embedding learning rates; nothing is allocated yet),
+    then builds ``ISTOptimizer(type(built), model, params=<its param groups>, **options,
+    **<the trainer's constructor kwargs>)`` and sets it as ``trainer.optimizer``. The
+    Trainer then builds its scheduler over it and loads/saves it in checkpoints.
+
+    Args:
+        trainer: a ``transformers.Trainer`` (axolotl's trainers are ones) before ``train()``.
+        options: ``ISTOptimizer`` keywords (:func:`ist_options`).
+        model: the model to sample layers of (default: ``trainer.model``).
+
+    Returns:
+        The ISTOptimizer, also at ``trainer.optimizer``.
+
+    Raises:
+        RuntimeError: when the trainer already holds an optimizer that has state or is an
+            ISTOptimizer, or built an optimizer whose constructor arguments are unknown.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from transformers import Trainer, TrainingArguments
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.blocks = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(4))
+        ...     def forward(self, x, labels):
+        ...         return {"loss": (self.blocks[0](x) - labels).pow(2).mean()}
+        >>> args = TrainingArguments(tempfile.mkdtemp(), use_cpu=True, report_to=[],
+        ...                          optim="adamw_torch", weight_decay=0.1)
+        >>> trainer = Trainer(model=Net(), args=args)
+        >>> opt = install_ist_optimizer(trainer, {"active_layers": 1, "seed": 0})
+        >>> trainer.optimizer is opt, type(opt.optimizer).__name__, opt.num_layers
+        (True, 'AdamW', 4)
+        >>> sorted(group["weight_decay"] for group in opt.param_groups)
+        [0.0, 0.1]
+    """
+    model = trainer.model if model is None else model
+    current = getattr(trainer, "optimizer", None)
+    if current is not None:
+        try:
+            unwrap_ist_optimizer(current)
+        except TypeError:
+            pass
+        else:
+            raise RuntimeError("the trainer already trains with an ISTOptimizer; install one only")
+        if len(current.state):
+            raise RuntimeError(
+                "the trainer's optimizer already holds state (it has stepped); install the "
+                "ISTOptimizer before training starts")
+        trainer.optimizer = None  # built again below, as the trainer would build it
+    built = trainer.create_optimizer()
+    if not isinstance(built, Optimizer):
+        raise RuntimeError(
+            f"the trainer built a {type(built).__name__}, not a torch.optim.Optimizer; the "
+            "IST plugin wraps torch optimizers (e.g. adamw_torch, adamw_bnb_8bit)")
+    inner_cls = type(built)
+    kwargs = _constructor_kwargs(trainer, inner_cls)
+    if kwargs is None:
+        raise RuntimeError(
+            f"cannot rebuild {inner_cls.__name__}: the trainer did not build it from an "
+            "optimizer class and kwargs (an optimizer factory?); use an optimizer of "
+            "transformers' optim names, e.g. adamw_torch or adamw_bnb_8bit")
+    clash = sorted(set(kwargs) & set(options))
+    if clash:
+        raise RuntimeError(f"{inner_cls.__name__}'s kwargs {clash} collide with IST options")
+    groups = [dict(group) for group in built.param_groups]
+    trainer.optimizer = None
+    optimizer = ISTOptimizer(inner_cls, model, params=groups, **options, **kwargs)
+    trainer.optimizer = optimizer
+    logger.info(
+        "IST: %s around %s over %d layers, %d trained per step (%s sampling, %s estimator, "
+        "state policy %s)", type(optimizer).__name__, inner_cls.__name__, optimizer.num_layers,
+        optimizer.num_active, optimizer.config.sampling, optimizer.config.estimator,
+        optimizer.state_policy)
+    return optimizer
+
+
+# ---------------------------------------------------------------------- axolotl classes
+@functools.cache
+def _args_model() -> type:
+    """``ISTArgs``: the pydantic model axolotl merges into its config schema."""
+    try:
+        from pydantic import BaseModel, Field, model_validator
+    except ImportError as err:  # not ImportError: axolotl would only log it and train on
+        raise RuntimeError(f"the IST axolotl plugin needs pydantic ({err})") from err
+
+    class ISTArgs(BaseModel):
+        """The ``ist_*`` YAML keys of the IST axolotl plugin (None: IST's default)."""
+
+        ist_active_layers: int | float | None = Field(
+            default=None, json_schema_extra={"description": "layers trained per step: a "
+                                             "count or a fraction of the layers (0.25)"})
+        ist_update_interval: int | None = Field(
+            default=None, json_schema_extra={"description": "steps between importance "
+                                             "rounds (10)"})
+        ist_estimator: str | None = Field(
+            default=None, json_schema_extra={"description": "paper | normalized | "
+                                             "first-order (paper)"})
+        ist_sampling: str | None = Field(
+            default=None, json_schema_extra={"description": "importance | uniform | "
+                                             "depth-aware (importance)"})
+        ist_state_policy: str | None = Field(
+            default=None, json_schema_extra={"description": "keep | offload | drop: where "
+                                             "inactive layers' optimizer state lives "
+                                             "(offload on CUDA, else keep)"})
+        ist_memory_budget: int | str | None = Field(
+            default=None, json_schema_extra={"description": "device memory per step, bytes "
+                                             "or e.g. 24GiB: checkpoint only the blocks a "
+                                             "step needs to fit"})
+        ist_budget_redraws: int | None = None
+        ist_seed: int | None = Field(
+            default=None, json_schema_extra={"description": "seed of IST's own generator "
+                                             "(default: seed)"})
+        ist_suppressed_layers: int | float | None = None
+        ist_num_candidates: int | None = None
+        ist_score_lr: float | None = None
+        ist_suppression: float | None = None
+        ist_freeze_inactive: bool | None = None
+        ist_depth_window: int | None = None
+        ist_importance_batches: str | None = Field(
+            default=None, json_schema_extra={"description": "last | eval | train: batches "
+                                             "of the importance rounds (last)"})
+        ist_log_layers: bool | None = Field(
+            default=None, json_schema_extra={"description": "log per-layer ist/* keys "
+                                             "(true)"})
+
+        @model_validator(mode="before")
+        @classmethod
+        def check_ist(cls, data: Any) -> Any:
+            if not isinstance(data, Mapping):
+                return data
+            name, aliased = resolve_optimizer_alias(data.get("optimizer"))
+            if aliased:
+                data = {**data, "optimizer": name}
+            check_axolotl_config(data)
+            return data
+
+    ISTArgs.__module__ = __name__
+    return ISTArgs
+
+
+@functools.cache
+def _plugin_class() -> type:
+    """``ISTPlugin``: built on axolotl's ``BasePlugin`` when first accessed."""
+    try:
+        from axolotl.integrations.base import BasePlugin
+    except ImportError as err:  # not ImportError: axolotl would only log it and train on
+        raise RuntimeError(
+            f"ist_optim.integrations.axolotl.ISTPlugin needs axolotl ({err}); install it "
+            "(pip install axolotl) in the environment that runs `axolotl train`") from err
+
+    from .callback import add_ist_callback
+
+    class ISTPlugin(BasePlugin):  # type: ignore[misc, valid-type]
+        """IST for axolotl: list it under ``plugins:`` and set ``ist_*`` keys.
+
+        Hooks: ``get_input_args`` (the ``ist_*`` keys, :class:`ISTArgs`, validated with
+        the YAML), ``register`` (logs that IST is on), ``post_trainer_create`` (installs
+        the ISTOptimizer around the optimizer axolotl would build, and the IST callback).
+        """
+
+        def get_input_args(self) -> str:
+            return f"{__name__}.ISTArgs"
+
+        def register(self, cfg: dict) -> None:
+            logger.info("IST plugin loaded: the optimizer will train a sampled subset of "
+                        "layers per step (ist_* keys)")
+
+        def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
+            check_axolotl_config(cfg)
+            install_ist_optimizer(trainer, ist_options(cfg))
+            source = cfg.get("ist_importance_batches") or "last"
+            log_layers = cfg.get("ist_log_layers")
+            add_ist_callback(
+                trainer, importance_batches=None if source == "last" else source,
+                log_layers=True if log_layers is None else bool(log_layers))
+
+    ISTPlugin.__module__ = __name__
+    return ISTPlugin
+
+
+_LAZY = {"ISTArgs": _args_model, "ISTPlugin": _plugin_class}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return _LAZY[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
