@@ -37,6 +37,7 @@ def _run(argv: list[str] | None) -> int:
     args = parse_args(argv)
     import torch
 
+    from .checkpoints import checkpoint_options
     from .compare import compare_specs, run_compare
     from .report import compare_table, results_table, save_outputs
     from .runner import MethodSpec, prepare_context, run_method
@@ -46,6 +47,7 @@ def _run(argv: list[str] | None) -> int:
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     ist_kwargs = ist_kwargs_from_args(args)
+    checkpoints = checkpoint_options(args)
     if ist_kwargs and args.optimizer != "ist":
         raise CLIError(f"IST options {sorted(ist_kwargs)} need --optimizer ist, "
                        f"not {args.optimizer}")
@@ -57,7 +59,8 @@ def _run(argv: list[str] | None) -> int:
         args.model, args.data, val_fraction=args.val_fraction, seq_len=args.seq_len,
         batch_size=args.batch_size, eval_batches=args.eval_batches, rank=args.rank,
         alpha=args.alpha, target_modules=targets, device=device,
-        badam_switch_every=args.badam_switch_every, progress=not args.no_progress)
+        badam_switch_every=args.badam_switch_every, progress=not args.no_progress,
+        lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps)
     train_blocks, val_blocks = context.tokens.num_blocks(args.seq_len)
     print(f"data: {train_blocks} training and {val_blocks} held-out blocks of "
           f"{args.seq_len} tokens", flush=True)
@@ -88,7 +91,8 @@ def _run(argv: list[str] | None) -> int:
     else:
         spec = MethodSpec(f"{args.peft} + {args.optimizer}", args.peft, args.optimizer,
                           ist_kwargs, args.lr)
-        finish(run_method(spec, context, steps=args.steps, seed=args.seed))
+        finish(run_method(spec, context, steps=args.steps, seed=args.seed,
+                          checkpoints=checkpoints))
     print(f"total wall time {time.perf_counter() - started:.0f} s")
     return 0
 

@@ -8,7 +8,7 @@ from typing import Any, NoReturn
 
 from .data import DEFAULT_DATA
 from .models import DEFAULT_MODEL, PEFT_METHODS
-from .train import OPTIMIZER_KINDS
+from .train import LR_SCHEDULES, OPTIMIZER_KINDS
 
 __all__ = ["build_parser", "ist_kwargs_from_args", "parse_args"]
 
@@ -35,6 +35,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
 
 
@@ -109,9 +119,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compare", action="store_true",
                    help="also train LoRA on all layers (AdamW) and LoRA + uniform sampling "
                         "(LISA-style) on the same data, steps and seed, and print one table")
+    g.add_argument("--lr-schedule", default="constant", choices=LR_SCHEDULES,
+                   help="learning-rate schedule after the warm-up (as transformers' "
+                        "get_scheduler)")
+    g.add_argument("--warmup-steps", type=_non_negative_int, default=0,
+                   help="steps of linear warm-up from 0 to --lr")
     g.add_argument("--badam-switch-every", type=_positive_int, default=10,
                    help="steps per block for --optimizer badam")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    g = p.add_argument_group("checkpoints (see docs/cli.md)")
+    g.add_argument("--save-every", type=_non_negative_int, default=0, metavar="N",
+                   help="write a resumable checkpoint to OUTPUT_DIR/checkpoints every N steps "
+                        "(atomically; 0: never)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in OUTPUT_DIR/checkpoints (start "
+                        "from step 0 if there is none); pass the flags of the interrupted run")
+    g.add_argument("--keep-checkpoints", type=_positive_int, default=1, metavar="K",
+                   help="how many of the newest checkpoints to keep")
 
     g = p.add_argument_group("IST (see ist_optim.ISTOptimizer)")
     g.add_argument("--active-layers", type=_count_or_fraction, default=None,

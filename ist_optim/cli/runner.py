@@ -8,10 +8,12 @@ loss, time, optimizer state and peak memory.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,7 +21,10 @@ from .data import TokenSplit, block_batches, load_documents, split_documents, to
 from .errors import CLIError
 from .memory import PeakMemory
 from .models import add_adapters, load_model, load_tokenizer
-from .train import RunResult, build_optimizer, train
+from .train import RunResult, build_optimizer, build_scheduler, train
+
+if TYPE_CHECKING:
+    from .checkpoints import CheckpointOptions
 
 __all__ = ["DEFAULT_LR", "MethodSpec", "MethodRun", "RunContext", "prepare_context",
            "run_method"]
@@ -62,6 +67,8 @@ class RunContext:
     device: str = "cpu"
     badam_switch_every: int = 10
     progress: bool = True
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
 
     def val_batches(self) -> list[dict[str, torch.Tensor]]:
         batches = list(block_batches(self.tokens.val, self.seq_len, self.batch_size,
@@ -128,26 +135,63 @@ class MethodRun:
         }
 
 
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, device: str) -> Iterator[None]:
+    """Inside: the global torch RNG (CPU and ``device``) seeded with ``seed``, so dropout
+    is reproducible from ``--seed``; on exit the caller's RNG states are restored."""
+    devices = []
+    if torch.device(device).type == "cuda":
+        index = torch.device(device).index
+        devices = [torch.cuda.current_device() if index is None else index]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 def run_method(spec: MethodSpec, context: RunContext, *, steps: int, seed: int,
-               eval_every: int = 0) -> MethodRun:
-    """Train a fresh copy of the base model with ``spec`` for ``steps`` steps."""
+               eval_every: int = 0,
+               checkpoints: CheckpointOptions | None = None) -> MethodRun:
+    """Train a fresh copy of the base model with ``spec`` for ``steps`` steps.
+
+    The global torch RNG is seeded with ``seed`` for the run (dropout) and restored after.
+
+    Args:
+        checkpoints: write checkpoints and/or resume from the newest one
+            (:mod:`ist_optim.cli.checkpoints`); ``None``: neither.
+    """
     gc.collect()
     meter = PeakMemory(context.device)
     meter.reset()
-    model = load_model(context.model_name)
-    model = add_adapters(model, spec.peft, rank=context.rank, alpha=context.alpha,
-                         target_modules=context.target_modules, seed=seed)
-    model.to(context.device)
-    optimizer = build_optimizer(spec.optimizer, model, lr=spec.learning_rate, seed=seed,
-                                ist_kwargs=spec.ist_kwargs,
-                                badam_switch_every=context.badam_switch_every)
-    layer_names = getattr(optimizer, "layer_names", None)
-    generator = torch.Generator().manual_seed(seed)
-    batches = ({k: v.to(context.device) for k, v in b.items()}
-               for b in block_batches(context.tokens.train, context.seq_len,
-                                      context.batch_size, generator=generator))
-    result = train(model, optimizer, batches, steps, val_batches=context.val_batches(),
-                   eval_every=eval_every, progress=context.progress, desc=spec.name)
+    with seeded_global_rng(seed, context.device):
+        model = load_model(context.model_name)
+        model = add_adapters(model, spec.peft, rank=context.rank, alpha=context.alpha,
+                             target_modules=context.target_modules, seed=seed)
+        model.to(context.device)
+        optimizer = build_optimizer(spec.optimizer, model, lr=spec.learning_rate, seed=seed,
+                                    ist_kwargs=spec.ist_kwargs,
+                                    badam_switch_every=context.badam_switch_every)
+        scheduler = build_scheduler(optimizer, context.lr_schedule,
+                                    warmup_steps=context.warmup_steps, total_steps=steps)
+        layer_names = getattr(optimizer, "layer_names", None)
+        generator = torch.Generator().manual_seed(seed)
+        batches = ({k: v.to(context.device) for k, v in b.items()}
+                   for b in block_batches(context.tokens.train, context.seq_len,
+                                          context.batch_size, generator=generator))
+        resume, after_step = None, None
+        if checkpoints is not None:
+            from .checkpoints import resume_run, step_saver
+
+            def skip(count: int) -> None:
+                for _ in range(count):
+                    next(batches)
+
+            resume = resume_run(checkpoints, model=model, optimizer=optimizer,
+                                scheduler=scheduler, skip_batches=skip)
+            after_step = step_saver(checkpoints, model=model, optimizer=optimizer,
+                                    scheduler=scheduler)
+        result = train(model, optimizer, batches, steps, val_batches=context.val_batches(),
+                       eval_every=eval_every, progress=context.progress, desc=spec.name,
+                       scheduler=scheduler, resume=resume, after_step=after_step)
     spread_of = getattr(optimizer, "sampling_spread", None)
     spread = spread_of() if callable(spread_of) else None
     return MethodRun(spec, seed, model, result, meter.peak_bytes(), meter.kind, layer_names,

@@ -19,22 +19,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..history import ImportanceHistory
-from ..optimizer import ISTOptimizer
+from .. import ImportanceHistory, ISTOptimizer
 from .errors import CLIError
 
 __all__ = [
+    "LR_SCHEDULES",
     "OPTIMIZER_KINDS",
     "EvalPoint",
     "RunResult",
     "active_description",
     "build_optimizer",
+    "build_scheduler",
     "evaluate",
     "optimizer_state_bytes",
     "train",
 ]
 
 OPTIMIZER_KINDS = ("adamw", "ist", "badam")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 Batch = dict[str, torch.Tensor]
 
 
@@ -97,6 +99,50 @@ def build_optimizer(
 
     optimizer.step = quiet_step  # type: ignore[method-assign]
     return optimizer
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, *, warmup_steps: int,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR | None:
+    """The learning-rate schedule of ``--lr-schedule``, stepped once per optimizer step.
+
+    As ``transformers.get_scheduler``: the factor rises linearly from 0 over
+    ``warmup_steps``, then stays at 1 (``"constant"``), falls linearly to 0 at
+    ``total_steps`` (``"linear"``) or along a half cosine to 0 (``"cosine"``).
+    ``"constant"`` without warm-up returns ``None`` (no scheduler: the learning rate is
+    never touched).
+
+    Raises:
+        CLIError: for an unknown kind or a negative warm-up.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.zeros(1))
+        >>> opt = torch.optim.SGD([p], lr=1.0)
+        >>> sched = build_scheduler(opt, "linear", warmup_steps=2, total_steps=4)
+        >>> lrs = []
+        >>> for _ in range(4):
+        ...     lrs.append(opt.param_groups[0]["lr"]); opt.step(); sched.step()
+        >>> lrs
+        [0.0, 0.5, 1.0, 0.5]
+    """
+    if kind not in LR_SCHEDULES:
+        raise CLIError(f"--lr-schedule {kind}: unknown; choose one of {', '.join(LR_SCHEDULES)}")
+    if warmup_steps < 0:
+        raise CLIError(f"--warmup-steps {warmup_steps}: must be at least 0")
+    if kind == "constant" and warmup_steps == 0:
+        return None
+    decay_steps = max(1, total_steps - warmup_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / decay_steps)
+        if kind == "linear":
+            return 1.0 - progress
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @contextlib.contextmanager
@@ -188,6 +234,38 @@ class RunResult:
     def final_val_loss(self) -> float:
         return self.evals[-1].val_loss if self.evals else math.nan
 
+    def to_state(self) -> dict[str, Any]:
+        """What a resumed run needs of this record, in plain types (see
+        :mod:`ist_optim.cli.checkpoints`); ``state_bytes`` is measured at the end."""
+        return {
+            "train_losses": list(self.train_losses),
+            "step_seconds": list(self.step_seconds),
+            "step_cpu_seconds": list(self.step_cpu_seconds),
+            "evals": [[e.step, e.train_seconds, e.val_loss, e.train_cpu_seconds]
+                      for e in self.evals],
+            "history": None if self.history is None else self.history.to_dict(),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> RunResult:
+        """The record :meth:`to_state` saved.
+
+        Example:
+            >>> r = RunResult(train_losses=[1.5], step_seconds=[0.1], step_cpu_seconds=[0.2],
+            ...               evals=[EvalPoint(0, 0.0, 2.0)])
+            >>> RunResult.from_state(r.to_state()) == r
+            True
+        """
+        history = state.get("history")
+        return cls(
+            train_losses=[float(v) for v in state["train_losses"]],
+            step_seconds=[float(v) for v in state["step_seconds"]],
+            step_cpu_seconds=[float(v) for v in state["step_cpu_seconds"]],
+            evals=[EvalPoint(int(s), float(t), float(v), float(c))
+                   for s, t, v, c in state["evals"]],
+            history=None if history is None else ImportanceHistory.from_dict(history),
+        )
+
 
 def train(
     model: nn.Module,
@@ -201,24 +279,38 @@ def train(
     progress: bool = True,
     desc: str = "train",
     on_step: Callable[[int, float], None] | None = None,
+    scheduler: Any = None,
+    resume: tuple[int, RunResult] | None = None,
+    after_step: Callable[[int, RunResult], None] | None = None,
 ) -> RunResult:
     """Train ``steps`` steps; evaluate before, every ``eval_every`` steps, and at the end.
 
     Evaluation time is not counted in ``RunResult.step_seconds``. IST runs record an
     :class:`ist_optim.ImportanceHistory`.
+
+    Args:
+        scheduler: a learning-rate scheduler stepped after every optimizer step, or ``None``.
+        resume: ``(done, result)``: ``done`` steps were trained already (the model, the
+            optimizer, the scheduler and ``batches`` are where they were after them) and
+            ``result`` is their record, continued in place; no evaluation before.
+        after_step: called with the step number and the record at the end of every step,
+            after that step's evaluation (``ist-finetune --save-every`` saves there).
     """
     from tqdm.auto import tqdm
 
-    result = RunResult()
+    done, result = resume if resume is not None else (0, RunResult())
+    if not 0 <= done <= steps:
+        raise CLIError(f"the checkpoint is at step {done}, beyond --steps {steps}; "
+                       f"pass --steps {done} or more")
     ist = optimizer if isinstance(optimizer, ISTOptimizer) else None
-    if ist is not None:
+    if ist is not None and result.history is None:
         result.history = ImportanceHistory(num_layers=ist.num_layers)
-    if val_batches:
+    if val_batches and resume is None:
         result.evals.append(EvalPoint(0, 0.0, evaluate(model, val_batches, progress=progress)))
     model.train()
-    bar = tqdm(total=steps, desc=desc, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=done, desc=desc, disable=not progress, dynamic_ncols=True)
     try:
-        for step in range(1, steps + 1):
+        for step in range(done + 1, steps + 1):
             batch = next(batches)
             trained = ist.active_layers if ist is not None else None
             start, start_cpu = time.perf_counter(), time.process_time()
@@ -228,6 +320,8 @@ def train(
                 with_grad = [p for p in model.parameters() if p.grad is not None]
                 torch.nn.utils.clip_grad_norm_(with_grad, max_grad_norm)
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             result.step_seconds.append(time.perf_counter() - start)
             result.step_cpu_seconds.append(time.process_time() - start_cpu)
@@ -245,6 +339,13 @@ def train(
                 val_loss = evaluate(model, val_batches, progress=progress)
                 result.evals.append(EvalPoint(step, result.train_seconds, val_loss,
                                               result.train_cpu_seconds))
+            if after_step is not None:
+                after_step(step, result)
+        if val_batches and done == steps and (not result.evals
+                                              or result.evals[-1].step != steps):
+            result.evals.append(EvalPoint(steps, result.train_seconds,
+                                          evaluate(model, val_batches, progress=progress),
+                                          result.train_cpu_seconds))
     finally:
         bar.close()
     result.state_bytes = optimizer_state_bytes(optimizer)
