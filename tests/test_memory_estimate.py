@@ -207,7 +207,11 @@ def test_named_shapes_have_their_published_parameter_counts(name):
 
 
 @pytest.mark.parametrize("kwargs,error,fragment", [
-    ({"method": "qlora"}, ValueError, "method must be one of"),
+    ({"method": "int4"}, ValueError, "method must be one of"),
+    ({"method": "lora", "optimizer": "galore"}, ValueError, "use method='full'"),
+    ({"method": "full", "optimizer": "apollo", "projection_rank": 0}, ValueError,
+     "projection rank must be an integer >= 1"),
+    ({"method": "full", "projection_rank": 8}, ValueError, "projection_rank applies to"),
     ({"optimizer": "sgd"}, ValueError, "optimizer must be one of"),
     ({"batch_size": 0}, ValueError, "batch_size must be an integer >= 1"),
     ({"active_layers": [0, 9]}, ValueError, "out of range"),
@@ -270,3 +274,91 @@ def test_eager_attention_saves_the_probabilities():
     # eager keeps the fp32 softmax output and the bf16 probabilities (8 x 32 x 512 x 512)
     # minus the flash kernel's log-sum-exp; the rest is the same
     assert extra >= 8 * 32 * 512 * 512 * (4 + 2) - 8 * 32 * 512 * 4 - 2**27
+
+
+# GaLore / APOLLO (issue 24): the planner's rows against the real optimizers, accounted on CPU.
+PROJECTED_CASES = [
+    # (planner optimizer, rank, update_proj_gap, batch, seq): gap 1 recomputes the projectors
+    # in every step (the step a budget must hold); (4, 64) peaks in the loss backward,
+    # (1, 8) in the optimizer step
+    ("galore", 16, 200, 4, 64), ("galore", 16, 200, 1, 8), ("galore", 16, 1, 1, 8),
+    ("apollo", 16, 200, 1, 8), ("apollo", 16, 1, 1, 8),
+    ("apollo-mini", 1, 200, 4, 64), ("apollo-mini", 1, 1, 1, 8),
+]
+
+
+def _projected_optimizer(name, model, rank, gap):
+    """The optimizer the HF Trainer builds for optim="galore_adamw" / "apollo_adamw" with
+    optim_target_modules the blocks' linear layers: their weights projected, the rest plain."""
+    target = [p for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2]
+    ids = {id(p) for p in target}
+    other = [p for p in model.parameters() if id(p) not in ids]
+    if name == "galore":
+        from galore_torch import GaLoreAdamW
+
+        return GaLoreAdamW([{"params": other}, {"params": target, "rank": rank,
+                                                 "update_proj_gap": gap, "scale": 0.25,
+                                                 "proj_type": "std"}], lr=1e-4)
+    from apollo_torch import APOLLOAdamW
+
+    mini = name == "apollo-mini"
+    return APOLLOAdamW([{"params": other}, {
+        "params": target, "rank": rank, "update_proj_gap": gap, "scale": 128.0 if mini else 1.0,
+        "proj_type": "std", "proj": "random", "scale_type": "tensor" if mini else "channel"}],
+        lr=1e-4)
+
+
+@pytest.mark.parametrize("name,rank,gap,batch,seq", PROJECTED_CASES)
+def test_projected_optimizers_match_an_accounted_cpu_run(name, rank, gap, batch, seq):
+    pytest.importorskip("galore_torch" if name == "galore" else "apollo_torch")
+    from transformers import LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    model.config.use_cache = False
+    opt = _projected_optimizer(name, model, rank, gap)
+    ids = torch.randint(0, 512, (batch, seq), generator=torch.Generator().manual_seed(0))
+    held = {}
+
+    def step():
+        held["out"] = model(input_ids=ids, labels=ids)
+        held["out"].loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    measured = account_step(step, model=model, optimizer=opt)
+    est = estimate_peak_memory(config, batch_size=batch, seq_len=seq, dtype=torch.float32,
+                               method="full", optimizer=name, projection_rank=rank,
+                               foreach=False, train_embeddings=True, train_head=True,
+                               projection_update=gap == 1)
+    assert est.peak_bytes == pytest.approx(measured.peak_bytes, rel=0.02), est.phase
+    assert est.breakdown["gradients"] == pytest.approx(measured.breakdown["gradients"],
+                                                       abs=1024)
+    if gap > 1:  # between updates the state is exact (moments, projectors, APOLLO's norms)
+        assert est.breakdown["optimizer_state"] == measured.breakdown["optimizer_state"]
+
+
+def test_projected_state_by_hand():
+    """Llama block: q, k, v, o, gate, up, down projected to rank r, the two norms plain."""
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    common = dict(batch_size=1, seq_len=8, dtype=torch.bfloat16, method="full")
+    r = 8
+    # (m, n) = (out, in); m >= n: moments m x r, projector r x n; else r x n and m x r
+    matrices = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]
+    moments = sum(m * r if m >= n else r * n for m, n in matrices)
+    projectors = sum(r * n if m >= n else m * r for m, n in matrices)
+    norms = 2 * 64
+    galore = MemoryPlanner(config, optimizer="galore", projection_rank=r, **common)
+    apollo = MemoryPlanner(config, optimizer="apollo", projection_rank=r, **common)
+    assert galore.estimate().breakdown["optimizer_state"] == 2 * 2 * (
+        2 * moments + projectors + 2 * norms)
+    assert apollo.estimate().breakdown["optimizer_state"] == 2 * 2 * (
+        2 * moments + projectors + 2 * norms + 7)  # + one 0-d norm per projected matrix
+    adamw = MemoryPlanner(config, **common).estimate()
+    assert galore.estimate().peak_bytes < adamw.peak_bytes
+    assert galore.estimate().breakdown["gradients"] == adamw.breakdown["gradients"]  # full rank

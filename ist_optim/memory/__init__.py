@@ -5,7 +5,8 @@
 * :func:`estimate_peak_memory` predicts that peak from a transformers config alone
   (:class:`MemoryEstimate`); :class:`MemoryPlanner` measures a model shape once and then
   answers "what peak for this active set, with checkpointing on these blocks" in
-  microseconds.
+  microseconds; LoRA, QLoRA (4-bit base, :mod:`.quantized`) and full fine-tuning with
+  AdamW, 8-bit AdamW, GaLore or APOLLO (:mod:`.projection`).
 
 See docs/memory.md, "Planning memory".
 """
@@ -13,6 +14,7 @@ See docs/memory.md, "Planning memory".
 from .accounting import StepAccount, account_step
 from .estimate import (
     DEFAULT_LORA_TARGETS,
+    METHODS,
     OPTIMIZERS,
     MemoryEstimate,
     MemoryPlanner,
@@ -23,6 +25,7 @@ from .tracker import LiveMemory
 
 __all__ = [
     "DEFAULT_LORA_TARGETS",
+    "METHODS",
     "OPTIMIZERS",
     "SHAPES",
     "LiveMemory",

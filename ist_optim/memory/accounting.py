@@ -1,13 +1,15 @@
 """Where the memory of one real training step goes: ``account_step``.
 
 Runs one training step under :class:`~ist_optim.memory.tracker.LiveMemory` and labels every
-storage alive at the step's peak: parameters and buffers (``weights``), ``.grad`` tensors
-(``gradients``, labelled by post-accumulate-grad hooks), optimizer state (``optimizer_state``,
-labelled after each optimizer step by a global step hook, so wrapped inner optimizers such
-as ``ISTOptimizer.optimizer`` count too), tensors autograd saved for backward
-(``activations``, labelled by :func:`torch.autograd.graph.saved_tensors_hooks`) and
-everything else (``transient``: logits, gradient buffers, temporaries). On CPU this is the
-only exact figure (RSS counts allocator caches and the Python heap); on CUDA it agrees with
+storage alive at the step's peak: parameters and buffers (``weights``, with the quantization
+constants of bitsandbytes 4-bit weights), ``.grad`` tensors (``gradients``, labelled by
+post-accumulate-grad hooks), optimizer state (``optimizer_state``, labelled after each
+optimizer step by a global step hook, so wrapped inner optimizers such as
+``ISTOptimizer.optimizer`` count too, and tensors that state objects hold, such as GaLore's
+projection matrices), tensors autograd saved for backward (``activations``, labelled by
+:func:`torch.autograd.graph.saved_tensors_hooks`) and everything else (``transient``:
+logits, gradient buffers, temporaries). On CPU this is the only exact figure (RSS counts
+allocator caches and the Python heap); on CUDA it agrees with
 ``torch.cuda.max_memory_allocated`` up to allocations made outside torch's operators
 (cuBLAS workspaces), which it also reports for comparison.
 """
@@ -52,11 +54,40 @@ class StepAccount:
     allocator_peak_bytes: int | None = None
 
 
+def _tensors_in(value: Any, depth: int = 2) -> list[torch.Tensor]:
+    """Tensors held by a state entry: the tensor itself, or those an object keeps in its
+    attributes (GaLore's and APOLLO's projectors keep their projection matrix there)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if depth == 0 or isinstance(value, (str, bytes, int, float, bool)) or value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors_in(item, depth - 1)]
+    fields = getattr(value, "__dict__", None)
+    if isinstance(fields, dict):
+        return [t for item in fields.values() for t in _tensors_in(item, depth - 1)]
+    return []
+
+
 def _state_tensors(optimizer: Any) -> list[torch.Tensor]:
     out: list[torch.Tensor] = []
     for per_param in getattr(optimizer, "state", {}).values():
         if isinstance(per_param, dict):
-            out += [v for v in per_param.values() if isinstance(v, torch.Tensor)]
+            out += [t for v in per_param.values() for t in _tensors_in(v)]
+    return out
+
+
+def _quantization_tensors(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    """The quantization constants of bitsandbytes 4-bit weights (``Params4bit.quant_state``:
+    absmax, code, and with double quantization the nested absmax, code and offset): weights
+    too, though neither parameters nor buffers."""
+    out: list[torch.Tensor] = []
+    for p in params:
+        state = getattr(p, "quant_state", None)
+        while state is not None:
+            out += [t for t in (getattr(state, "absmax", None), getattr(state, "code", None),
+                                getattr(state, "offset", None)) if isinstance(t, torch.Tensor)]
+            state = getattr(state, "state2", None) if getattr(state, "nested", False) else None
     return out
 
 
@@ -109,7 +140,7 @@ def account_step(step: Callable[[], Any], *, model: nn.Module,
         torch.cuda.reset_peak_memory_stats(device)
 
     live = LiveMemory(device)
-    for tensor in [*params, *model.buffers()]:
+    for tensor in [*params, *model.buffers(), *_quantization_tensors(params)]:
         live.label(tensor, "weights")
     for p in params:
         if p.grad is not None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,10 +31,11 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from .quantized import MetaLinear4bit, QuantSpec, quantize_block_linears
 from .tracker import LiveMemory
 
-__all__ = ["BLOCK_MODES", "HEAD_MODES", "MetaLoraLinear", "ModelCosts", "PieceCost",
-           "measure_model"]
+__all__ = ["BLOCK_MODES", "HEAD_MODES", "MetaLora4bitLinear", "MetaLoraLinear", "ModelCosts",
+           "PieceCost", "measure_model"]
 
 #: (trains, input requires grad): a block that trains in the middle of the graph, the
 #: lowest trained block (backward stops at its input), a frozen block that backward passes
@@ -87,6 +88,10 @@ class ModelCosts:
         logits_bytes: the logits the model returns (batch x seq x vocab, ``dtype``).
         blocks: :class:`PieceCost` per :data:`BLOCK_MODES` entry.
         heads: :class:`PieceCost` per :data:`HEAD_MODES` entry.
+        shapes: the shape of every parameter tensor of each piece (keys as ``numels``),
+            for optimizers whose state depends on matrix shapes (GaLore, APOLLO).
+        quantized: the block's linear layers are stored in 4 bits (``block_weight_bytes``
+            then counts the packed weights and their quantization constants).
     """
 
     num_layers: int
@@ -105,6 +110,8 @@ class ModelCosts:
     numels: dict[str, tuple[int, ...]]
     blocks: dict[tuple[bool, bool], PieceCost]
     heads: dict[tuple[bool, bool], PieceCost]
+    shapes: dict[str, tuple[tuple[int, ...], ...]] = field(default_factory=dict)
+    quantized: bool = False
 
 
 class MetaLoraLinear(nn.Module):
@@ -137,6 +144,26 @@ class MetaLoraLinear(nn.Module):
         x = x.to(self.lora_A.weight.dtype)
         result = result + self.lora_B(self.lora_A(x)) * self.scaling
         return result.to(dtype)
+
+
+class MetaLora4bitLinear(MetaLoraLinear):
+    """LoRA on a 4-bit base layer, as peft's ``lora.bnb.Linear4bit`` computes it: the base
+    output is cloned ("defensively", peft's comment), the adapter output is cast back to the
+    base output's dtype before the sum.
+
+    Example:
+        >>> from ist_optim.memory.quantized import MetaLinear4bit
+        >>> layer = MetaLora4bitLinear(MetaLinear4bit(nn.Linear(8, 4, bias=False)), 2, 4)
+        >>> layer(torch.ones(3, 8)).shape
+        torch.Size([3, 4])
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x).clone()
+        dtype = result.dtype
+        x = x.to(self.lora_A.weight.dtype)
+        output = (self.lora_B(self.lora_A(x)) * self.scaling).to(dtype)
+        return result + output
 
 
 class _FlashAttention(TorchFunctionMode):
@@ -186,16 +213,17 @@ def _wrap_lora(block: nn.Module, targets: Sequence[str], rank: int, alpha: float
     adapters: list[nn.Parameter] = []
     for name, module in list(block.named_modules()):
         leaf = name.rsplit(".", 1)[-1]
-        if leaf in targets and isinstance(module, nn.Linear):
+        if leaf in targets and isinstance(module, (nn.Linear, MetaLinear4bit)):
             parent = block.get_submodule(name.rsplit(".", 1)[0]) if "." in name else block
-            wrapped = MetaLoraLinear(module, rank, alpha, adapter_dtype)
+            kind = MetaLora4bitLinear if isinstance(module, MetaLinear4bit) else MetaLoraLinear
+            wrapped = kind(module, rank, alpha, adapter_dtype)
             setattr(parent, leaf, wrapped)
             adapters += [wrapped.lora_A.weight, wrapped.lora_B.weight]
             found.add(leaf)
     missing = sorted(set(targets) - found)
     if missing:
         linears = sorted({n.rsplit(".", 1)[-1] for n, m in block.named_modules()
-                          if isinstance(m, nn.Linear)})
+                          if isinstance(m, (nn.Linear, MetaLinear4bit))})
         raise ValueError(f"lora_targets {missing} name no linear layer of the decoder block; "
                          f"its linear layers are {linears}")
     return adapters
@@ -245,7 +273,7 @@ def _run_piece(forward: Callable[[], torch.Tensor], existing: Sequence[torch.Ten
 
 def measure_model(config: Any, *, batch_size: int, seq_len: int, dtype: torch.dtype,
                   lora: tuple[Sequence[str], int, float, torch.dtype] | None,
-                  attention: str = "sdpa") -> ModelCosts:
+                  attention: str = "sdpa", quant: QuantSpec | None = None) -> ModelCosts:
     """Measure one block and the head of ``config``'s model on the meta device.
 
     Args:
@@ -255,6 +283,8 @@ def measure_model(config: Any, *, batch_size: int, seq_len: int, dtype: torch.dt
         lora: ``(targets, rank, alpha, adapter_dtype)`` to wrap the block's linears with
             :class:`MetaLoraLinear`, or None for full training.
         attention: ``"sdpa"`` (the fused kernel a GPU runs) or ``"eager"``.
+        quant: store every linear layer of the block in 4 bits (QLoRA's base), as
+            :class:`~ist_optim.memory.quantized.MetaLinear4bit`; None: in ``dtype``.
 
     Example:
         >>> from transformers import LlamaConfig
@@ -268,6 +298,7 @@ def measure_model(config: Any, *, batch_size: int, seq_len: int, dtype: torch.dt
     model = _one_block_model(config, dtype, attention)
     base = model.get_decoder()
     block = base.layers[0]
+    quantized = quantize_block_linears(block, quant) if quant is not None else []
     adapters: list[nn.Parameter] = []
     if lora is not None:
         targets, rank, alpha, adapter_dtype = lora
@@ -334,6 +365,12 @@ def measure_model(config: Any, *, batch_size: int, seq_len: int, dtype: torch.dt
     heads = {mode: head_run(*mode) for mode in HEAD_MODES}
     element = torch.empty((), dtype=dtype).element_size()
     block_count, block_bytes = _numel_bytes(block_params)
+    if quantized:  # packed weights and quantization constants, in their real element counts
+        packed = {id(layer.weight) for layer in quantized}
+        block_count = sum(layer.numel for layer in quantized) + sum(
+            p.numel() for p in block_params if id(p) not in packed)
+        block_bytes = sum(layer.storage_bytes for layer in quantized) + sum(
+            p.numel() * p.element_size() for p in block_params if id(p) not in packed)
     adapter_count, adapter_bytes = _numel_bytes(adapters)
     embed_count, embed_bytes = _numel_bytes(embed_params)
     head_count, head_bytes = _numel_bytes(head_params)
@@ -350,4 +387,10 @@ def measure_model(config: Any, *, batch_size: int, seq_len: int, dtype: torch.dt
                 "embed": tuple(p.numel() for p in embed_params),
                 "head": tuple(p.numel() for p in head_params),
                 "norm": tuple(p.numel() for p in norm.parameters())},
-        blocks=blocks, heads=heads)
+        blocks=blocks, heads=heads,
+        shapes={"block": tuple(tuple(p.shape) for p in block_params),
+                "adapter": tuple(tuple(p.shape) for p in adapters),
+                "embed": tuple(tuple(p.shape) for p in embed_params),
+                "head": tuple(tuple(p.shape) for p in head_params),
+                "norm": tuple(tuple(p.shape) for p in norm.parameters())},
+        quantized=bool(quantized))

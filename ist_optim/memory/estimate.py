@@ -30,8 +30,10 @@ from typing import Any
 import torch
 
 from .blocks import ModelCosts, measure_model
+from .projection import PROJECTED_OPTIMIZERS, ProjectionSpec, projected_step
+from .quantized import QuantSpec
 
-__all__ = ["DEFAULT_LORA_TARGETS", "OPTIMIZERS", "MemoryEstimate", "MemoryPlanner",
+__all__ = ["DEFAULT_LORA_TARGETS", "METHODS", "OPTIMIZERS", "MemoryEstimate", "MemoryPlanner",
            "estimate_peak_memory"]
 
 #: The adapters of the shared GPU measurements (LoRA on q, k, v, up, down).
@@ -40,8 +42,18 @@ DEFAULT_LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj"
 #: AdamW8bit (blockwise 8-bit state for tensors of at least 4096 elements, fp32 below).
 #: ``"adamw-fp32-master"``: AdamW on float32 master copies of the trained parameters, as
 #: BAdam keeps for bf16/fp16 models (fp32 copy, fp32 gradient, fp32 state).
-OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw8bit", "adamw-fp32-master")
-_METHODS = ("lora", "full")
+#: ``"galore"``, ``"apollo"``, ``"apollo-mini"``: galore-torch's ``GaLoreAdamW`` and
+#: apollo-torch's ``APOLLOAdamW`` (APOLLO-Mini: rank 1, one scale per tensor) as the HF
+#: Trainer sets them up (``optim="galore_adamw"`` / ``"apollo_adamw"``): the 2-D weights of
+#: the blocks projected to ``projection_rank``, everything else plain AdamW; full
+#: fine-tuning only (see :mod:`ist_optim.memory.projection`).
+OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw8bit", "adamw-fp32-master",
+                               *PROJECTED_OPTIMIZERS)
+#: ``"lora"``: frozen base in ``dtype``, adapters train. ``"qlora"``: the same with every
+#: linear layer of the blocks stored in 4 bits (bitsandbytes NF4/FP4, see
+#: :mod:`ist_optim.memory.quantized`). ``"full"``: the weights train.
+METHODS: tuple[str, ...] = ("lora", "qlora", "full")
+_METHODS = METHODS
 _PARTS = ("weights", "gradients", "optimizer_state", "activations", "transient")
 
 
@@ -117,7 +129,8 @@ class MemoryPlanner:
             Qwen2, Mistral, ... shapes); nothing is loaded or allocated.
         batch_size, seq_len: the training batch.
         dtype: dtype of the model's weights and compute (the GPU runs used bfloat16).
-        method: ``"lora"`` (frozen base, adapters train) or ``"full"`` (weights train).
+        method: one of :data:`METHODS`: ``"lora"`` (frozen base, adapters train),
+            ``"qlora"`` (frozen 4-bit base, adapters train) or ``"full"`` (weights train).
         lora_rank, lora_alpha, lora_targets: the adapters (peft's ``r``,
             ``lora_alpha`` (default ``2 * r``), ``target_modules``).
         adapter_dtype: dtype of the adapter weights (peft upcasts bf16/fp16 adapters to
@@ -132,6 +145,9 @@ class MemoryPlanner:
             ``out = model(**batch); out.loss.backward()`` does. False for a loop that keeps
             only the loss (``loss = model(**batch).loss``, the HF Trainer): one logits tensor
             less at the peak.
+        double_quant: ``"qlora"``: ``bnb_4bit_use_double_quant`` (8-bit scales).
+        projection_rank: GaLore / APOLLO rank (None: the HF Trainer's default, 128; 1 for
+            ``"apollo-mini"``).
 
     Example:
         >>> from transformers import LlamaConfig
@@ -152,7 +168,8 @@ class MemoryPlanner:
                  lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS,
                  adapter_dtype: torch.dtype = torch.float32, optimizer: str = "adamw",
                  foreach: bool = True, attention: str = "sdpa",
-                 keep_logits: bool = True) -> None:
+                 keep_logits: bool = True, double_quant: bool = False,
+                 projection_rank: int | None = None) -> None:
         for name, value in (("batch_size", batch_size), ("seq_len", seq_len),
                             ("lora_rank", lora_rank)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -161,6 +178,18 @@ class MemoryPlanner:
             raise ValueError(f"method must be one of {list(_METHODS)}, got {method!r}")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
+        self.projection: ProjectionSpec | None = None
+        if optimizer in PROJECTED_OPTIMIZERS:
+            if method != "full":
+                raise ValueError(f"optimizer {optimizer!r} projects full-rank weight gradients: "
+                                 f"use method='full', not {method!r}")
+            default = PROJECTED_OPTIMIZERS[optimizer]
+            rank = default["rank"] if projection_rank is None else projection_rank
+            self.projection = ProjectionSpec(str(default["kind"]), rank,  # type: ignore[arg-type]
+                                             str(default["scale_type"]))
+        elif projection_rank is not None:
+            raise ValueError(f"projection_rank applies to {list(PROJECTED_OPTIMIZERS)}, not "
+                             f"optimizer {optimizer!r}")
         if attention not in ("sdpa", "eager"):
             raise ValueError(f"attention must be 'sdpa' or 'eager', got {attention!r}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -179,7 +208,7 @@ class MemoryPlanner:
         self.dtype = dtype
         self.element = torch.empty((), dtype=dtype).element_size()
         lora = None
-        if method == "lora":
+        if method in ("lora", "qlora"):
             alpha = float(2 * lora_rank if lora_alpha is None else lora_alpha)
             lora = (tuple(lora_targets), lora_rank, alpha, adapter_dtype)
             self.trained_element = torch.empty((), dtype=adapter_dtype).element_size()
@@ -187,10 +216,16 @@ class MemoryPlanner:
             self.trained_element = self.element
         self.settings = {"batch_size": batch_size, "seq_len": seq_len, "dtype": str(dtype),
                          "method": method, "optimizer": optimizer,
-                         "lora_rank": lora_rank if method == "lora" else None}
+                         "lora_rank": lora_rank if lora is not None else None}
+        if method == "qlora":
+            self.settings["double_quant"] = bool(double_quant)
+        if self.projection is not None:
+            self.settings["projection_rank"] = self.projection.rank
         #: The measured per-piece costs (:class:`~ist_optim.memory.blocks.ModelCosts`).
         self.costs: ModelCosts = measure_model(config, batch_size=batch_size, seq_len=seq_len,
-                                               dtype=dtype, lora=lora, attention=attention)
+                                               dtype=dtype, lora=lora, attention=attention,
+                                               quant=QuantSpec(bool(double_quant))
+                                               if method == "qlora" else None)
 
     @property
     def num_layers(self) -> int:
@@ -213,7 +248,7 @@ class MemoryPlanner:
 
     def _trained(self, train_embeddings: bool, train_head: bool) -> dict[str, tuple[int, ...]]:
         numels = self.costs.numels
-        per_block = numels["adapter"] if self.method == "lora" else numels["block"]
+        per_block = numels["adapter"] if self.method != "full" else numels["block"]
         out = {"block": per_block}
         out["embed"] = numels["embed"] if train_embeddings else ()
         head = numels["head"] or (numels["embed"] if not train_embeddings else ())  # tied
@@ -225,7 +260,8 @@ class MemoryPlanner:
                  cut_backward: bool = True, train_embeddings: bool = False,
                  train_head: bool = False, state_layers: Sequence[int] | None = None,
                  offloaded_layers: Sequence[int] | None = None,
-                 keep_logits: bool | None = None) -> MemoryEstimate:
+                 keep_logits: bool | None = None,
+                 projection_update: bool = True) -> MemoryEstimate:
         """Peak of one steady-state training step with ``active_layers`` training.
 
         Args:
@@ -249,6 +285,9 @@ class MemoryPlanner:
                 counted in ``host_bytes`` only.
             keep_logits: the caller keeps the returned logits until the next forward ends
                 (None: the planner's ``keep_logits``).
+            projection_update: GaLore / APOLLO: the step recomputes the projectors (every
+                ``update_proj_gap`` steps, the first included: the step a budget must hold);
+                False: a step between two updates.
         """
         if keep_logits is None:
             keep_logits = self.keep_logits
@@ -268,17 +307,18 @@ class MemoryPlanner:
         modes, lowest = _block_modes(n, active, cut_backward, train_embeddings)
         head_mode = (train_head, lowest < n or train_embeddings)
 
-        block_state = _state_bytes(trained["block"], self.trained_element, self.optimizer)
+        block_state = self._block_state()
         outside = trained["embed"] + trained["head"]
         step = _Step(weights=self._weights(trained, len(active)),
                      optimizer_state=block_state * len(on_device)
-                     + _state_bytes(outside, self.element, self.optimizer))
+                     + _state_bytes(outside, self.element, "adamw" if self.projection
+                                    else self.optimizer))
         flops = _walk(step, self.costs, modes, lowest, head_mode, checkpointed,
                       grads={"block": sum(trained["block"]) * self.trained_element,
                              "head": sum(trained["head"]) * self.element,
                              "embed": sum(trained["embed"]) * self.element},
                       keep_logits=keep_logits)
-        self._optimizer_step(step, trained, len(active), block_state)
+        self._optimizer_step(step, trained, len(active), block_state, projection_update)
         settings = dict(self.settings, active_layers=active,
                         gradient_checkpointing=sorted(checkpointed),
                         cut_backward=cut_backward, train_embeddings=train_embeddings,
@@ -287,10 +327,33 @@ class MemoryPlanner:
         return MemoryEstimate(peak_bytes=step.peak, breakdown=step.at, phase=step.phase,
                               host_bytes=host, flops=flops, settings=settings)
 
+    def _block_state(self) -> int:
+        """Optimizer state of one trained block."""
+        if self.projection is None:
+            return _state_bytes(self.costs.numels["block"] if self.method == "full"
+                                else self.costs.numels["adapter"], self.trained_element,
+                                self.optimizer)
+        shapes = self.costs.shapes["block"]
+        return projected_step(shapes, [len(s) == 2 for s in shapes], self.element,
+                              self.projection, update=False)[0]
+
+    def _projected_order(self, trained: dict[str, tuple[int, ...]], num_active: int
+                         ) -> tuple[list[tuple[int, ...]], list[bool]]:
+        """The trained shapes in the HF Trainer's order: the plain group (embeddings, the
+        blocks' vectors, final norm, head) first, then the projected 2-D block weights."""
+        shapes = self.costs.shapes
+        block = shapes["block"]
+        plain = [*(shapes["embed"] if trained["embed"] else ()),
+                 *[s for s in block if len(s) != 2] * num_active,
+                 *((shapes["head"] or shapes["embed"]) + shapes["norm"]
+                   if trained["head"] else ())]
+        matrices = [s for s in block if len(s) == 2] * num_active
+        return [*plain, *matrices], [False] * len(plain) + [True] * len(matrices)
+
     def _weights(self, trained: dict[str, tuple[int, ...]], num_active: int) -> int:
         costs = self.costs
         n = self.num_layers
-        lora_weights = costs.adapter_bytes * n if self.method == "lora" else 0
+        lora_weights = costs.adapter_bytes * n if self.method != "full" else 0
         weights = (n * costs.block_weight_bytes + lora_weights + costs.embed_bytes
                    + costs.head_bytes + costs.norm_bytes)
         if self.optimizer == "adamw-fp32-master":  # fp32 copies of the trained parameters
@@ -299,10 +362,16 @@ class MemoryPlanner:
         return weights
 
     def _optimizer_step(self, step: _Step, trained: dict[str, tuple[int, ...]],
-                        num_active: int, block_state: int) -> None:
+                        num_active: int, block_state: int, projection_update: bool) -> None:
         outside = trained["embed"] + trained["head"]
         biggest = max([*trained["block"], *outside, 0])
-        if self.optimizer == "adamw-fp32-master":
+        if self.projection is not None:
+            shapes, targets = self._projected_order(trained, num_active)
+            _, temporaries = projected_step(shapes, targets, self.element, self.projection,
+                                            update=projection_update)
+            step.mark("optimizer step (projection update)" if projection_update
+                      else "optimizer step", temporaries)
+        elif self.optimizer == "adamw-fp32-master":
             # fp32 gradients of the master copies, then a per-tensor update
             step.add("gradients", 4 * (sum(trained["block"]) * num_active + sum(outside)))
             step.mark("optimizer step", 4 * biggest)
@@ -393,17 +462,19 @@ def estimate_peak_memory(config: Any, *, batch_size: int, seq_len: int,
     Args:
         config: a transformers ``PretrainedConfig`` (no weights are loaded).
         batch_size, seq_len: the training batch.
-        dtype: weights and compute dtype.
-        method: ``"lora"`` or ``"full"``.
-        lora_rank, lora_alpha, lora_targets: the adapters for ``method="lora"``.
+        dtype: weights and compute dtype (with ``"qlora"``: of everything but the 4-bit
+            block linears).
+        method: ``"lora"``, ``"qlora"`` (4-bit base, see :data:`METHODS`) or ``"full"``.
+        lora_rank, lora_alpha, lora_targets: the adapters for ``"lora"`` / ``"qlora"``.
         active_layers: blocks that train (None: all); the rest are frozen and backward
             stops at the lowest one.
         gradient_checkpointing: True, False, or the checkpointed blocks.
-        optimizer: ``"adamw"``, ``"adamw8bit"`` or ``"adamw-fp32-master"``.
-        **kwargs: ``adapter_dtype``, ``foreach`` and ``attention`` go to
-            :class:`MemoryPlanner`; ``cut_backward``, ``train_embeddings``,
-            ``train_head``, ``state_layers``, ``offloaded_layers`` and ``keep_logits`` to
-            :meth:`MemoryPlanner.estimate`.
+        optimizer: one of :data:`OPTIMIZERS` (``"galore"``, ``"apollo"`` and
+            ``"apollo-mini"`` with ``method="full"``).
+        **kwargs: ``adapter_dtype``, ``foreach``, ``attention``, ``double_quant`` and
+            ``projection_rank`` go to :class:`MemoryPlanner`; ``cut_backward``,
+            ``train_embeddings``, ``train_head``, ``state_layers``, ``offloaded_layers``,
+            ``keep_logits`` and ``projection_update`` to :meth:`MemoryPlanner.estimate`.
 
     Example:
         >>> from transformers import LlamaConfig
@@ -413,10 +484,21 @@ def estimate_peak_memory(config: Any, *, batch_size: int, seq_len: int,
         ...                            method="lora", lora_rank=4, active_layers=[2, 3])
         >>> est.peak_bytes == sum(est.breakdown.values())
         True
+        >>> qlora = estimate_peak_memory(config, batch_size=2, seq_len=16, method="qlora",
+        ...                              lora_rank=4)
+        >>> lora = estimate_peak_memory(config, batch_size=2, seq_len=16, method="lora",
+        ...                             lora_rank=4)
+        >>> qlora.breakdown["weights"] < lora.breakdown["weights"]
+        True
+        >>> galore = estimate_peak_memory(config, batch_size=2, seq_len=16, method="full",
+        ...                               optimizer="galore", projection_rank=8)
+        >>> adamw = estimate_peak_memory(config, batch_size=2, seq_len=16, method="full")
+        >>> galore.breakdown["optimizer_state"] < adamw.breakdown["optimizer_state"]
+        True
     """
-    planner_keys = {"adapter_dtype", "foreach", "attention"}
+    planner_keys = {"adapter_dtype", "foreach", "attention", "double_quant", "projection_rank"}
     estimate_keys = {"cut_backward", "train_embeddings", "train_head", "state_layers",
-                     "offloaded_layers", "keep_logits"}
+                     "offloaded_layers", "keep_logits", "projection_update"}
     unknown = sorted(set(kwargs) - planner_keys - estimate_keys)
     if unknown:
         raise TypeError(f"estimate_peak_memory got unexpected keyword(s) {unknown}; accepted: "
