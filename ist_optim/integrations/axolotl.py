@@ -33,9 +33,12 @@ from .common import unwrap_ist_optimizer
 
 __all__ = [
     "IMPORTANCE_SOURCES",
+    "LORA_KERNEL_KEYS",
     "OPTIMIZER_ALIAS_PREFIX",
     "OPTION_KEYS",
     "check_axolotl_config",
+    "default_lora_kernels_off",
+    "describe",
     "install_ist_optimizer",
     "ist_options",
     "resolve_optimizer_alias",
@@ -74,6 +77,10 @@ OPTIMIZER_ALIAS_PREFIX = "ist_"
 # backward, layer-wise hooks) or need ``optimizer.train()/eval()`` calls IST does not forward.
 _REFUSED_OPTIMIZER_PARTS = ("lomo", "layerwise", "schedule_free")
 _ADAPTERS = (None, "lora", "qlora")
+#: axolotl's fused LoRA kernels, which it turns on when unset; the plugin turns them off
+#: when unset (IST is not verified with them; the memory budget's planner cannot run them).
+LORA_KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel",
+                    "lora_embedding_kernel")
 # Keys the Trainer's optimizer construction reads from its kwargs instead of passing them on.
 _NOT_CONSTRUCTOR_KEYS = ("params", "model", "optimizer_dict")
 
@@ -173,6 +180,12 @@ def check_axolotl_config(cfg: Mapping[str, Any]) -> None:
             f"gradient_checkpointing={cfg['gradient_checkpointing']!r} with "
             f"ist_memory_budget={cfg['ist_memory_budget']!r}: the budget checkpoints per step "
             "only the blocks that step needs to fit; set gradient_checkpointing: false")
+    kernels = [key for key in LORA_KERNEL_KEYS if cfg.get(key)]
+    if cfg.get("ist_memory_budget") is not None and kernels:
+        raise ValueError(
+            f"{', '.join(kernels)} with ist_memory_budget: the budget's memory planner runs "
+            "stock transformer blocks, which axolotl's fused LoRA kernels patch; set "
+            f"{', '.join(f'{key}: false' for key in kernels)}")
     if cfg.get("torch_compile"):
         raise ValueError(
             "torch_compile: true compiles the whole model, and every IST step freezes other "
@@ -216,6 +229,31 @@ def check_axolotl_config(cfg: Mapping[str, Any]) -> None:
             f"ist_importance_batches: {source} is set but ist_sampling: uniform runs no "
             "importance rounds; drop ist_importance_batches")
     ist_options(cfg)
+
+
+def default_lora_kernels_off(cfg: Any) -> list[str]:
+    """Set axolotl's fused LoRA kernel keys that the YAML leaves unset to False, in place.
+
+    axolotl turns them on when unset; IST's adapter damping and backward cut are verified
+    on peft's LoRA layers, and the memory budget's planner cannot run the patched blocks.
+    Runs on the raw config (``BasePlugin.register``), before axolotl's validation.
+
+    Returns:
+        The keys set.
+
+    Example:
+        >>> cfg = {"adapter": "lora", "lora_qkv_kernel": True}
+        >>> default_lora_kernels_off(cfg)
+        ['lora_mlp_kernel', 'lora_o_kernel', 'lora_embedding_kernel']
+        >>> cfg["lora_qkv_kernel"], cfg["lora_o_kernel"]
+        (True, False)
+    """
+    if cfg.get("adapter") not in ("lora", "qlora"):
+        return []
+    unset = [key for key in LORA_KERNEL_KEYS if cfg.get(key) is None]
+    for key in unset:
+        cfg[key] = False
+    return unset
 
 
 def _constructor_kwargs(trainer: Any, inner_cls: type) -> dict[str, Any] | None:
@@ -305,12 +343,26 @@ def install_ist_optimizer(trainer: Any, options: Mapping[str, Any],
     trainer.optimizer = None
     optimizer = ISTOptimizer(inner_cls, model, params=groups, **options, **kwargs)
     trainer.optimizer = optimizer
-    logger.info(
-        "IST: %s around %s over %d layers, %d trained per step (%s sampling, %s estimator, "
-        "state policy %s)", type(optimizer).__name__, inner_cls.__name__, optimizer.num_layers,
-        optimizer.num_active, optimizer.config.sampling, optimizer.config.estimator,
-        optimizer.state_policy)
+    logger.info("%s", describe(optimizer))
     return optimizer
+
+
+def describe(optimizer: ISTOptimizer) -> str:
+    """One line saying what the ISTOptimizer trains (logged when the plugin installs it).
+
+    Example:
+        >>> import torch
+        >>> blocks = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(4))
+        >>> opt = ISTOptimizer(torch.optim.SGD, torch.nn.Sequential(*blocks), lr=0.1,
+        ...                    layers=list(blocks), active_layers=1, sampling="uniform")
+        >>> print(describe(opt))  # doctest: +NORMALIZE_WHITESPACE
+        IST: SGD over 4 layers, 1 trained per step (uniform sampling, paper estimator,
+        state policy keep)
+    """
+    config = optimizer.config
+    return (f"IST: {type(optimizer.optimizer).__name__} over {optimizer.num_layers} layers, "
+            f"{optimizer.num_active} trained per step ({config.sampling} sampling, "
+            f"{config.estimator} estimator, state policy {optimizer.state_policy})")
 
 
 # ---------------------------------------------------------------------- axolotl classes
@@ -389,6 +441,9 @@ def _plugin_class() -> type:
 
     from .callback import add_ist_callback
 
+    # axolotl shows INFO records of loggers named axolotl*, only warnings of the others
+    plugin_log = logging.getLogger("axolotl.integrations.ist_optim")
+
     class ISTPlugin(BasePlugin):  # type: ignore[misc, valid-type]
         """IST for axolotl: list it under ``plugins:`` and set ``ist_*`` keys.
 
@@ -401,12 +456,17 @@ def _plugin_class() -> type:
             return f"{__name__}.ISTArgs"
 
         def register(self, cfg: dict) -> None:
-            logger.info("IST plugin loaded: the optimizer will train a sampled subset of "
-                        "layers per step (ist_* keys)")
+            plugin_log.info("IST plugin loaded: the optimizer will train a sampled subset of "
+                            "layers per step (ist_* keys)")
+            turned_off = default_lora_kernels_off(cfg)
+            if turned_off:
+                plugin_log.info("IST plugin: %s set to false (unset in the YAML; axolotl "
+                                "would turn them on)", ", ".join(turned_off))
 
         def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
             check_axolotl_config(cfg)
-            install_ist_optimizer(trainer, ist_options(cfg))
+            optimizer = install_ist_optimizer(trainer, ist_options(cfg))
+            plugin_log.info("%s", describe(optimizer))
             source = cfg.get("ist_importance_batches") or "last"
             log_layers = cfg.get("ist_log_layers")
             add_ist_callback(
