@@ -422,7 +422,10 @@ def _args_model() -> type:
             name, aliased = resolve_optimizer_alias(data.get("optimizer"))
             if aliased:
                 data = {**data, "optimizer": name}
-            check_axolotl_config(data)
+            try:
+                check_axolotl_config(data)
+            except TypeError as err:  # pydantic reports ValueErrors as validation errors
+                raise ValueError(str(err)) from None
             return data
 
     ISTArgs.__module__ = __name__
