@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 
-from ist_optim import LayerSampler, MemoryPlanner
+from ist_optim import ISTConfig, LayerSampler, MemoryPlanner
 from ist_optim.budget import CheckpointPolicy, parse_memory_budget
 from ist_optim.memory import load_config
 
@@ -39,7 +39,7 @@ def main(budget: str = "24GiB", draws: int = 200) -> None:
           "| compute, budget | compute, GC always + cut | decide ms |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for sampling in ("uniform", "depth-aware"):
-        sampler = LayerSampler(32, 8, sampling, 0, None)
+        sampler = LayerSampler.from_config(ISTConfig(active_layers=8, sampling=sampling), 32, 0)
         steps = blocks = most = peak = flops = flops_gc = 0
         seconds = 0.0
         for _ in range(draws):
@@ -68,7 +68,8 @@ def redraw_rows(planner: MemoryPlanner, policy: CheckpointPolicy, base: float,
           "| times a layer trained (least, most) | draw + decide ms |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for redraws in (0, 2, 4, 8):
-        sampler = LayerSampler(planner.num_layers, 8, "depth-aware", 0, None)
+        sampler = LayerSampler.from_config(ISTConfig(active_layers=8, sampling="depth-aware"),
+                                           planner.num_layers, 0)
         counts = [0] * planner.num_layers
         steps = blocks = flops = 0
         seconds = 0.0

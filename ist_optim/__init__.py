@@ -26,8 +26,9 @@ from .memory import (
 )
 from .optimizer import ISTOptimizer
 from .plotting import plot_importance
+from .registry import register_estimator, register_sampling_rule
 from .residency import StateResidency, state_bytes
-from .rounds import FirstOrderRound, ImportanceRound, NormalizedRound, PaperRound
+from .rounds import FirstOrderRound, ImportanceRound, NormalizedRound, PaperRound, RoundContext
 from .sampler import LayerSampler
 from .sampling import (
     distribution_spread,
@@ -37,11 +38,14 @@ from .sampling import (
     sample_layers,
     sampling_weights,
 )
+from .sampling_rules import SamplingRule
+from .schedule import ActiveSchedule
 from .suppression import Suppressor, find_tuner_layers
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActiveSchedule",
     "BackwardCut",
     "BlockCheckpointer",
     "BudgetDecision",
@@ -58,6 +62,8 @@ __all__ = [
     "LayerSampler",
     "NormalizedRound",
     "PaperRound",
+    "RoundContext",
+    "SamplingRule",
     "MemoryBudget",
     "MemoryEstimate",
     "MemoryPlanner",
@@ -76,6 +82,8 @@ __all__ = [
     "paper_advantages",
     "parse_memory_budget",
     "plot_importance",
+    "register_estimator",
+    "register_sampling_rule",
     "reaches_trainable_parameter",
     "resolve_count",
     "sample_candidate_sets",

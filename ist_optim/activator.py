@@ -1,8 +1,10 @@
 """``LayerActivator``: makes a set of layers the trained ones.
 
-When the active set changes it moves the optimizer state of the layers that leave and
-come back (:class:`ist_optim.StateResidency`), sets ``requires_grad`` (so backward
-computes no weight gradient for inactive layers), moves the backward cut
+It applies the set the sampler owns (:attr:`ist_optim.LayerSampler.active`) and keeps
+only what it applied, to know what changed. When the active set changes it moves the
+optimizer state of the layers that leave and come back (:class:`ist_optim.StateResidency`),
+sets ``requires_grad`` (so backward computes no weight gradient for inactive layers),
+moves the backward cut
 (:class:`ist_optim.BackwardCut`) to the lowest active layer, keeps gradients of inactive
 layers out of the update, and undoes all of it in :meth:`close`.
 
@@ -42,7 +44,7 @@ class LayerActivator:
         >>> groups = build_layer_groups(blocks, list(blocks.parameters()), list(blocks))
         >>> residency = StateResidency(torch.optim.SGD(blocks.parameters(), lr=0.1), "keep")
         >>> act = LayerActivator(groups, residency, freeze_inactive=True, cut_backward=False)
-        >>> act.set_active([1]); [b.weight.requires_grad for b in blocks]
+        >>> act.apply([1]); [b.weight.requires_grad for b in blocks]
         [False, True, False]
         >>> act.close(); [b.weight.requires_grad for b in blocks]
         [True, True, True]
@@ -54,7 +56,7 @@ class LayerActivator:
         self.freeze_inactive = freeze_inactive
         self.residency = residency
         self.backward_cut = BackwardCut(layers.modules) if cut_backward else None
-        self.active: list[int] = []
+        self.applied: list[int] = []
         self._deferred = defer_first_freeze
         self._held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -63,41 +65,30 @@ class LayerActivator:
         """Whether inactive layers get ``requires_grad=False`` (not during a deferred step)."""
         return self.freeze_inactive and not self._deferred
 
-    def set_active(self, active: Sequence[int]) -> None:
-        """Make ``active`` the trained layers: state residency, cut, ``requires_grad``."""
-        old, new = set(self.active), set(active)
+    def apply(self, active: Sequence[int]) -> None:
+        """Make ``active`` the trained layers: state residency, cut, ``requires_grad``
+        (of every registered parameter, so parameters added since are covered too)."""
+        old, new = set(self.applied), set(active)
         for index in sorted(old - new):
             self.residency.deactivate(self.layers.params[index])
         for index in sorted(new - old):
             self.residency.activate(self.layers.params[index])
-        self.active = sorted(new)
+        self.applied = sorted(new)
         if self.backward_cut is not None:
-            self.backward_cut.set_active(self.active)
+            self.backward_cut.set_active(self.applied)
         if self.freezes_now:
             for index, params in enumerate(self.layers.params):
                 for p in params:
                     p.requires_grad_(index in new)
 
     def reset(self) -> None:
-        """Forget offloaded state and treat every layer as active (a checkpoint load just
-        put every saved entry into the optimizer); :meth:`set_active` follows."""
+        """Forget offloaded state and treat every layer as applied (a checkpoint load just
+        put every saved entry into the optimizer); :meth:`apply` follows."""
         self.residency.clear()
-        self.active = list(range(self.layers.num_layers))
+        self.applied = list(range(self.layers.num_layers))
 
     def end_deferral(self) -> None:
         self._deferred = False
-
-    def add_params(self, params: Sequence[torch.Tensor]) -> None:
-        """Register params of a new param group with their layer or the outside group."""
-        blocks = {id(p): i for i, m in enumerate(self.layers.modules) for p in m.parameters()}
-        for p in params:
-            index = blocks.get(id(p))
-            if index is None:
-                self.layers.outside.append(p)
-                continue
-            self.layers.params[index].append(p)
-            if self.freezes_now:
-                p.requires_grad_(index in self.active)
 
     @contextmanager
     def update_only_active(self) -> Iterator[None]:
@@ -120,7 +111,7 @@ class LayerActivator:
 
     def hold_inactive_grads(self) -> None:
         """Take the current gradients of inactive layers out (inside :meth:`update_only_active`)."""
-        active = set(self.active)
+        active = set(self.applied)
         for index, params in enumerate(self.layers.params):
             if index in active:
                 continue

@@ -14,7 +14,6 @@ See docs/memory.md, "Training inside a memory budget".
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,62 +24,21 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .block_checkpoint import BlockCheckpointer
+from .checkpoint import full_optimizer_state
 from .compile import is_compiled_block
+from .config import parse_memory_budget
+from .groups import LayerGroups
 from .memory import MemoryPlanner
+from .residency import StateResidency, state_bytes
 
 __all__ = ["PLANNING_HEADROOM", "BudgetDecision", "CheckpointPolicy", "MemoryBudget",
-           "parse_memory_budget", "planner_for_model"]
+           "memory_report", "parse_memory_budget", "planner_for_model"]
 
 #: Share of the budget the policy leaves free: it plans each step for ``(1 - headroom)`` of
 #: the budget. The planner's error on accounted runs was within 0.4% (LLaMA-2-7B shapes on
 #: an H200) and 0.3% (SmolLM2-135M on CPU, where planning to 100% put a step 1.5 MiB over
 #: a 950 MiB budget); the rest is room for what it does not model (allocator slack).
 PLANNING_HEADROOM = 0.02
-
-_UNITS = {"B": 1, "kB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
-_PATTERN = re.compile(r"(\d+(?:\.\d+)?)\s*([A-Za-z]+)")
-
-
-def _budget_error(value: Any) -> ValueError:
-    return ValueError(f"Invalid memory_budget: {value!r}; expected a positive number of bytes "
-                      f"(int) or a string like '24GiB' or '512MiB' (units: "
-                      f"{', '.join(_UNITS)})")
-
-
-def parse_memory_budget(value: int | str) -> int:
-    """Bytes of a memory budget: an int, or a number with a unit (``"24GiB"``, ``"1.5 GB"``).
-
-    Units are ``B``, decimal ``kB MB GB TB`` and binary ``KiB MiB GiB TiB``, spelled
-    exactly so; fractions of a byte are rounded down.
-
-    Raises:
-        TypeError: for anything but an int or a str (bools included).
-        ValueError: for a malformed string, an unknown unit, or a budget below 1 byte.
-
-    Example:
-        >>> parse_memory_budget("24GiB"), parse_memory_budget("1.5 kB"), parse_memory_budget(512)
-        (25769803776, 1500, 512)
-    """
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise TypeError(f"memory_budget must be an int (bytes) or a string like '24GiB', got "
-                        f"{value!r}")
-    if isinstance(value, int):
-        nbytes = value
-    else:
-        match = _PATTERN.fullmatch(value.strip())
-        if match is None or match.group(2) not in _UNITS:
-            raise _budget_error(value)
-        number, unit = match.groups()
-        if "." in number:
-            whole, frac = number.split(".")
-            nbytes = (int(whole + frac) * _UNITS[unit]) // 10 ** len(frac)  # exact
-        else:
-            nbytes = int(number) * _UNITS[unit]
-    if nbytes < 1:
-        raise _budget_error(value)
-    return nbytes
-
 
 def _decoder(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
@@ -366,3 +324,32 @@ class MemoryBudget:
     def close(self) -> None:
         """Give the blocks back their own checkpointing."""
         self.checkpointer.remove()
+
+
+def memory_report(optimizer: Optimizer, residency: StateResidency, layers: LayerGroups,
+                  active: Sequence[int], budget: MemoryBudget | None) -> dict[str, Any]:
+    """Bytes of optimizer state and of the trainable parameters of the active set (what
+    :meth:`ist_optim.ISTOptimizer.memory_report` returns).
+
+    Returns:
+        ``state_bytes_on_device``: state held by the inner optimizer on the parameters'
+        devices; ``state_bytes_offloaded``: state in host memory put there by
+        ``state_policy="offload"``; ``active_trainable_bytes``: parameters trained in the
+        coming step (``active`` layers and the outside group); ``active_layers``;
+        ``state_policy``; with a ``budget``: ``memory_budget`` (bytes),
+        ``predicted_peak_bytes`` of the coming step and ``checkpointed_layers``, the blocks
+        checkpointed in it (else None, None, []).
+    """
+    with full_optimizer_state(optimizer, residency) as inner:
+        total = state_bytes(inner.state.values())
+    offloaded = residency.offloaded_bytes()
+    params = layers.layer_params(active) + layers.outside
+    return {
+        "state_bytes_on_device": total - offloaded,
+        "state_bytes_offloaded": offloaded,
+        "active_trainable_bytes": sum(p.numel() * p.element_size() for p in params),
+        "active_layers": list(active),
+        "state_policy": residency.policy,
+        **(budget.report() if budget is not None else
+           {"memory_budget": None, "predicted_peak_bytes": None, "checkpointed_layers": []}),
+    }

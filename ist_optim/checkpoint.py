@@ -29,7 +29,9 @@ from .residency import StateResidency
 __all__ = [
     "STATE_FORMAT_VERSION",
     "Stateful",
+    "apply_ist_entry",
     "full_optimizer_state",
+    "ist_entry",
     "layer_signature",
     "pop_ist_entry",
     "upgrade_ist_entry",
@@ -121,10 +123,30 @@ def upgrade_ist_entry(ist: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "format_version": STATE_FORMAT_VERSION,
         "layers": {k: ist[k] for k in ("num_layers", "layer_names", "layer_numels")},
-        "sampling": ist.get("sampling"),
         "sampler": {k: ist[k] for k in sampler_keys if k in ist},
         "rounds": rounds,
     }
+
+
+def ist_entry(signature: Mapping[str, Any],
+              parts: Mapping[str, Stateful | None]) -> dict[str, Any]:
+    """The ``"ist"`` entry: format version, layer signature, and each part's state dict
+    under its name (``None`` for a part the optimizer does not have).
+
+    Example:
+        >>> ist_entry(layer_signature(["h.0"], [4]), {"rounds": None})["format_version"]
+        2
+    """
+    return {"format_version": STATE_FORMAT_VERSION, "layers": dict(signature),
+            **{name: None if part is None else part.state_dict()
+               for name, part in parts.items()}}
+
+
+def apply_ist_entry(ist: Mapping[str, Any], parts: Mapping[str, Stateful | None]) -> None:
+    """Load each part's sub-dict of an entry :func:`validate_ist_entry` returned."""
+    for name, part in parts.items():
+        if part is not None:
+            part.load_state_dict(ist[name])
 
 
 def _check_layers(saved: Any, here: Mapping[str, Any]) -> None:

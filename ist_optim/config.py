@@ -1,40 +1,91 @@
 """``ISTConfig``: every IST option in one frozen object, validated once at construction.
 
-``ISTOptimizer(..., **options)`` builds one from its keywords; the pieces it composes
-(sampler, importance rounds, layer activator) read their settings from it. Constants that
-earlier versions hard-coded (the normalized estimator's ``tau``, ``rho`` and ``beta``, the
-depth-aware window) are options here, with the same defaults.
+``ISTOptimizer(..., **options)`` builds one from its keywords (or takes ``config=``); the
+pieces it composes (sampler, importance rounds, layer activator) read their settings from
+it. This module is a leaf of the package: it holds the option names, their validators and
+the name lists (sampling rules and estimators come from :mod:`ist_optim.registry`), and
+imports nothing else of the package.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sized
-from dataclasses import asdict, dataclass
+import re
+from collections.abc import Callable, Sized
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from torch import nn
 from torch.optim import Optimizer
 
-from .budget import parse_memory_budget
-from .estimators import ESTIMATORS, Estimator
-from .residency import STATE_POLICIES, StatePolicy
-from .suppression import SuppressionMode
+from .registry import estimator, estimator_names, sampling_rule, sampling_rule_names
 
 __all__ = [
     "ISTConfig",
     "check_adalora",
-    "SAMPLINGS",
-    "Sampling",
+    "STATE_POLICIES",
+    "SUPPRESSION_MODES",
+    "StatePolicy",
+    "SuppressionMode",
     "check_importance_batches",
     "check_int",
     "check_number",
     "check_optimizer_and_model",
+    "parse_memory_budget",
 ]
 
-Sampling = Literal["importance", "uniform", "depth-aware"]
-SAMPLINGS = ("importance", "uniform", "depth-aware")
-SUPPRESSION_MODES = ("auto", "adapters", "residual")
+StatePolicy = Literal["keep", "offload", "drop"]
+"""Where the optimizer state of inactive layers lives (see :class:`ist_optim.StateResidency`)."""
+STATE_POLICIES: tuple[str, ...] = ("keep", "offload", "drop")
+SuppressionMode = Literal["auto", "adapters", "residual"]
+SUPPRESSION_MODES: tuple[str, ...] = ("auto", "adapters", "residual")
+
+
+_UNITS = {"B": 1, "kB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+_PATTERN = re.compile(r"(\d+(?:\.\d+)?)\s*([A-Za-z]+)")
+
+
+def _budget_error(value: Any) -> ValueError:
+    return ValueError(f"Invalid memory_budget: {value!r}; expected a positive number of bytes "
+                      f"(int) or a string like '24GiB' or '512MiB' (units: "
+                      f"{', '.join(_UNITS)})")
+
+
+def parse_memory_budget(value: int | str) -> int:
+    """Bytes of a memory budget: an int, or a number with a unit (``"24GiB"``, ``"1.5 GB"``).
+
+    Units are ``B``, decimal ``kB MB GB TB`` and binary ``KiB MiB GiB TiB``, spelled
+    exactly so; fractions of a byte are rounded down.
+
+    Raises:
+        TypeError: for anything but an int or a str (bools included).
+        ValueError: for a malformed string, an unknown unit, or a budget below 1 byte.
+
+    Example:
+        >>> parse_memory_budget("24GiB"), parse_memory_budget("1.5 kB"), parse_memory_budget(512)
+        (25769803776, 1500, 512)
+    """
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise TypeError(f"memory_budget must be an int (bytes) or a string like '24GiB', got "
+                        f"{value!r}")
+    if isinstance(value, int):
+        nbytes = value
+    else:
+        match = _PATTERN.fullmatch(value.strip())
+        if match is None or match.group(2) not in _UNITS:
+            raise _budget_error(value)
+        number, unit = match.groups()
+        if "." in number:
+            whole, frac = number.split(".")
+            nbytes = (int(whole + frac) * _UNITS[unit]) // 10 ** len(frac)  # exact
+        else:
+            nbytes = int(number) * _UNITS[unit]
+    if nbytes < 1:
+        raise _budget_error(value)
+    return nbytes
+
+
 
 
 def check_number(name: str, value: Any, low: float, high: float, *, closed_high: bool) -> float:
@@ -147,13 +198,13 @@ def check_importance_batches(config: ISTConfig, batches: Any) -> None:
         return
     if not config.runs_rounds:
         raise ValueError(
-            "importance_batches is set but sampling='uniform' runs no importance rounds; "
-            "drop importance_batches or use sampling='importance' or 'depth-aware'"
+            f"importance_batches is set but sampling={config.sampling!r} runs no importance "
+            "rounds; drop importance_batches or use sampling='importance' or 'depth-aware'"
         )
-    if config.estimator == "first-order":
+    if not config.uses_batches:
         raise ValueError(
-            "importance_batches is set but estimator='first-order' runs no estimation "
-            "forward passes; drop importance_batches"
+            f"importance_batches is set but estimator={config.estimator!r} runs no "
+            "estimation forward passes; drop importance_batches"
         )
     if isinstance(batches, Sized) and len(batches) == 0:
         raise ValueError(
@@ -164,25 +215,63 @@ def check_importance_batches(config: ISTConfig, batches: Any) -> None:
 
 @dataclass(frozen=True)
 class ISTConfig:
-    """The IST options of an :class:`ist_optim.ISTOptimizer` (its keyword arguments).
+    """The IST options of an :class:`ist_optim.ISTOptimizer`: the one place where their
+    names, defaults and meaning are written (defaults are the paper's).
 
-    Every field is checked when the object is built; a bad value raises a one-line
-    ``TypeError``/``ValueError`` naming it and the accepted range. The meaning of each
-    option is documented on :class:`ist_optim.ISTOptimizer`; the estimator constants:
+    ``ISTOptimizer(AdamW, model, lr=..., active_layers=0.5)`` and
+    ``ISTOptimizer(AdamW, model, config=ISTConfig(active_layers=0.5), lr=...)`` are the
+    same. Every field is checked when the object is built; a bad value raises a one-line
+    ``TypeError``/``ValueError`` naming it and the accepted range.
 
     Attributes:
+        active_layers: layers trained per step ``N_u``, an int or a fraction of the
+            layers (``max(1, int(f L))``); 0.25.
+        suppressed_layers: layers damped per candidate set ``N_s``, int or fraction; 0.5.
+        num_candidates: candidate sets ``K`` per importance round (distinct, >= 2); 3.
+        score_lr: step size ``eta`` of the score update; 10.0.
+        suppression: factor ``lambda`` on the suppressed responses, in [0, 1); 0.25.
+        update_interval: steps ``T`` between importance rounds (first after step ``T``); 10.
+        sampling: the sampling rule (:mod:`ist_optim.sampling_rules`): ``"importance"``
+            (weights ``sigmoid(-s)``, the paper), ``"uniform"`` (LISA-style, no rounds),
+            ``"depth-aware"`` (importance weights, drawn clustered in depth so the
+            backward stops higher), or any registered rule (docs/extending.md).
+        estimator: how a round measures importance: ``"paper"``, ``"normalized"`` or
+            ``"first-order"`` (see :mod:`ist_optim.estimators`), or a registered one.
+        suppression_mode: ``"auto"``, ``"adapters"`` (peft adapters damped) or
+            ``"residual"`` (block outputs ``x + lambda (f(x) - x)``), see
+            :class:`ist_optim.Suppressor`.
+        freeze_inactive: ``True``: ``requires_grad=False`` on inactive layers, so backward
+            skips their weight gradients; ``False``: static ``requires_grad``, inactive
+            gradients computed but kept out of the update (needed by AdaLoRA).
+        state_policy: where the optimizer state of inactive layers lives: ``"keep"``,
+            ``"offload"`` (host memory, bit-exact) or ``"drop"``; ``None``: ``"offload"``
+            on CUDA, else ``"keep"`` (see
+            :func:`ist_optim.residency.resolve_state_policy`).
+        skip_backward: cut the autograd graph at the input of the lowest active layer
+            (:class:`ist_optim.BackwardCut`); ``None``: ``freeze_inactive``.
+        seed: seed of the private ``torch.Generator``; ``None``: OS entropy (rank 0's
+            under ``torch.distributed``). Global RNGs are never used.
         advantage_scale: ``tau`` of the ``"normalized"``/``"first-order"`` estimators
             (0.1): standardized advantages are multiplied by it.
         score_retention: ``rho`` (0.9): scores keep this fraction at each such round.
         scale_decay: ``beta`` (0.9): weight of the past in the running loss spread.
         depth_window: width of the ``"depth-aware"`` window, ``None`` for
             ``min(2 * active, layers)``.
-        memory_budget: bytes or a string like ``"24GiB"`` (see
-            :func:`ist_optim.budget.parse_memory_budget`); ``None``: no budget.
+        memory_budget: device memory a step may use, bytes or a string like ``"24GiB"``
+            (see :func:`parse_memory_budget`); ``None``: no budget. Each step then
+            checkpoints the fewest blocks that make its predicted peak fit (see
+            :class:`ist_optim.budget.CheckpointPolicy`); needs ``memory_shape`` or a
+            ``memory_planner``.
         memory_shape: ``(batch_size, seq_len)`` of the largest training batch, for the
             memory prediction of ``memory_budget``.
         budget_redraws: draws made again, at most, while the drawn set does not fit
             ``memory_budget`` without checkpointing (0: every draw is taken).
+        dense_steps: every layer trains in the first ``dense_steps`` steps, then
+            ``active_layers`` (see :class:`ist_optim.ActiveSchedule`); 0.
+        ramp_steps: after the dense steps, the count falls linearly from every layer to
+            ``active_layers`` over ``ramp_steps`` steps; 0.
+        active_schedule: any ``callable(step) -> count or fraction`` instead of
+            ``dense_steps``/``ramp_steps`` (``step``: optimizer steps taken so far).
 
     Example:
         >>> ISTConfig(active_layers=2, sampling="uniform").runs_rounds
@@ -199,8 +288,8 @@ class ISTConfig:
     score_lr: float = 10.0
     suppression: float = 0.25
     update_interval: int = 10
-    sampling: Sampling = "importance"
-    estimator: Estimator = "paper"
+    sampling: str = "importance"
+    estimator: str = "paper"
     suppression_mode: SuppressionMode = "auto"
     freeze_inactive: bool = True
     state_policy: StatePolicy | None = None
@@ -213,6 +302,9 @@ class ISTConfig:
     memory_budget: int | str | None = None
     memory_shape: tuple[int, int] | None = None
     budget_redraws: int = 0
+    dense_steps: int = 0
+    ramp_steps: int = 0
+    active_schedule: Callable[[int], int | float] | None = None
 
     def __post_init__(self) -> None:
         _check_count("active_layers", self.active_layers)
@@ -221,13 +313,14 @@ class ISTConfig:
         check_number("score_lr", self.score_lr, 0.0, math.inf, closed_high=False)
         check_number("suppression", self.suppression, 0.0, 1.0, closed_high=False)
         check_int("update_interval", self.update_interval, 1)
-        _check_choice("sampling", self.sampling, SAMPLINGS)
-        _check_choice("estimator", self.estimator, ESTIMATORS)
+        _check_choice("sampling", self.sampling, sampling_rule_names())
+        _check_choice("estimator", self.estimator, estimator_names())
         _check_choice("suppression_mode", self.suppression_mode, SUPPRESSION_MODES)
-        if self.sampling == "uniform" and self.estimator != "paper":
+        if not self.runs_rounds and self.estimator != "paper":
             raise ValueError(
-                f"estimator={self.estimator!r} has no effect with sampling='uniform', which "
-                "runs no importance rounds; use sampling='importance' or 'depth-aware'"
+                f"estimator={self.estimator!r} has no effect with sampling="
+                f"{self.sampling!r}, which runs no importance rounds; use "
+                "sampling='importance' or 'depth-aware'"
             )
         if not isinstance(self.freeze_inactive, bool):
             raise TypeError(f"freeze_inactive must be a bool, got {self.freeze_inactive!r}")
@@ -251,6 +344,22 @@ class ISTConfig:
         if self.depth_window is not None:
             check_int("depth_window", self.depth_window, 1)
         self._check_memory_options()
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        check_int("dense_steps", self.dense_steps, 0)
+        check_int("ramp_steps", self.ramp_steps, 0)
+        rule = self.active_schedule
+        if rule is None:
+            return
+        if not callable(rule):
+            raise TypeError(f"active_schedule must be callable(step) -> layer count, got "
+                            f"{rule!r}")
+        if self.dense_steps or self.ramp_steps:
+            raise ValueError(
+                f"active_schedule is set together with dense_steps={self.dense_steps} / "
+                f"ramp_steps={self.ramp_steps}; write the dense phase into the rule, or "
+                "drop active_schedule")
 
     def _check_memory_options(self) -> None:
         check_int("budget_redraws", self.budget_redraws, 0)
@@ -282,14 +391,26 @@ class ISTConfig:
 
     @property
     def runs_rounds(self) -> bool:
-        """Whether importance rounds run (every sampling but ``"uniform"``)."""
-        return self.sampling != "uniform"
+        """Whether importance rounds run (the sampling rule reads scores: every built-in
+        rule but ``"uniform"``)."""
+        return bool(sampling_rule(self.sampling).runs_rounds)
+
+    @property
+    def uses_batches(self) -> bool:
+        """Whether the rounds measure batches (not ``estimator="first-order"``)."""
+        return self.runs_rounds and bool(estimator(self.estimator).uses_batches)
 
     @property
     def cuts_backward(self) -> bool:
         """``skip_backward``, defaulting to ``freeze_inactive``."""
         return self.freeze_inactive if self.skip_backward is None else self.skip_backward
 
-    def as_dict(self) -> dict[str, Any]:
-        """The options as plain values (for logs and checkpoints)."""
-        return asdict(self)
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """The names of the IST options (the fields), as ``ISTOptimizer`` takes them.
+
+        Example:
+            >>> "active_layers" in ISTConfig.option_names()
+            True
+        """
+        return tuple(f.name for f in fields(cls))

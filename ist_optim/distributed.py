@@ -17,8 +17,8 @@ all-reduce of gradient buckets holding only inactive layers (DDP otherwise all-r
 every bucket every step, IST or not).
 
 Wrappers: :func:`check_wrapping` rejects set-ups that cannot work (DDP that cannot see
-per-step changes of ``requires_grad``, FSDP1 flat parameters); :func:`state_policy_for`
-picks a state residency that works on FSDP2's DTensors. Checkpointing through
+per-step changes of ``requires_grad``, FSDP1 flat parameters); :func:`is_sharded` tells
+:func:`ist_optim.residency.resolve_state_policy` about FSDP2's DTensors. Checkpointing through
 ``torch.distributed.checkpoint`` is in :mod:`ist_optim.dist_checkpoint`. See
 docs/distributed.md.
 
@@ -40,6 +40,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 class _LayerGroupsLike(Protocol):
     params: Sequence[Sequence[torch.Tensor]]
+
+    def layer_of(self) -> dict[int, int]: ...
 
 
 class ISTOptimizerLike(Protocol):
@@ -70,7 +72,6 @@ __all__ = [
     "is_sharded",
     "resolve_group",
     "skip_inactive_buckets",
-    "state_policy_for",
 ]
 
 
@@ -340,7 +341,7 @@ def skip_inactive_buckets(ddp: nn.Module, opt: ISTOptimizerLike) -> dict[str, in
         )
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    layer_of = {id(p): i for i, params in enumerate(opt.layer_groups.params) for p in params}
+    layer_of = opt.layer_groups.layer_of()
     counts = {"reduced": 0, "skipped": 0}
 
     def hook(_state, bucket):  # no annotations: DDP checks them (GradBucket)
@@ -369,39 +370,3 @@ def is_sharded(params: Any) -> bool:
     except ImportError:  # pragma: no cover - torch < 2.5 or built without distributed
         return False
     return any(isinstance(p, DTensor) for p in params)
-
-
-def state_policy_for(policy: str | None, default: str, sharded: bool,
-                     device: torch.device) -> str:
-    """The state policy to use, given DTensor (FSDP2) parameters.
-
-    ``"offload"`` on CUDA copies state into pinned plain host tensors, which cannot hold
-    a DTensor's shard with its placement: for sharded parameters on CUDA the default
-    becomes ``"keep"`` (the state is already sharded across the ranks), and an explicit
-    ``"offload"`` is refused. On the CPU "offload" moves nothing and works.
-
-    Args:
-        policy: the user's ``state_policy`` (``None`` for the default).
-        default: the device default (``ist_optim.residency.default_policy``).
-        sharded: :func:`is_sharded` of the trained parameters.
-        device: their device.
-
-    Raises:
-        ValueError: for ``"offload"`` with sharded parameters on CUDA.
-
-    Example:
-        >>> state_policy_for(None, "offload", True, torch.device("cuda"))
-        'keep'
-        >>> state_policy_for(None, "offload", False, torch.device("cuda"))
-        'offload'
-    """
-    if not sharded or device.type != "cuda":
-        return policy or default
-    if policy == "offload":
-        raise ValueError(
-            "state_policy='offload' does not support FSDP2 (DTensor) parameters on CUDA: its "
-            "pinned host copies are plain tensors and lose the shard's placement. Use "
-            "state_policy='keep' (the default here; FSDP2 already shards the state across "
-            "ranks) or 'drop'"
-        )
-    return policy or ("keep" if default == "offload" else default)

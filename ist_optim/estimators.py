@@ -65,7 +65,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,8 +75,6 @@ from .importance import score_update
 from .suppression import find_tuner_layers
 
 __all__ = [
-    "ESTIMATORS",
-    "Estimator",
     "FirstOrderProbe",
     "RunningScale",
     "normalized_advantages",
@@ -84,8 +82,6 @@ __all__ = [
     "predicted_suppression_deltas",
 ]
 
-Estimator = Literal["paper", "normalized", "first-order"]
-ESTIMATORS: tuple[str, ...] = ("paper", "normalized", "first-order")
 ADVANTAGE_SCALE = 0.1
 """``tau``: standardized advantages are scaled so that eta = 10 moves a score by about
 ``eta * tau / 4 = 0.25`` per unit of standardized advantage and round."""
@@ -192,7 +188,8 @@ def predicted_suppression_deltas(
 
     Args:
         sums: per-layer sums of ``<dL/dy_i, y_i>`` over the steps since the last round.
-        counts: per-layer number of steps that contributed to ``sums``.
+        counts: per-layer number of steps that contributed to ``sums`` (averaged over
+            ranks, so possibly fractional).
         factor: lambda.
 
     Returns:
@@ -204,9 +201,9 @@ def predicted_suppression_deltas(
         ...                              torch.tensor([2, 0, 1]), 0.25)
         ([0, 2], tensor([-0.7500,  0.7500], dtype=torch.float64))
     """
-    reached = [i for i in range(counts.numel()) if int(counts[i]) > 0]
-    means = sums.detach().cpu().to(torch.float64)[reached] / counts[reached].to(torch.float64)
-    return reached, (factor - 1.0) * means
+    reached = [i for i in range(counts.numel()) if float(counts[i]) > 0]
+    sums = sums.detach().cpu().to(torch.float64)
+    return reached, (factor - 1.0) * sums[reached] / counts[reached].to(torch.float64)
 
 
 def _dot(grad: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

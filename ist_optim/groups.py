@@ -153,6 +153,28 @@ class LayerGroups:
     def layer_params(self, indices: Iterable[int]) -> list[nn.Parameter]:
         return [p for i in indices for p in self.params[i]]
 
+    def layer_of(self) -> dict[int, int]:
+        """``id(parameter) -> layer`` of the trainable parameters of every layer."""
+        return {id(p): i for i, params in enumerate(self.params) for p in params}
+
+    def _block_of(self) -> dict[int, int]:
+        return {id(p): i for i, m in enumerate(self.modules) for p in m.parameters()}
+
+    def add_params(self, params: Iterable[nn.Parameter]) -> list[int | None]:
+        """Register new trainable parameters (a param group added after construction)
+        with the layer whose block owns them, or with the outside group.
+
+        Returns:
+            The layer of each parameter, ``None`` for the outside group.
+        """
+        index = self._block_of()
+        layers: list[int | None] = []
+        for p in params:
+            layer = index.get(id(p))
+            (self.outside if layer is None else self.params[layer]).append(p)
+            layers.append(layer)
+        return layers
+
 
 def _prompt_learning_hint(model: nn.Module) -> str:
     """A sentence naming the peft prompt-learning method of ``model``, if it uses one."""

@@ -21,18 +21,18 @@ optimizers manage their own paging and are refused for ``"offload"``/``"drop"``.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["StateResidency", "state_bytes", "STATE_POLICIES"]
+from .config import STATE_POLICIES, StatePolicy
 
-StatePolicy = Literal["keep", "offload", "drop"]
+__all__ = ["STATE_POLICIES", "StateResidency", "resolve_state_policy", "state_bytes"]
+
 BATCHED_COPY_BYTES = 1 << 20
 """State tensors smaller than this (per layer, device and dtype) are copied to and from
 host memory together, in one copy; larger ones are copied one by one."""
-STATE_POLICIES = ("keep", "offload", "drop")
 
 
 def state_bytes(state: Iterable[dict[str, Any]]) -> int:
@@ -41,18 +41,41 @@ def state_bytes(state: Iterable[dict[str, Any]]) -> int:
                if isinstance(v, torch.Tensor))
 
 
-def default_policy(device: torch.device, optimizer: Optimizer | None = None) -> StatePolicy:
-    """``"offload"`` on CUDA, ``"keep"`` elsewhere (offloading to host memory from the host
-    gains nothing), and ``"keep"`` for a paged bitsandbytes ``optimizer`` (it pages its own
-    state, and refuses ``"offload"``).
+def resolve_state_policy(policy: StatePolicy | None, optimizer: Optimizer,
+                         device: torch.device, *, sharded: bool = False) -> StatePolicy:
+    """The state policy an optimizer uses: the user's ``policy``, else the default.
+
+    The default is ``"offload"`` on CUDA and ``"keep"`` elsewhere (offloading to host
+    memory from the host gains nothing); ``"keep"`` for a paged bitsandbytes ``optimizer``
+    (it pages its own state, and refuses ``"offload"``) and for ``sharded`` (FSDP2
+    DTensor) parameters on CUDA, whose state is already sharded across the ranks and
+    whose placement pinned host copies would lose; an explicit ``"offload"`` is refused
+    there. On the CPU "offload" moves nothing and works.
+
+    Raises:
+        ValueError: for ``"offload"`` with sharded parameters on CUDA.
 
     Example:
-        >>> default_policy(torch.device("cuda")), default_policy(torch.device("cpu"))
+        >>> adam = torch.optim.Adam([torch.nn.Parameter(torch.ones(1))])
+        >>> cuda, cpu = torch.device("cuda"), torch.device("cpu")
+        >>> resolve_state_policy(None, adam, cuda), resolve_state_policy(None, adam, cpu)
         ('offload', 'keep')
+        >>> resolve_state_policy(None, adam, cuda, sharded=True)
+        'keep'
     """
-    if getattr(optimizer, "is_paged", False):
+    on_cuda = device.type == "cuda"
+    if sharded and on_cuda and policy == "offload":
+        raise ValueError(
+            "state_policy='offload' does not support FSDP2 (DTensor) parameters on CUDA: its "
+            "pinned host copies are plain tensors and lose the shard's placement. Use "
+            "state_policy='keep' (the default here; FSDP2 already shards the state across "
+            "ranks) or 'drop'"
+        )
+    if policy is not None:
+        return policy
+    if getattr(optimizer, "is_paged", False) or (sharded and on_cuda):
         return "keep"
-    return "offload" if device.type == "cuda" else "keep"
+    return "offload" if on_cuda else "keep"
 
 
 class StateResidency:

@@ -1,7 +1,11 @@
 """Importance rounds as strategy objects: measure, average across ranks, update the scores.
 
 Every ``update_interval`` steps :class:`ist_optim.ISTOptimizer` asks its round object to
-run. The three estimators of :mod:`ist_optim.estimators` are three classes here:
+run; it never asks which class it has: a round says what it needs through
+:meth:`ImportanceRound.end_step`, :meth:`ImportanceRound.set_batches` and
+:attr:`ImportanceRound.uses_batches`. Each estimator is a class registered by name
+(:func:`ist_optim.registry.register_estimator`, see docs/extending.md); the three of
+:mod:`ist_optim.estimators` are:
 
 * :class:`PaperRound`: the paper's response suppression (K candidate sets drawn with
   weights ``sigmoid(s)``, one suppressed no-grad forward each, ``A_k = exp(-l_k) - mean``);
@@ -23,7 +27,8 @@ import logging
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -31,8 +36,14 @@ from torch import nn
 from .batches import BatchCapture, BatchCycler, LossFn, default_loss_fn, move_batch
 from .config import ISTConfig, check_int
 from .distributed import average_across_ranks
-from .estimators import FirstOrderProbe, RunningScale, normalized_score_update
+from .estimators import (
+    FirstOrderProbe,
+    RunningScale,
+    normalized_score_update,
+    predicted_suppression_deltas,
+)
 from .importance import paper_advantages, score_update
+from .registry import estimator, register_estimator
 from .sampler import LayerSampler
 from .suppression import Suppressor
 
@@ -42,6 +53,7 @@ __all__ = [
     "ImportanceRound",
     "NormalizedRound",
     "PaperRound",
+    "RoundContext",
     "build_round",
     "scalar_loss",
 ]
@@ -78,13 +90,11 @@ class BatchSource:
         model: the trained model; without ``batches`` a forward pre-hook on it keeps a
             reference to the arguments of its latest call (no copy).
         batches: a re-iterable of batches (list, DataLoader), cycled; ``None`` to capture.
-        capture: whether to capture when ``batches`` is ``None`` (estimators that run no
-            forward pass need no batch).
     """
 
-    def __init__(self, model: nn.Module, batches: Iterable[Any] | None, capture: bool = True):
+    def __init__(self, model: nn.Module, batches: Iterable[Any] | None):
         self._cycler = None if batches is None else BatchCycler(batches)
-        self._capture = BatchCapture(model) if batches is None and capture else None
+        self._capture = BatchCapture(model) if batches is None else None
 
     @property
     def captures(self) -> bool:
@@ -144,16 +154,44 @@ class BatchSource:
             self._capture = None
 
 
+@dataclass(frozen=True)
+class RoundContext:
+    """What an estimator may need to build its round (see :meth:`ImportanceRound.build`).
+
+    ``blocks`` are the layers' modules; ``suppressor`` damps a set of them (it validated
+    every adapter); ``batches``/``loss_fn`` are the user's ``importance_batches`` and
+    ``loss_fn``; ``group`` the ranks that average measurements.
+    """
+
+    config: ISTConfig
+    num_suppressed: int
+    group: Any
+    model: nn.Module
+    blocks: list[nn.Module]
+    suppressor: Suppressor
+    batches: Iterable[Any] | None
+    loss_fn: LossFn | None
+    device: torch.device
+
+
 class ImportanceRound:
     """Base of the round strategies: the shared skip, update and checkpoint logic.
 
-    Subclasses implement :meth:`measure` (candidate sets and one measurement per set,
-    already averaged across ranks) and :meth:`update` (new scores).
+    Subclasses set :attr:`name`, implement :meth:`build`, :meth:`measure` (candidate sets
+    and one measurement per set, already averaged across ranks) and :meth:`update` (new
+    scores), and are registered with :func:`ist_optim.registry.register_estimator`.
     """
 
-    name = ""
+    name: ClassVar[str] = ""
     min_sets = 1
     """Fewer candidate sets than this: no update (the scores keep their values)."""
+    uses_batches: ClassVar[bool] = False
+    """Whether the round measures batches (``importance_batches``, captured calls)."""
+
+    @classmethod
+    def build(cls, context: RoundContext) -> ImportanceRound:
+        """The round of this estimator for one optimizer."""
+        raise NotImplementedError(f"estimator {cls.name!r} does not define build()")
 
     def __init__(self, config: ISTConfig, num_suppressed: int, group: Any):
         self.config = config
@@ -218,9 +256,38 @@ class ImportanceRound:
     def remove(self) -> None:
         """Remove any hook this round placed on the model."""
 
+    def end_step(self) -> None:
+        """Called once per optimizer step, after the training backward (probes that read
+        the backward close the step's measurement here)."""
+
+    def set_batches(self, batches: Iterable[Any], seen: int) -> None:
+        """Measure ``batches`` (cycled, after ``seen`` of them) from now on.
+
+        Raises:
+            ValueError: for an estimator that runs no estimation forward passes.
+        """
+        raise ValueError(f"estimator={self.name!r} runs no estimation forward passes, so it "
+                         "takes no importance batches")
+
+    def suppressed_losses(self, sets: list[list[int]], batch: Any) -> torch.Tensor:
+        """Loss of ``batch`` with each set suppressed; only for suppression estimators.
+
+        Raises:
+            ValueError: for an estimator that measures no suppressed losses.
+        """
+        raise ValueError(f"estimator={self.name!r} measures no suppressed losses")
+
 
 class SuppressionRound(ImportanceRound):
     """Measures the loss of one batch with each candidate set's responses damped."""
+
+    uses_batches = True
+
+    @classmethod
+    def build(cls, context: RoundContext) -> ImportanceRound:
+        source = BatchSource(context.model, context.batches)
+        return cls(context.config, context.num_suppressed, context.group, context.model,
+                   context.suppressor, source, context.loss_fn, context.device)
 
     def __init__(self, config: ISTConfig, num_suppressed: int, group: Any, model: nn.Module,
                  suppressor: Suppressor, batches: BatchSource, loss_fn: LossFn | None,
@@ -254,6 +321,9 @@ class SuppressionRound(ImportanceRound):
                 module.training = training
         return torch.tensor(losses, dtype=torch.float64)
 
+    def set_batches(self, batches: Iterable[Any], seen: int) -> None:
+        self.batches.replace(batches, seen)
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "importance_batches_seen": self.batches.seen}
 
@@ -272,6 +342,7 @@ class SuppressionRound(ImportanceRound):
         self.batches.remove()
 
 
+@register_estimator
 class PaperRound(SuppressionRound):
     """The paper's update: ``A_k = exp(-l_k) - mean_j exp(-l_j)``."""
 
@@ -308,6 +379,7 @@ def _check_scale(state: Mapping[str, Any]) -> None:
                          "scale with 'decay', 'value' and 'rounds'")
 
 
+@register_estimator
 class NormalizedRound(_Normalized, SuppressionRound):
     """Suppressed losses, standardized advantages, retained scores."""
 
@@ -330,11 +402,17 @@ class NormalizedRound(_Normalized, SuppressionRound):
             self.scale.load_state_dict(state["scale"])
 
 
+@register_estimator
 class FirstOrderRound(_Normalized, ImportanceRound):
     """Predicted suppression deltas from the training backward; no extra forward."""
 
     name = "first-order"
     min_sets = 2  # one reached layer gives no comparison
+
+    @classmethod
+    def build(cls, context: RoundContext) -> ImportanceRound:
+        return cls(context.config, context.num_suppressed, context.group, context.blocks,
+                   context.suppressor.mode)
 
     def __init__(self, config: ISTConfig, num_suppressed: int, group: Any,
                  blocks: list[nn.Module], mode: str):
@@ -349,8 +427,7 @@ class FirstOrderRound(_Normalized, ImportanceRound):
         n = counts.numel()
         totals = average_across_ranks(torch.cat([sums, counts.to(torch.float64)]), self.group)
         sums, counts = totals[:n], totals[n:]
-        reached = [i for i in range(n) if float(counts[i]) > 0]
-        deltas = (self.config.suppression - 1.0) * sums[reached] / counts[reached]
+        reached, deltas = predicted_suppression_deltas(sums, counts, self.config.suppression)
         return [[i] for i in reached], deltas
 
     def end_step(self) -> None:
@@ -384,18 +461,16 @@ class FirstOrderRound(_Normalized, ImportanceRound):
         self.probe.remove()
 
 
-def build_round(config: ISTConfig, *, num_suppressed: int, group: Any, model: nn.Module,
-                blocks: list[nn.Module], batches: Iterable[Any] | None,
+def build_round(config: ISTConfig, runs_rounds: bool, *, num_suppressed: int, group: Any,
+                model: nn.Module, blocks: list[nn.Module], batches: Iterable[Any] | None,
                 loss_fn: LossFn | None, device: torch.device) -> ImportanceRound | None:
-    """The round strategy of ``config`` (``None`` for uniform sampling: no rounds).
+    """The round of ``config.estimator``, looked up in :mod:`ist_optim.registry`
+    (``None`` when the sampling rule runs no rounds).
 
-    Validates every adapter before any hook is placed on the model.
+    Validates every adapter (the :class:`ist_optim.Suppressor`) before any hook is placed.
     """
-    if not config.runs_rounds:
+    if not runs_rounds:
         return None
     suppressor = Suppressor(blocks, config.suppression, config.suppression_mode)
-    if config.estimator == "first-order":
-        return FirstOrderRound(config, num_suppressed, group, blocks, suppressor.mode)
-    kind = PaperRound if config.estimator == "paper" else NormalizedRound
-    source = BatchSource(model, batches)
-    return kind(config, num_suppressed, group, model, suppressor, source, loss_fn, device)
+    return estimator(config.estimator).build(RoundContext(
+        config, num_suppressed, group, model, blocks, suppressor, batches, loss_fn, device))

@@ -1,29 +1,30 @@
-"""``LayerSampler``: the per-layer scores, the private generator, the step count and the
-active set, with the draws that read them and the checkpoint entry that saves them.
+"""``LayerSampler``: the per-layer scores, the private generator, the step count, the
+active-count schedule and the active set, with the draws that read them and the checkpoint
+entry that saves them.
 
-The draws themselves are the pure functions of :mod:`ist_optim.sampling`; this class owns
-the state they read, so one object answers "which layers train next, and why".
+The sampler is the one owner of "which layers train in the coming step": the optimizer
+asks it to :meth:`~LayerSampler.advance` after a step and to draw the next set; the
+activator only applies what it is given. How a set is drawn is the sampling rule's
+(:mod:`ist_optim.sampling_rules`); how many layers, the schedule's
+(:class:`ist_optim.ActiveSchedule`).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+import operator
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from .sampling import (
-    distribution_spread,
-    sample_candidate_sets,
-    sample_depth_aware,
-    sample_layers,
-    sampling_weights,
-)
+from .config import ISTConfig
+from .registry import sampling_rule
+from .sampling import distribution_spread, resolve_count, sample_candidate_sets, sampling_weights
+from .sampling_rules import SamplingRule
+from .schedule import ActiveSchedule
 
-__all__ = ["LayerSampler"]
-
-_SAMPLINGS = ("importance", "uniform", "depth-aware")
+__all__ = ["LayerSampler", "check_layer_indices"]
 
 
 def _bad(key: str, value: Any, expected: str) -> ValueError:
@@ -31,53 +32,110 @@ def _bad(key: str, value: Any, expected: str) -> ValueError:
     return ValueError(f"IST checkpoint entry {key!r} is {shown}; expected {expected}")
 
 
-class LayerSampler:
-    """Scores, generator, step count and active set of an IST run.
+def check_layer_indices(indices: Any, num_layers: int) -> list[int]:
+    """``indices`` as a sorted list of distinct layer indices in ``[0, num_layers)``.
 
-    Args:
-        num_layers: number of layers ``L``.
-        num_active: layers trained per step ``N_u``.
-        sampling: ``"importance"`` (weights ``sigmoid(-s)``), ``"uniform"`` or
-            ``"depth-aware"`` (importance weights, drawn clustered in depth).
-        seed: seed of the private ``torch.Generator`` (global RNGs are never used).
-        depth_window: window of the depth-aware draw (``None``: ``min(2 N_u, L)``).
+    Raises:
+        ValueError: for an empty, repeated, out-of-range or non-int index list.
 
     Example:
-        >>> sampler = LayerSampler(8, 2, "uniform", seed=0)
-        >>> sampler.active = sampler.draw_active(); len(sampler.active)
+        >>> check_layer_indices([3, 1], 4)
+        [1, 3]
+    """
+    if not isinstance(indices, Iterable) or isinstance(indices, str | bytes):
+        raise ValueError(f"layers must be a list of layer indices, got {indices!r}")
+    values = list(indices)
+    error = ValueError(f"layers must be distinct indices in [0, {num_layers}), got {values}")
+    try:  # ints, numpy ints and 0-d integer tensors; not bools, floats or strings
+        ints = [operator.index(i) for i in values if not isinstance(i, bool)]
+    except TypeError:
+        raise error from None
+    if (not ints or len(ints) != len(values) or len(set(ints)) != len(ints)
+            or not all(0 <= i < num_layers for i in ints)):
+        raise error
+    return sorted(ints)
+
+
+class LayerSampler:
+    """Scores, generator, step count, schedule and active set of an IST run.
+
+    Args:
+        rule: the sampling rule (:mod:`ist_optim.sampling_rules`), which knows ``L``
+            and ``N_u``.
+        seed: seed of the private ``torch.Generator`` (global RNGs are never used).
+        schedule: layers per step; default ``rule.num_active`` at every step.
+
+    Example:
+        >>> config = ISTConfig(active_layers=2, sampling="uniform")
+        >>> sampler = LayerSampler.from_config(config, num_layers=8, seed=0)
+        >>> len(sampler.draw_next())
         2
         >>> state = sampler.state_dict()
-        >>> other = LayerSampler(8, 2, "uniform", seed=1); other.load_state_dict(state)
-        >>> other.draw_active() == sampler.draw_active()
+        >>> other = LayerSampler.from_config(config, num_layers=8, seed=1)
+        >>> other.load_state_dict(state)
+        >>> other.active == sampler.active and other.draw_active() == sampler.draw_active()
         True
     """
 
-    def __init__(self, num_layers: int, num_active: int, sampling: str, seed: int,
-                 depth_window: int | None = None):
-        if sampling not in _SAMPLINGS:
-            raise ValueError(f"Invalid sampling: {sampling!r}; expected one of {_SAMPLINGS}")
-        if depth_window is not None and not num_active <= depth_window <= num_layers:
-            raise ValueError(
-                f"Invalid depth_window: {depth_window}; expected an int in "
-                f"[active layers={num_active}, layers={num_layers}]"
-            )
-        self.num_layers = num_layers
-        self.num_active = num_active
-        self.sampling = sampling
-        self.depth_window = depth_window
+    def __init__(self, rule: SamplingRule, seed: int, schedule: ActiveSchedule | None = None):
+        self.rule = rule
+        self.num_layers = rule.num_layers
+        self.num_active = rule.num_active
+        self.schedule = schedule or ActiveSchedule(rule.num_layers, rule.num_active)
         self.seed = seed
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(seed)
-        self.scores = torch.zeros(num_layers, dtype=torch.float64)
+        self.scores = torch.zeros(self.num_layers, dtype=torch.float64)
         self.num_steps = 0
         self.active: list[int] = []
 
+    @classmethod
+    def from_config(cls, config: ISTConfig, num_layers: int, seed: int) -> LayerSampler:
+        """The sampler of ``config``'s ``active_layers``, ``sampling`` rule and schedule
+        (``dense_steps``, ``ramp_steps``, ``active_schedule``) over ``num_layers`` layers.
+
+        Raises:
+            ValueError: when ``active_layers`` exceeds ``num_layers``, or the rule refuses
+                its options (e.g. a ``depth_window`` outside ``[N_u, L]``).
+        """
+        num_active = resolve_count(config.active_layers, num_layers, "active_layers")
+        rule = sampling_rule(config.sampling)(num_layers, num_active, config)
+        schedule = ActiveSchedule(num_layers, num_active, config.dense_steps,
+                                  config.ramp_steps, config.active_schedule)
+        return cls(rule, seed, schedule)
+
+    @property
+    def sampling(self) -> str:
+        """The name of the sampling rule."""
+        return self.rule.name
+
+    # ------------------------------------------------------------------ steps
+    def advance(self) -> None:
+        """Count one optimizer step taken (the schedule moves with it)."""
+        self.num_steps += 1
+
+    def count(self) -> int:
+        """Layers to train in the coming step (the schedule at :attr:`num_steps`)."""
+        return self.schedule.count(self.num_steps)
+
+    def set_active(self, layers: Iterable[int]) -> list[int]:
+        """Make ``layers`` the set of the coming step (validated, sorted); returns it.
+
+        Raises:
+            ValueError: for indices that are not distinct layers.
+        """
+        self.active = check_layer_indices(layers, self.num_layers)
+        return list(self.active)
+
+    def draw_next(self, accept: Callable[[list[int]], bool] | None = None,
+                  redraws: int = 0) -> list[int]:
+        """:meth:`draw_active`, then :meth:`set_active` on the result; returns it."""
+        return self.set_active(self.draw_active(accept, redraws))
+
     # ------------------------------------------------------------------ draws
     def training_weights(self) -> torch.Tensor:
-        """Per-layer weights of the training draw (``sigmoid(-s)``, or ones for uniform)."""
-        if self.sampling == "uniform":
-            return torch.ones(self.num_layers, dtype=torch.float64)
-        return sampling_weights(self.scores, -1.0)
+        """Per-layer weights of the training draw (the rule's, e.g. ``sigmoid(-s)``)."""
+        return self.rule.weights(self.scores)
 
     def probabilities(self) -> torch.Tensor:
         """The training weights normalised to sum 1 (float32)."""
@@ -90,7 +148,8 @@ class LayerSampler:
 
     def draw_active(self, accept: Callable[[list[int]], bool] | None = None,
                     redraws: int = 0) -> list[int]:
-        """Draw the layers of the next step (sorted); does not change :attr:`active`.
+        """Draw the :meth:`count` layers of the next step (sorted); does not change
+        :attr:`active`.
 
         Args:
             accept: a predicate on a drawn set; ``None`` (default) takes the first draw.
@@ -100,7 +159,8 @@ class LayerSampler:
                 keeps a non-zero probability. Every draw uses the private generator.
 
         Example:
-            >>> sampler = LayerSampler(8, 2, "depth-aware", seed=0)
+            >>> config = ISTConfig(active_layers=2, sampling="depth-aware")
+            >>> sampler = LayerSampler.from_config(config, num_layers=8, seed=0)
             >>> high = sampler.draw_active(lambda layers: min(layers) >= 4, redraws=8)
             >>> len(high)
             2
@@ -108,20 +168,15 @@ class LayerSampler:
         if isinstance(redraws, bool) or not isinstance(redraws, int) or redraws < 0:
             raise ValueError(f"Invalid redraws: {redraws!r}; expected an int >= 0")
         weights = self.training_weights()
-        drawn = self._draw(weights)
+        count = self.count()
+        drawn = self.rule.draw(weights, count, self.generator)
         if accept is None:
             return drawn
         for _ in range(redraws):
             if accept(drawn):
                 break
-            drawn = self._draw(weights)
+            drawn = self.rule.draw(weights, count, self.generator)
         return drawn
-
-    def _draw(self, weights: torch.Tensor) -> list[int]:
-        if self.sampling == "depth-aware":
-            return sample_depth_aware(weights, self.num_active, self.generator,
-                                      self.depth_window)
-        return sample_layers(weights, self.num_active, self.generator)
 
     def draw_candidates(self, set_size: int, num_sets: int) -> list[list[int]]:
         """The paper's candidate sets: distinct sets drawn with weights ``sigmoid(s)``."""
@@ -169,11 +224,11 @@ class LayerSampler:
         active = state["active_layers"]
         if not isinstance(active, Sequence) or isinstance(active, str):
             raise _bad("active_layers", active, "a list of layer indices")
-        indices = [int(i) for i in active if isinstance(i, int) and not isinstance(i, bool)]
-        if (len(indices) != len(active) or len(set(indices)) != len(indices)
-                or not all(0 <= i < self.num_layers for i in indices) or not indices):
+        try:
+            check_layer_indices(active, self.num_layers)
+        except ValueError:
             raise _bad("active_layers", active,
-                       f"distinct layer indices in [0, {self.num_layers})")
+                       f"distinct layer indices in [0, {self.num_layers})") from None
         steps = state["num_steps"]
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise _bad("num_steps", steps, "an int >= 0")

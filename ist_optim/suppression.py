@@ -24,14 +24,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
+from .config import SuppressionMode
+
 __all__ = ["Suppressor", "find_tuner_layers"]
 
-SuppressionMode = Literal["auto", "adapters", "residual"]
 
 
 def _peft_types() -> dict[str, type] | None:

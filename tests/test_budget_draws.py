@@ -12,7 +12,7 @@ from conftest import lm_batch, lora_model, params_snapshot, train_steps
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ist_optim import ISTOptimizer, LayerSampler
+from ist_optim import ISTConfig, ISTOptimizer, LayerSampler
 from ist_optim.budget import PLANNING_HEADROOM, CheckpointPolicy, planner_for_model
 
 
@@ -28,15 +28,15 @@ def _samplers(draw):
     num_layers = draw(st.integers(2, 10))
     num_active = draw(st.integers(1, num_layers))
     sampling = draw(st.sampled_from(["importance", "uniform", "depth-aware"]))
-    sampler = LayerSampler(num_layers, num_active, sampling, seed=draw(st.integers(0, 2**31)))
+    sampler = LayerSampler.from_config(ISTConfig(active_layers=num_active, sampling=sampling),
+                                       num_layers, seed=draw(st.integers(0, 2**31)))
     scores = draw(st.lists(st.floats(-3, 3), min_size=num_layers, max_size=num_layers))
     sampler.set_scores(torch.tensor(scores))
     return sampler
 
 
 def _clone(sampler: LayerSampler) -> LayerSampler:
-    twin = LayerSampler(sampler.num_layers, sampler.num_active, sampler.sampling, seed=0,
-                        depth_window=sampler.depth_window)
+    twin = LayerSampler(sampler.rule, seed=0)
     twin.load_state_dict({**sampler.state_dict(), "active_layers": [0]})
     return twin
 
@@ -72,7 +72,8 @@ def test_no_predicate_or_no_redraws_is_one_plain_draw(sampler, redraws):
 @pytest.mark.parametrize("bad", [-1, True, 1.0, "2"])
 def test_sampler_refuses_bad_redraws(bad):
     with pytest.raises(ValueError, match="Invalid redraws"):
-        LayerSampler(4, 2, "uniform", seed=0).draw_active(lambda _: True, bad)
+        LayerSampler.from_config(ISTConfig(active_layers=2, sampling="uniform"), 4,
+                                 seed=0).draw_active(lambda _: True, bad)
 
 
 # ------------------------------------------------------------------ the policy's question

@@ -32,7 +32,6 @@ from ist_optim.distributed import (
     check_wrapping,
     resolve_group,
     skip_inactive_buckets,
-    state_policy_for,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -288,26 +287,6 @@ def test_collective_device_is_the_current_accelerator_for_nccl(monkeypatch):
     monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
     monkeypatch.setattr(torch, "accelerator", FakeAccelerator, raising=False)
     assert ist_dist._collective_device(object()) == torch.device("cuda", 3)
-
-
-@pytest.mark.parametrize(
-    ("policy", "default", "sharded", "device", "expected"),
-    [
-        (None, "offload", True, "cuda", "keep"),  # FSDP2 on CUDA: no pinned plain copies
-        ("drop", "offload", True, "cuda", "drop"),
-        ("keep", "offload", True, "cuda", "keep"),
-        (None, "offload", False, "cuda", "offload"),  # plain tensors: the device default
-        ("offload", "keep", True, "cpu", "offload"),  # on the CPU offload moves nothing
-        (None, "keep", True, "cpu", "keep"),
-    ],
-)
-def test_state_policy_for(policy, default, sharded, device, expected):
-    assert state_policy_for(policy, default, sharded, torch.device(device)) == expected
-
-
-def test_state_policy_offload_of_sharded_cuda_params_is_refused():
-    with pytest.raises(ValueError, match="state_policy='offload' does not support FSDP2"):
-        state_policy_for("offload", "offload", True, torch.device("cuda"))
 
 
 def test_late_init_raises_at_step(monkeypatch):

@@ -8,7 +8,7 @@ from conftest import lm_batch, lora_model
 from torch import nn
 
 from ist_optim import ISTOptimizer, StateResidency
-from ist_optim.residency import default_policy
+from ist_optim.residency import resolve_state_policy
 
 
 def _run(policy, optimizer_cls=torch.optim.AdamW, steps=8, **kwargs):
@@ -173,9 +173,32 @@ def test_paged_optimizers_default_to_keep_also_on_cuda():
     cuda = torch.device("cuda")
     paged = bnb.optim.PagedAdamW8bit([nn.Parameter(torch.ones(4))])
     plain = bnb.optim.AdamW8bit([nn.Parameter(torch.ones(4))])
-    assert default_policy(cuda, paged) == "keep"  # "offload" would refuse it
-    assert default_policy(cuda, plain) == default_policy(cuda) == "offload"
-    assert default_policy(torch.device("cpu"), plain) == "keep"
+    assert resolve_state_policy(None, paged, cuda) == "keep"  # "offload" would refuse it
+    assert resolve_state_policy(None, plain, cuda) == "offload"
+    assert resolve_state_policy(None, plain, torch.device("cpu")) == "keep"
+
+
+@pytest.mark.parametrize(
+    ("policy", "sharded", "device", "expected"),
+    [
+        (None, True, "cuda", "keep"),  # FSDP2 on CUDA: no pinned plain copies
+        ("drop", True, "cuda", "drop"),
+        ("keep", True, "cuda", "keep"),
+        (None, False, "cuda", "offload"),  # plain tensors: the device default
+        ("offload", True, "cpu", "offload"),  # on the CPU offload moves nothing
+        (None, True, "cpu", "keep"),
+        ("drop", False, "cpu", "drop"),  # the user's choice is never overridden
+    ],
+)
+def test_resolve_state_policy(policy, sharded, device, expected):
+    adam = torch.optim.Adam([nn.Parameter(torch.ones(2))])
+    assert resolve_state_policy(policy, adam, torch.device(device), sharded=sharded) == expected
+
+
+def test_state_policy_offload_of_sharded_cuda_params_is_refused():
+    adam = torch.optim.Adam([nn.Parameter(torch.ones(2))])
+    with pytest.raises(ValueError, match="state_policy='offload' does not support FSDP2"):
+        resolve_state_policy("offload", adam, torch.device("cuda"), sharded=True)
 
 
 def test_paged_optimizers_refuse_offload_and_drop():

@@ -58,7 +58,7 @@ def test_state_dict_content_is_plain_and_loads_before_first_step():
     _run(model, opt, 4)
     state = _roundtrip(opt.state_dict())
     ist = state["ist"]
-    assert set(ist) == {"format_version", "layers", "sampling", "sampler", "rounds"}
+    assert set(ist) == {"format_version", "layers", "sampler", "rounds"}
     assert set(ist["sampler"]) == {"scores", "generator_state", "active_layers", "num_steps",
                                    "seed"}
     assert ist["layers"]["num_layers"] == 4
