@@ -28,7 +28,7 @@ def _settings(args: Any, ist_kwargs: dict[str, Any], lr: float) -> dict[str, Any
     return {"model": args.model, "data": args.data, "peft": args.peft, "rank": args.rank,
             "optimizer": args.optimizer, "lr": lr, "steps": args.steps,
             "batch_size": args.batch_size, "seq_len": args.seq_len, "seed": args.seed,
-            "ist_kwargs": ist_kwargs}
+            "ist_kwargs": ist_kwargs, "quantize": args.quantize}
 
 
 def _run(argv: list[str] | None) -> int:
@@ -58,7 +58,7 @@ def _run(argv: list[str] | None) -> int:
     context = prepare_context(
         args.model, args.data, val_fraction=args.val_fraction, seq_len=args.seq_len,
         batch_size=args.batch_size, eval_batches=args.eval_batches, rank=args.rank,
-        alpha=args.alpha, target_modules=targets, device=device,
+        alpha=args.alpha, target_modules=targets, device=device, quantize=args.quantize,
         badam_switch_every=args.badam_switch_every, progress=not args.no_progress,
         lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps)
     train_blocks, val_blocks = context.tokens.num_blocks(args.seq_len)

@@ -7,7 +7,7 @@ import json
 from typing import Any, NoReturn
 
 from .data import DEFAULT_DATA
-from .models import DEFAULT_MODEL, PEFT_METHODS
+from .models import DEFAULT_MODEL, PEFT_METHODS, QUANTIZE_CHOICES
 from .train import LR_SCHEDULES, OPTIMIZER_KINDS
 
 __all__ = ["build_parser", "ist_kwargs_from_args", "parse_args"]
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-batches", type=_positive_int, default=8,
                    help="held-out batches evaluated before and after training")
     g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    g.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
+                   help="4bit: load the base as QLoRA does (bitsandbytes NF4, double "
+                        "quantization, peft's prepare_model_for_kbit_training); adapters only")
 
     g = p.add_argument_group("training")
     g.add_argument("--peft", default="lora", choices=PEFT_METHODS, help="what to train")

@@ -69,6 +69,7 @@ class RunContext:
     progress: bool = True
     lr_schedule: str = "constant"
     warmup_steps: int = 0
+    quantize: str = "none"
 
     def val_batches(self) -> list[dict[str, torch.Tensor]]:
         batches = list(block_batches(self.tokens.val, self.seq_len, self.batch_size,
@@ -163,10 +164,16 @@ def run_method(spec: MethodSpec, context: RunContext, *, steps: int, seed: int,
     meter = PeakMemory(context.device)
     meter.reset()
     with seeded_global_rng(seed, context.device):
-        model = load_model(context.model_name)
+        quantized = context.quantize != "none"
+        if quantized and spec.peft == "full":
+            raise CLIError(f"--quantize {context.quantize} freezes the base weights: use an "
+                           "adapter (--peft lora, dora, rslora, ia3), not --peft full")
+        model = load_model(context.model_name, quantize=context.quantize,
+                           device=context.device if quantized else None)
         model = add_adapters(model, spec.peft, rank=context.rank, alpha=context.alpha,
                              target_modules=context.target_modules, seed=seed)
-        model.to(context.device)
+        if not quantized:  # a 4-bit model was loaded where it trains
+            model.to(context.device)
         optimizer = build_optimizer(spec.optimizer, model, lr=spec.learning_rate, seed=seed,
                                     ist_kwargs=spec.ist_kwargs,
                                     badam_switch_every=context.badam_switch_every)
