@@ -97,15 +97,21 @@ def test_mismatched_layers_or_params_are_named():
         opt4.load_state_dict(state)
 
 
-V1_FILE = __import__("pathlib").Path(__file__).with_name("data") / "ist_v1_checkpoints.pt"
+DATA = __import__("pathlib").Path(__file__).with_name("data")
+OLD_CHECKPOINTS = [("ist_v1_checkpoints.pt", 1, name)
+                   for name in ("paper-adamw", "normalized-depth", "first-order-drop")] + [
+                  ("ist_v2_checkpoints.pt", 2, name)
+                  for name in ("paper-adamw", "normalized-depth", "first-order-drop",
+                               "uniform-offload")]
 
 
-@pytest.mark.parametrize("name", ["paper-adamw", "normalized-depth", "first-order-drop"])
-def test_format_1_checkpoint_resumes_as_the_old_code_did(name):
-    """Checkpoints written before the split (format 1) load and continue exactly as the
-    code that wrote them continued (tests/data/make_v1_checkpoints.py)."""
-    saved = torch.load(V1_FILE, weights_only=True)[name]
-    assert saved["optimizer"]["ist"]["format_version"] == 1
+@pytest.mark.parametrize(("file", "version", "name"), OLD_CHECKPOINTS)
+def test_old_checkpoint_resumes_as_the_old_code_did(file, version, name):
+    """Checkpoints written before the split (format 1) and before the second design pass
+    (format 2, with its never-read "sampling" key) load and continue exactly as the code
+    that wrote them continued (tests/data/make_checkpoints.py)."""
+    saved = torch.load(DATA / file, weights_only=True)[name]
+    assert saved["optimizer"]["ist"]["format_version"] == version
     model = lora_model(8)
     trained = dict(model.named_parameters())
     with torch.no_grad():

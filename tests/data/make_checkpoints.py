@@ -1,11 +1,15 @@
-"""Writes tests/data/ist_v1_checkpoints.pt: checkpoints in IST state format 1.
+"""Writes checkpoints of an older ist_optim, for tests/test_state_dict.py to resume.
 
-Run once in a checkout of commit 53233cf (the last commit before the ISTOptimizer split,
-format 1), from its root, with that checkout first on the path:
-``PYTHONPATH=. python tests/data/make_v1_checkpoints.py``. The file holds, per
+``PYTHONPATH=OLD_CHECKOUT python tests/data/make_checkpoints.py FILE`` with an older
+checkout first on the path (so its ``ist_optim`` is imported). The file holds, per
 configuration, the trainable parameters and ``opt.state_dict()`` after 5 steps, and what
-the old code then did in 4 more steps (the active sets and the final trainable
-parameters), so tests/test_state_dict.py can check that today's code resumes it exactly.
+the old code then did in 4 more steps (the active sets, the final scores and trainable
+parameters), so the tests can check that today's code resumes it exactly. Written so:
+
+* ``ist_v1_checkpoints.pt``: commit 53233cf (the last before the ISTOptimizer split,
+  IST state format 1);
+* ``ist_v2_checkpoints.pt``: commit f2c7c21 (format 2, the last before the second design
+  pass: sampling rules, schedule, registries).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ CONFIGS = {
                              estimator="normalized", sampling="depth-aware"),
     "first-order-drop": dict(lr=1e-2, seed=7, update_interval=3, active_layers=2,
                              estimator="first-order", state_policy="drop"),
+    "uniform-offload": dict(lr=1e-2, seed=3, active_layers=2, sampling="uniform",
+                            state_policy="offload"),
 }
 
 
@@ -46,7 +52,7 @@ def main() -> None:
         entry["final_params"] = trainable(model)
         entry["final_scores"] = opt.scores
         out[name] = entry
-    torch.save(out, Path(__file__).with_name("ist_v1_checkpoints.pt"))
+    torch.save(out, Path(__file__).with_name(sys.argv[1]))
 
 
 if __name__ == "__main__":
