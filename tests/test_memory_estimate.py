@@ -287,25 +287,29 @@ PROJECTED_CASES = [
 ]
 
 
-def _projected_optimizer(name, model, rank, gap):
+def _projected_optimizer(name, model, rank, gap, params=None):
     """The optimizer the HF Trainer builds for optim="galore_adamw" / "apollo_adamw" with
-    optim_target_modules the blocks' linear layers: their weights projected, the rest plain."""
-    target = [p for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2]
+    optim_target_modules the blocks' linear layers: their weights projected, the rest plain
+    (``params``: only these of the model's parameters, for the layer-wise set-up)."""
+    keep = None if params is None else {id(p) for p in params}
+    named = [(n, p) for n, p in model.named_parameters() if keep is None or id(p) in keep]
+    target = [p for n, p in named if ".layers." in n and p.dim() == 2]
     ids = {id(p) for p in target}
-    other = [p for p in model.parameters() if id(p) not in ids]
+    other = [p for _, p in named if id(p) not in ids]
     if name == "galore":
-        from galore_torch import GaLoreAdamW
+        from galore_torch import GaLoreAdamW as cls
 
-        return GaLoreAdamW([{"params": other}, {"params": target, "rank": rank,
-                                                 "update_proj_gap": gap, "scale": 0.25,
-                                                 "proj_type": "std"}], lr=1e-4)
-    from apollo_torch import APOLLOAdamW
+        settings = {"rank": rank, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std"}
+    else:
+        from apollo_torch import APOLLOAdamW as cls
 
-    mini = name == "apollo-mini"
-    return APOLLOAdamW([{"params": other}, {
-        "params": target, "rank": rank, "update_proj_gap": gap, "scale": 128.0 if mini else 1.0,
-        "proj_type": "std", "proj": "random", "scale_type": "tensor" if mini else "channel"}],
-        lr=1e-4)
+        mini = name == "apollo-mini"
+        settings = {"rank": rank, "update_proj_gap": gap, "scale": 128.0 if mini else 1.0,
+                    "proj_type": "std", "proj": "random",
+                    "scale_type": "tensor" if mini else "channel"}
+    groups = ([{"params": other}] if other else []) + \
+        ([{"params": target, **settings}] if target else [])
+    return cls(groups, lr=1e-4)
 
 
 @pytest.mark.parametrize("name,rank,gap,batch,seq", PROJECTED_CASES)
@@ -362,3 +366,57 @@ def test_projected_state_by_hand():
     adamw = MemoryPlanner(config, **common).estimate()
     assert galore.estimate().peak_bytes < adamw.peak_bytes
     assert galore.estimate().breakdown["gradients"] == adamw.breakdown["gradients"]  # full rank
+
+
+class _States:
+    """The per-parameter optimizers of a layer-wise set-up, seen as one ``state``."""
+
+    def __init__(self, optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def state(self):
+        return {p: s for opt in self.optimizers for p, s in opt.state.items()}
+
+
+@pytest.mark.parametrize("name,rank,batch,seq", [
+    ("galore-layerwise", 16, 1, 8), ("apollo-mini-layerwise", 1, 1, 8),
+    ("apollo-layerwise", 16, 4, 64)])
+def test_layerwise_projected_optimizers_match_an_accounted_cpu_run(name, rank, batch, seq):
+    """optim="galore_adamw_layerwise" / "apollo_adamw_layerwise" as the HF Trainer builds
+    them: one optimizer per parameter, stepped in its post-accumulate-grad hook, which frees
+    the gradient (projectors recomputed in every step: update_proj_gap=1)."""
+    pytest.importorskip("galore_torch" if name.startswith("galore") else "apollo_torch")
+    from transformers import LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    model.config.use_cache = False
+    kind = name.removesuffix("-layerwise")
+    optimizers = {p: _projected_optimizer(kind, model, rank, 1, params=[p])
+                  for p in model.parameters()}
+
+    def hook(p):
+        optimizers[p].step()
+        optimizers[p].zero_grad(set_to_none=True)
+
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(hook)
+    ids = torch.randint(0, 512, (batch, seq), generator=torch.Generator().manual_seed(0))
+    held = {}
+
+    def step():
+        held["out"] = model(input_ids=ids, labels=ids)
+        held["out"].loss.backward()
+
+    step()
+    measured = account_step(step, model=model, optimizer=_States(list(optimizers.values())))
+    est = estimate_peak_memory(config, batch_size=batch, seq_len=seq, dtype=torch.float32,
+                               method="full", optimizer=name, projection_rank=rank,
+                               foreach=False, train_embeddings=True, train_head=True)
+    assert est.peak_bytes == pytest.approx(measured.peak_bytes, rel=0.02), est.phase
+    assert est.breakdown["gradients"] == 0
+    assert est.breakdown["optimizer_state"] == measured.breakdown["optimizer_state"]

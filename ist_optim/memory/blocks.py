@@ -273,7 +273,9 @@ def _run_piece(forward: Callable[[], torch.Tensor], existing: Sequence[torch.Ten
 
 def measure_model(config: Any, *, batch_size: int, seq_len: int, dtype: torch.dtype,
                   lora: tuple[Sequence[str], int, float, torch.dtype] | None,
-                  attention: str = "sdpa", quant: QuantSpec | None = None) -> ModelCosts:
+                  attention: str = "sdpa", quant: QuantSpec | None = None,
+                  grad_step: Callable[[str, tuple[int, ...]], int] | None = None
+                  ) -> ModelCosts:
     """Measure one block and the head of ``config``'s model on the meta device.
 
     Args:
@@ -285,6 +287,11 @@ def measure_model(config: Any, *, batch_size: int, seq_len: int, dtype: torch.dt
         attention: ``"sdpa"`` (the fused kernel a GPU runs) or ``"eager"``.
         quant: store every linear layer of the block in 4 bits (QLoRA's base), as
             :class:`~ist_optim.memory.quantized.MetaLinear4bit`; None: in ``dtype``.
+        grad_step: layer-wise optimizers (the HF Trainer's ``*_layerwise``): each trained
+            parameter is updated in its post-accumulate-grad hook and its gradient freed;
+            ``grad_step(piece, shape)`` gives the bytes that update allocates for a moment
+            (piece ``"block"`` or ``"head"``). The measured backward then holds no
+            parameter gradient beyond the one being updated.
 
     Example:
         >>> from transformers import LlamaConfig
@@ -323,10 +330,23 @@ def measure_model(config: Any, *, batch_size: int, seq_len: int, dtype: torch.dt
     rope = rotary(probe, positions) if rotary is not None else None
     rope_list = list(rope) if rope is not None else []
 
+    def step_in_hooks(params: Sequence[nn.Parameter], piece: str) -> list[Any]:
+        if grad_step is None:
+            return []
+
+        def hook(p: torch.Tensor) -> None:
+            nbytes = grad_step(piece, tuple(p.shape))
+            if nbytes:
+                torch.empty(nbytes, dtype=torch.uint8, device="meta")  # the update's buffers
+            p.grad = None
+
+        return [p.register_post_accumulate_grad_hook(hook) for p in params if p.requires_grad]
+
     def block_run(trains: bool, input_grad: bool) -> PieceCost:
         trained = adapters if lora is not None else block_params
         for p in trained:
             p.requires_grad_(trains)
+        handles = step_in_hooks(trained, "block")
         x = torch.empty(shape, device="meta", dtype=dtype, requires_grad=input_grad)
 
         def forward() -> torch.Tensor:
@@ -337,6 +357,8 @@ def measure_model(config: Any, *, batch_size: int, seq_len: int, dtype: torch.dt
         cost = _run_piece(forward, [*every_param, x, *rope_list],
                           [*every_param, *rope_list], attention,
                           needs_backward=trains or input_grad)
+        for handle in handles:
+            handle.remove()
         for p in trained:
             p.requires_grad_(False)
         return cost
@@ -344,9 +366,11 @@ def measure_model(config: Any, *, batch_size: int, seq_len: int, dtype: torch.dt
     labels = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
 
     def head_run(trains: bool, input_grad: bool) -> PieceCost:
-        for p in [*head_params, *norm.parameters()] if head_params else \
-                [*embed_params, *norm.parameters()]:
+        trained = [*head_params, *norm.parameters()] if head_params else \
+            [*embed_params, *norm.parameters()]
+        for p in trained:
             p.requires_grad_(trains)
+        handles = step_in_hooks(trained, "head")
         x = torch.empty(shape, device="meta", dtype=dtype, requires_grad=input_grad)
         kept: list[torch.Tensor] = []
 
@@ -358,6 +382,8 @@ def measure_model(config: Any, *, batch_size: int, seq_len: int, dtype: torch.dt
 
         cost = _run_piece(forward, [*every_param, x, labels], [*every_param],
                           attention, needs_backward=True)
+        for handle in handles:
+            handle.remove()
         model.requires_grad_(False)
         return cost
 

@@ -186,7 +186,8 @@ class MemoryPlanner:
             default = PROJECTED_OPTIMIZERS[optimizer]
             rank = default["rank"] if projection_rank is None else projection_rank
             self.projection = ProjectionSpec(str(default["kind"]), rank,  # type: ignore[arg-type]
-                                             str(default["scale_type"]))
+                                             str(default["scale_type"]),
+                                             bool(default.get("layerwise", False)))
         elif projection_rank is not None:
             raise ValueError(f"projection_rank applies to {list(PROJECTED_OPTIMIZERS)}, not "
                              f"optimizer {optimizer!r}")
@@ -221,11 +222,21 @@ class MemoryPlanner:
             self.settings["double_quant"] = bool(double_quant)
         if self.projection is not None:
             self.settings["projection_rank"] = self.projection.rank
+        self.layerwise = self.projection is not None and self.projection.layerwise
         #: The measured per-piece costs (:class:`~ist_optim.memory.blocks.ModelCosts`).
         self.costs: ModelCosts = measure_model(config, batch_size=batch_size, seq_len=seq_len,
                                                dtype=dtype, lora=lora, attention=attention,
                                                quant=QuantSpec(bool(double_quant))
-                                               if method == "qlora" else None)
+                                               if method == "qlora" else None,
+                                               grad_step=self._update_bytes
+                                               if self.layerwise else None)
+
+    def _update_bytes(self, piece: str, shape: tuple[int, ...]) -> int:
+        """Buffers of one parameter's own (layer-wise) optimizer step, at a projector update."""
+        if self.projection is None:
+            return 0
+        target = piece == "block" and len(shape) == 2
+        return projected_step([shape], [target], self.element, self.projection, update=True)[1]
 
     @property
     def num_layers(self) -> int:
@@ -287,7 +298,8 @@ class MemoryPlanner:
                 (None: the planner's ``keep_logits``).
             projection_update: GaLore / APOLLO: the step recomputes the projectors (every
                 ``update_proj_gap`` steps, the first included: the step a budget must hold);
-                False: a step between two updates.
+                False: a step between two updates. The layer-wise variants are always
+                planned at an update (their updates run inside the backward, measured once).
         """
         if keep_logits is None:
             keep_logits = self.keep_logits
@@ -313,12 +325,20 @@ class MemoryPlanner:
                      optimizer_state=block_state * len(on_device)
                      + _state_bytes(outside, self.element, "adamw" if self.projection
                                     else self.optimizer))
-        flops = _walk(step, self.costs, modes, lowest, head_mode, checkpointed,
-                      grads={"block": sum(trained["block"]) * self.trained_element,
-                             "head": sum(trained["head"]) * self.element,
-                             "embed": sum(trained["embed"]) * self.element},
+        grads = {"block": sum(trained["block"]) * self.trained_element,
+                 "head": sum(trained["head"]) * self.element,
+                 "embed": sum(trained["embed"]) * self.element}
+        if self.layerwise:  # each gradient is freed by its own optimizer's step
+            grads = dict.fromkeys(grads, 0)
+        flops = _walk(step, self.costs, modes, lowest, head_mode, checkpointed, grads=grads,
                       keep_logits=keep_logits)
-        self._optimizer_step(step, trained, len(active), block_state, projection_update)
+        if self.layerwise:
+            if trained["embed"]:
+                step.mark("embedding backward", sum(
+                    n * self.element + self._update_bytes("embed", s)
+                    for n, s in zip(trained["embed"], self.costs.shapes["embed"], strict=True)))
+        else:
+            self._optimizer_step(step, trained, len(active), block_state, projection_update)
         settings = dict(self.settings, active_layers=active,
                         gradient_checkpointing=sorted(checkpointed),
                         cut_backward=cut_backward, train_embeddings=train_embeddings,

@@ -30,21 +30,32 @@ from dataclasses import dataclass
 __all__ = ["PROJECTED_OPTIMIZERS", "ProjectionSpec", "projected_step"]
 
 #: Optimizer names of the planner that project gradients, with their HF Trainer defaults.
+#: ``*-layerwise``: the Trainer's ``optim="galore_adamw_layerwise"`` /
+#: ``"apollo_adamw_layerwise"``: one optimizer per parameter, stepped in the parameter's
+#: post-accumulate-grad hook, which then frees the gradient.
 PROJECTED_OPTIMIZERS: dict[str, dict[str, object]] = {
     "galore": {"kind": "galore", "rank": 128, "scale_type": "channel"},
     "apollo": {"kind": "apollo", "rank": 128, "scale_type": "channel"},
     "apollo-mini": {"kind": "apollo", "rank": 1, "scale_type": "tensor"},
+    "galore-layerwise": {"kind": "galore", "rank": 128, "scale_type": "channel",
+                         "layerwise": True},
+    "apollo-layerwise": {"kind": "apollo", "rank": 128, "scale_type": "channel",
+                         "layerwise": True},
+    "apollo-mini-layerwise": {"kind": "apollo", "rank": 1, "scale_type": "tensor",
+                              "layerwise": True},
 }
 
 
 @dataclass(frozen=True)
 class ProjectionSpec:
-    """One projected optimizer: ``kind`` (``"galore"`` or ``"apollo"``), projection ``rank``
-    and APOLLO's ``scale_type`` (``"channel"`` or ``"tensor"``)."""
+    """One projected optimizer: ``kind`` (``"galore"`` or ``"apollo"``), projection ``rank``,
+    APOLLO's ``scale_type`` (``"channel"`` or ``"tensor"``), and ``layerwise`` (one
+    optimizer per parameter, stepped as its gradient is accumulated)."""
 
     kind: str
     rank: int
     scale_type: str = "channel"
+    layerwise: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("galore", "apollo"):
