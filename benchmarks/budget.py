@@ -115,6 +115,18 @@ METHODS: dict[str, Method] = {
     "full+ist-25%+budget": Method("full", "ist", "budget",
                                   {**FIRST_ORDER, "active_layers": 0.25,
                                    "state_policy": "drop"}),
+    # the active-set schedule (issue 21): every layer for the first N steps, then IST's
+    # draws (the dense steps checkpoint what the budget needs, like lora+budget)
+    "lora+uniform-dense25+budget": Method("lora", "ist", "budget",
+                                          {"sampling": "uniform", "dense_steps": 25}),
+    "lora+uniform-dense50+budget": Method("lora", "ist", "budget",
+                                          {"sampling": "uniform", "dense_steps": 50}),
+    "lora+uniform-dense100+budget": Method("lora", "ist", "budget",
+                                           {"sampling": "uniform", "dense_steps": 100}),
+    "lora+ist-fo-da-dense50+budget": Method("lora", "ist", "budget",
+                                            {**FIRST_ORDER, "dense_steps": 50}),
+    "lora+uniform-ramp100+budget": Method("lora", "ist", "budget",
+                                          {"sampling": "uniform", "ramp_steps": 100}),
     # LISA-style: 2 uniformly drawn blocks of full fine-tuning per step, no importance.
     "lisa+budget": Method("full", "ist", "budget",
                           {"sampling": "uniform", "active_layers": 2, "state_policy": "drop"}),

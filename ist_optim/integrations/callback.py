@@ -30,7 +30,8 @@ class ISTCallback(TrainerCallback):
     At every training log (``logging_steps``) it adds to the ``logs`` dict, which reaches
     TensorBoard, W&B and ``trainer.state.log_history``:
 
-    * ``ist/num_active``: layers trained per step;
+    * ``ist/num_active``: layers trained in the coming step (the ``active_layers`` count,
+      or what ``dense_steps``/``ramp_steps``/``active_schedule`` ask for at this step);
     * ``ist/active_layer_<i>``: fraction of the optimizer steps since the previous log in
       which layer ``i`` trained (1.0 / 0.0 with ``logging_steps=1``);
     * ``ist/importance_layer_<i>``: layer ``i``'s importance (higher = more important);
@@ -174,7 +175,7 @@ class ISTCallback(TrainerCallback):
         """The ``ist/...`` entries that :meth:`on_log` adds."""
         memory = opt.memory_report()
         entries: dict[str, float] = {
-            "ist/num_active": float(opt.num_active),
+            "ist/num_active": float(len(opt.active_layers)),
             "ist/state_bytes": float(memory["state_bytes_on_device"]),
             "ist/state_bytes_offloaded": float(memory["state_bytes_offloaded"]),
         }
