@@ -120,6 +120,12 @@ class LayerActivator:
                     self._held[id(p)] = (p, p.grad)
                     p.grad = None
 
+    def trained_grads(self) -> list[torch.Tensor]:
+        """The gradients the coming update would apply: those of the applied layers and of
+        the outside group (parameters without a gradient left out)."""
+        params = self.layers.layer_params(self.applied) + self.layers.outside
+        return [p.grad for p in params if p.grad is not None]
+
     def wait(self) -> None:
         """Make the update wait for state copies in flight."""
         self.residency.wait()

@@ -28,7 +28,8 @@ from torch import nn
 from .block_checkpoint import is_checkpoint_managed
 from .groups import discover_layers
 
-__all__ = ["check_not_compiled_whole", "compile_blocks", "is_compiled_block"]
+__all__ = ["WholeModelCompileGuard", "check_not_compiled_whole", "compile_blocks",
+           "is_compiled_block"]
 
 _ROUTE = (
     "compile the blocks instead: ist_optim.compile_blocks(optimizer) (once, after building "
@@ -74,6 +75,48 @@ def check_not_compiled_whole(model: nn.Module, freeze_inactive: bool) -> None:
             "set of layers every step and each set recompiles the whole graph until dynamo "
             f"gives up and runs eager; pass the uncompiled model and {_ROUTE}"
         )
+
+
+class WholeModelCompileGuard:
+    """Catches a model compiled as a whole *after* the optimizer was built.
+
+    ``torch.compile(model)`` (or ``model.compile()``) applied after construction leaves the
+    ``model`` object the optimizer holds as it was, so :func:`check_not_compiled_whole`
+    cannot see it. A forward pre-hook on ``model`` notes whether its call is being traced by
+    dynamo (``torch.compiler.is_compiling()``, true only when the whole model's call is
+    compiled; blocks compiled by :func:`compile_blocks` run the model's hooks in eager
+    Python); :meth:`check` raises at the next optimizer step.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 2)
+        >>> guard = WholeModelCompileGuard(model)
+        >>> _ = model(torch.ones(1, 2)); guard.check()  # eager: nothing to say
+        >>> guard.remove()
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.compiled_call_seen = False
+        self._handle = model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, _module: nn.Module, _args: Any) -> None:
+        if torch.compiler.is_compiling():
+            self.compiled_call_seen = True
+
+    def check(self) -> None:
+        """Raise when a compiled whole-model call was seen.
+
+        Raises:
+            RuntimeError: naming :func:`compile_blocks`, the supported route.
+        """
+        if self.compiled_call_seen:
+            raise RuntimeError(
+                "the model was compiled as a whole (torch.compile(model) or model.compile()) "
+                "after the ISTOptimizer was built: IST freezes a different set of layers every "
+                "step and each set recompiles the whole graph until dynamo gives up and runs "
+                f"eager; train the uncompiled model and {_ROUTE}")
+
+    def remove(self) -> None:
+        self._handle.remove()
 
 
 def _blocks_and_model(target: nn.Module | torch.optim.Optimizer) -> tuple[list[nn.Module],

@@ -272,6 +272,13 @@ class ISTConfig:
             ``active_layers`` over ``ramp_steps`` steps; 0.
         active_schedule: any ``callable(step) -> count or fraction`` instead of
             ``dense_steps``/``ramp_steps`` (``step``: optimizer steps taken so far).
+        skip_nonfinite: skip the whole step when a gradient the update would apply (active
+            layers and the outside group) holds a NaN or an infinity, as
+            ``torch.amp.GradScaler`` does: parameters, optimizer state, the step count and
+            the active set stay as they were, on every rank together; skipped steps are
+            counted (:attr:`ist_optim.ISTOptimizer.skipped_steps`, the checkpoint, the
+            Trainer logs). ``False`` (default): every step is taken, as by the inner
+            optimizer. Not with a closure (the closure computes the gradients inside).
 
     Example:
         >>> ISTConfig(active_layers=2, sampling="uniform").runs_rounds
@@ -305,6 +312,7 @@ class ISTConfig:
     dense_steps: int = 0
     ramp_steps: int = 0
     active_schedule: Callable[[int], int | float] | None = None
+    skip_nonfinite: bool = False
 
     def __post_init__(self) -> None:
         _check_count("active_layers", self.active_layers)
@@ -322,8 +330,9 @@ class ISTConfig:
                 f"{self.sampling!r}, which runs no importance rounds; use "
                 "sampling='importance' or 'depth-aware'"
             )
-        if not isinstance(self.freeze_inactive, bool):
-            raise TypeError(f"freeze_inactive must be a bool, got {self.freeze_inactive!r}")
+        for flag in ("freeze_inactive", "skip_nonfinite"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         if self.state_policy is not None and self.state_policy not in STATE_POLICIES:
             raise ValueError(
                 f"Invalid state_policy: {self.state_policy!r}; expected one of "

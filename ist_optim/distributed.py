@@ -65,6 +65,7 @@ __all__ = [
     "agree_on_seed",
     "average_across_ranks",
     "check_not_initialized_late",
+    "finite_on_every_rank",
     "check_ranks_agree",
     "check_wrapping",
     "ddp_class",
@@ -221,6 +222,23 @@ def average_across_ranks(values: torch.Tensor, group: ProcessGroup | None) -> to
     buffer = values.to(_collective_device(group)).clone()
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
     return (buffer / dist.get_world_size(group)).cpu()
+
+
+def finite_on_every_rank(tensors: Sequence[torch.Tensor], group: ProcessGroup | None) -> bool:
+    """Whether every element of ``tensors`` is finite on every rank of ``group``.
+
+    One device sync per device holding tensors, and one ``all_reduce`` that every rank
+    makes, always, so ranks that see different gradients still decide together.
+
+    Example:
+        >>> finite_on_every_rank([torch.ones(2), torch.tensor([1.0, float("inf")])], None)
+        False
+    """
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(torch.isfinite(t).all())
+    bad = float(sum(not bool(torch.stack(flags).all()) for flags in by_device.values()))
+    return float(average_across_ranks(torch.tensor([bad]), group)[0]) == 0.0
 
 
 def check_ranks_agree(opt: ISTOptimizerLike) -> dict[str, Any]:

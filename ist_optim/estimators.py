@@ -336,6 +336,10 @@ class FirstOrderProbe:
         for layer in set(layers):
             self._counts[layer] += 1
 
+    def discard_step(self) -> None:
+        """Drop the dot products since the last :meth:`end_step` (a skipped step's)."""
+        self._pending = []
+
     def take(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(sums, counts)`` on CPU since the last :meth:`take`, and reset them."""
         sums = self._current_sums()

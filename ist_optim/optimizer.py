@@ -19,6 +19,7 @@ The torch optimizer contract (forwarded ``param_groups``/``state``, hooks) is
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Iterable, Sized
 from typing import Any
 
@@ -37,12 +38,13 @@ from .checkpoint import (
     pop_ist_entry,
     validate_ist_entry,
 )
-from .compile import check_not_compiled_whole
+from .compile import WholeModelCompileGuard, check_not_compiled_whole
 from .config import ISTConfig, check_adalora, check_importance_batches, check_optimizer_and_model
 from .distributed import (
     agree_on_seed,
     check_not_initialized_late,
     check_wrapping,
+    finite_on_every_rank,
     is_sharded,
     resolve_group,
 )
@@ -179,6 +181,10 @@ class ISTOptimizer(WrappedOptimizer):
             if self.memory_budget is not None:  # let go of the blocks it would manage
                 self.memory_budget.close()
             raise
+        # Caught at the next step: the model compiled as a whole after this point.
+        self._compile_guard = (WholeModelCompileGuard(model) if cfg.freeze_inactive
+                               else None)
+        self._warned_skip = False
         self.activator = LayerActivator(
             self.layer_groups, residency, freeze_inactive=cfg.freeze_inactive,
             cut_backward=cfg.cuts_backward, defer_first_freeze=self._group is not None)
@@ -301,6 +307,15 @@ class ISTOptimizer(WrappedOptimizer):
         optimizer (LBFGS evaluates it several times); its loss is returned."""
         if self._group is None:
             check_not_initialized_late()
+        if self._compile_guard is not None:
+            self._compile_guard.check()
+        if closure is not None and self.config.skip_nonfinite:
+            raise ValueError("skip_nonfinite checks the gradients before the update, but a "
+                             "closure computes them inside it; call step() without a closure")
+        if self.config.skip_nonfinite and not finite_on_every_rank(
+                self.activator.trained_grads(), self._group):
+            self._skip_step()
+            return None
         if closure is None and self.rounds is not None:
             self.rounds.end_step()
         self.activator.wait()
@@ -312,6 +327,23 @@ class ISTOptimizer(WrappedOptimizer):
         self.activator.end_deferral()
         self._draw_next()
         return loss
+
+    def _skip_step(self) -> None:
+        self.sampler.skip()
+        if self.rounds is not None:
+            self.rounds.discard_step()
+        if not self._warned_skip:
+            self._warned_skip = True
+            warnings.warn(
+                f"IST step {self.num_steps + 1}: a gradient of the active layers is not "
+                "finite; the step is skipped (parameters, optimizer state and the sampler "
+                "unchanged). Further skipped steps are counted in opt.skipped_steps and "
+                "state_dict()['ist'] without warning.", RuntimeWarning, stacklevel=3)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a non-finite gradient (``skip_nonfinite=True``)."""
+        return self.sampler.skipped_steps
 
     def set_active_layers(self, layers: Iterable[int]) -> None:
         """Train exactly ``layers`` in the coming step instead of the drawn set (for
@@ -413,6 +445,8 @@ class ISTOptimizer(WrappedOptimizer):
 
     def close(self) -> None:
         """Remove the hooks from the model and re-enable all layers' grads."""
+        if self._compile_guard is not None:
+            self._compile_guard.remove()
         if self.rounds is not None:
             self.rounds.remove()
         self.activator.close()

@@ -260,6 +260,9 @@ class ImportanceRound:
         """Called once per optimizer step, after the training backward (probes that read
         the backward close the step's measurement here)."""
 
+    def discard_step(self) -> None:
+        """Forget what the current step's backward measured (the step is skipped)."""
+
     def set_batches(self, batches: Iterable[Any], seen: int) -> None:
         """Measure ``batches`` (cycled, after ``seen`` of them) from now on.
 
@@ -432,6 +435,9 @@ class FirstOrderRound(_Normalized, ImportanceRound):
 
     def end_step(self) -> None:
         self.probe.end_step()
+
+    def discard_step(self) -> None:
+        self.probe.discard_step()
 
     def state_dict(self) -> dict[str, Any]:
         return {**ImportanceRound.state_dict(self), **self._scale_state(),

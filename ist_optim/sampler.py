@@ -87,6 +87,7 @@ class LayerSampler:
         self.generator.manual_seed(seed)
         self.scores = torch.zeros(self.num_layers, dtype=torch.float64)
         self.num_steps = 0
+        self.skipped_steps = 0
         self.active: list[int] = []
 
     @classmethod
@@ -113,6 +114,10 @@ class LayerSampler:
     def advance(self) -> None:
         """Count one optimizer step taken (the schedule moves with it)."""
         self.num_steps += 1
+
+    def skip(self) -> None:
+        """Count one step skipped (not taken: the step count, schedule and active set stay)."""
+        self.skipped_steps += 1
 
     def count(self) -> int:
         """Layers to train in the coming step (the schedule at :attr:`num_steps`)."""
@@ -204,6 +209,7 @@ class LayerSampler:
             "active_layers": list(self.active),
             "num_steps": self.num_steps,
             "seed": self.seed,
+            "skipped_steps": self.skipped_steps,
         }
 
     def check_state(self, state: Mapping[str, Any]) -> None:
@@ -235,6 +241,9 @@ class LayerSampler:
         seed = state["seed"]
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise _bad("seed", seed, "an int")
+        skipped = state.get("skipped_steps", 0)  # absent before version 0.3
+        if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+            raise _bad("skipped_steps", skipped, "an int >= 0")
         generator_state = state["generator_state"]
         if not isinstance(generator_state, torch.Tensor) or generator_state.dtype != torch.uint8:
             raise _bad("generator_state", generator_state, "a uint8 tensor")
@@ -254,3 +263,4 @@ class LayerSampler:
         self.active = sorted(int(i) for i in state["active_layers"])
         self.num_steps = int(state["num_steps"])
         self.seed = int(state["seed"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))

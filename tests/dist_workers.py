@@ -311,3 +311,23 @@ def fsdp_worker(rank: int, world: int, tmp: str) -> dict[str, Any]:
     results["resumed"] = summary(model, opt, first + train(model, opt, range(10, 20), rank,
                                                            world))
     return results
+
+
+# ---------------------------------------------------------------------------- non-finite
+def nonfinite_worker(rank: int, world: int) -> dict[str, Any]:
+    """``skip_nonfinite``: rank 0 alone sees an infinite gradient at step 3; every rank must
+    skip that step (no DDP here, so nothing else makes the ranks' gradients agree)."""
+    from ist_optim import ISTOptimizer
+
+    model = tiny_net()
+    opt = ISTOptimizer(torch.optim.AdamW, model, seed=0, skip_nonfinite=True, **IST_KWARGS)
+    steps = []
+    for step in range(6):
+        model(**batch(step, rank, world)).backward()
+        if step == 3 and rank == 0:
+            next(p for p in opt.layer_groups.layer_params(opt.active_layers)).grad[0] = (
+                float("inf"))
+        opt.step()
+        opt.zero_grad()
+        steps.append((opt.num_steps, opt.skipped_steps, opt.active_layers))
+    return {"steps": steps, "fingerprint": opt.fingerprint()}

@@ -155,6 +155,39 @@ def test_whole_model_compile_is_refused_unless_requires_grad_is_static():
         compile_blocks(torch.compile(model))
 
 
+@pytest.mark.parametrize("how", ["torch.compile", "model.compile"])
+def test_whole_model_compiled_after_construction_is_caught_at_the_next_step(how):
+    """The order most scripts use: optimizer first, then torch.compile(model). The step
+    raises before it changes anything, naming compile_blocks."""
+    model = lora_model(2)
+    opt = ISTOptimizer(torch.optim.AdamW, model, lr=1e-2, seed=0)
+    if how == "torch.compile":
+        compiled = torch.compile(model, backend="aot_eager")
+    else:
+        model.compile(backend="aot_eager")
+        compiled = model
+    compiled(**lm_batch(2, 8)).loss.backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match=r"compiled as a whole.*after the ISTOptimizer.*"
+                                           r"compile_blocks"):
+        opt.step()
+    assert opt.num_steps == 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    torch._dynamo.reset()
+
+
+def test_eager_and_compiled_blocks_are_not_mistaken_for_a_whole_model_compile():
+    model = lora_model(2)
+    opt = ISTOptimizer(torch.optim.AdamW, model, lr=1e-2, seed=0)
+    with pytest.warns(UserWarning, match="use_cache = False"):
+        compile_blocks(opt, backend="aot_eager")
+    _train(model, opt, 2)
+    assert opt.num_steps == 2
+    opt.close()
+    assert not model._forward_pre_hooks  # the guard's hook is removed with the others
+    torch._dynamo.reset()
+
+
 def test_compile_blocks_binds_one_compiled_forward_and_is_idempotent():
     model = lora_model(3)
     with pytest.warns(UserWarning, match="use_cache = False"):
