@@ -10,7 +10,8 @@ from .data import DEFAULT_DATA
 from .models import DEFAULT_MODEL, PEFT_METHODS, QUANTIZE_CHOICES
 from .train import LR_SCHEDULES, OPTIMIZER_KINDS
 
-__all__ = ["build_parser", "ist_kwargs_from_args", "parse_args"]
+__all__ = ["OneLineParser", "build_parser", "ist_kwargs_from_args", "parse_args", "positive_float",
+           "positive_int"]
 
 PROG = "ist-finetune"
 DESCRIPTION = """\
@@ -21,14 +22,14 @@ held-out loss before and after, and writes the adapter, an importance heatmap an
 table to --output-dir. Nothing is downloaded."""
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit status 2)."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -48,7 +49,7 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -84,7 +85,7 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (see ``ist-finetune --help``)."""
-    p = _OneLineParser(prog=PROG, description=DESCRIPTION,
+    p = OneLineParser(prog=PROG, description=DESCRIPTION,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=DEFAULT_MODEL,
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "built-in Shakespeare plays")
     g.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of documents (or of a single text) held out for validation")
-    g.add_argument("--eval-batches", type=_positive_int, default=8,
+    g.add_argument("--eval-batches", type=positive_int, default=8,
                    help="held-out batches evaluated before and after training")
     g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     g.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
@@ -103,19 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("training")
     g.add_argument("--peft", default="lora", choices=PEFT_METHODS, help="what to train")
-    g.add_argument("--rank", type=_positive_int, default=8, help="adapter rank")
-    g.add_argument("--alpha", type=_positive_float, default=None,
+    g.add_argument("--rank", type=positive_int, default=8, help="adapter rank")
+    g.add_argument("--alpha", type=positive_float, default=None,
                    help="LoRA alpha (default: 2 x rank)")
     g.add_argument("--target-modules", default="all-linear",
                    help="comma-separated module names for adapters, or all-linear")
     g.add_argument("--optimizer", default="ist", choices=OPTIMIZER_KINDS,
                    help="ist: AdamW wrapped by ISTOptimizer; adamw: plain AdamW on all layers; "
                         "badam: BAdam block-wise optimizer")
-    g.add_argument("--lr", type=_positive_float, default=None,
+    g.add_argument("--lr", type=positive_float, default=None,
                    help="learning rate (default: 1e-3 for adapters, 2e-5 for --peft full)")
-    g.add_argument("--steps", type=_positive_int, default=30, help="optimizer steps")
-    g.add_argument("--batch-size", type=_positive_int, default=4, help="sequences per step")
-    g.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per sequence")
+    g.add_argument("--steps", type=positive_int, default=30, help="optimizer steps")
+    g.add_argument("--batch-size", type=positive_int, default=4, help="sequences per step")
+    g.add_argument("--seq-len", type=positive_int, default=128, help="tokens per sequence")
     g.add_argument("--seed", type=int, default=0, help="seeds data order, adapters and IST")
     g.add_argument("--output-dir", default="ist-finetune-output",
                    help="where the adapter, heatmap and results table go")
@@ -127,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "get_scheduler)")
     g.add_argument("--warmup-steps", type=_non_negative_int, default=0,
                    help="steps of linear warm-up from 0 to --lr")
-    g.add_argument("--badam-switch-every", type=_positive_int, default=10,
+    g.add_argument("--badam-switch-every", type=positive_int, default=10,
                    help="steps per block for --optimizer badam")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -138,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in OUTPUT_DIR/checkpoints (start "
                         "from step 0 if there is none); pass the flags of the interrupted run")
-    g.add_argument("--keep-checkpoints", type=_positive_int, default=1, metavar="K",
+    g.add_argument("--keep-checkpoints", type=positive_int, default=1, metavar="K",
                    help="how many of the newest checkpoints to keep")
 
     g = p.add_argument_group("IST (see ist_optim.ISTOptimizer)")

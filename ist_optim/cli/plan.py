@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import CLIError
-from .parser import _OneLineParser, _positive_float, _positive_int
+from .parser import OneLineParser, positive_float, positive_int
 
 __all__ = ["PLAN_ROWS", "PlanRow", "build_plan_parser", "parse_budget", "plan", "plan_main"]
 
@@ -93,26 +93,26 @@ def build_plan_parser() -> argparse.ArgumentParser:
     """The parser of ``ist-finetune plan``."""
     from ..memory.shapes import SHAPES
 
-    p = _OneLineParser(prog="ist-finetune plan",
+    p = OneLineParser(prog="ist-finetune plan",
                        description="Predict the peak GPU memory and the compute per step of "
                                    "LoRA, IST, full fine-tuning and BAdam for a model shape, "
                                    "from its config alone, and say which fits a budget.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True,
                    help=f"model directory, config.json, or a named shape: {sorted(SHAPES)}")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per step")
-    p.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per sequence")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per step")
+    p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per sequence")
     p.add_argument("--budget", default="24GiB", help="device memory available, e.g. 24GiB")
-    p.add_argument("--rank", type=_positive_int, default=32, help="LoRA rank")
-    p.add_argument("--alpha", type=_positive_float, default=None,
+    p.add_argument("--rank", type=positive_int, default=32, help="LoRA rank")
+    p.add_argument("--alpha", type=positive_float, default=None,
                    help="LoRA alpha (default: 2 x rank)")
     p.add_argument("--target-modules", default="q_proj,k_proj,v_proj,up_proj,down_proj",
                    help="comma-separated linear layers that get adapters")
-    p.add_argument("--active-layers", type=_positive_float, default=0.25,
+    p.add_argument("--active-layers", type=positive_float, default=0.25,
                    help="IST: fraction (< 1) or count (>= 1) of layers trained per step")
     p.add_argument("--dtype", default="bfloat16", choices=_DTYPES,
                    help="weights and compute (QLoRA: all but the 4-bit block linears)")
-    p.add_argument("--projection-rank", type=_positive_int, default=None,
+    p.add_argument("--projection-rank", type=positive_int, default=None,
                    help="GaLore / APOLLO rank (default: the HF Trainer's 128; APOLLO-Mini 1)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
