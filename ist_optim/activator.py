@@ -126,6 +126,20 @@ class LayerActivator:
         params = self.layers.layer_params(self.applied) + self.layers.outside
         return [p.grad for p in params if p.grad is not None]
 
+    def grad_norms(self) -> dict[int, float]:
+        """L2 norm of each applied layer's gradient (layers without one left out); one
+        device sync."""
+        norms = {i: [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32)
+                     for p in self.layers.params[i] if p.grad is not None]
+                 for i in self.applied}
+        layers = [i for i, n in norms.items() if n]
+        if not layers:
+            return {}
+        per_layer = [torch.linalg.vector_norm(torch.stack(norms[i])) for i in layers]
+        device = per_layer[0].device
+        values = torch.stack([v.to(device) for v in per_layer]).tolist()
+        return dict(zip(layers, values, strict=True))
+
     def wait(self) -> None:
         """Make the update wait for state copies in flight."""
         self.residency.wait()

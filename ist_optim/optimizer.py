@@ -321,6 +321,8 @@ class ISTOptimizer(WrappedOptimizer):
         self.activator.wait()
         with self.activator.update_only_active():
             loss = self._step_inner(None if closure is None else self._end_backward(closure))
+        if self.sampler.rule.observes_gradients:
+            self.sampler.observe(self.activator.grad_norms())
         self.sampler.advance()
         if self.rounds is not None and self.num_steps % self.config.update_interval == 0:
             self.rounds.run(self.sampler)

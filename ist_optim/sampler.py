@@ -115,6 +115,10 @@ class LayerSampler:
         """Count one optimizer step taken (the schedule moves with it)."""
         self.num_steps += 1
 
+    def observe(self, grad_norms: Mapping[int, float]) -> None:
+        """Pass the trained layers' gradient norms to the rule (if it observes them)."""
+        self.rule.observe(grad_norms)
+
     def skip(self) -> None:
         """Count one step skipped (not taken: the step count, schedule and active set stay)."""
         self.skipped_steps += 1
@@ -210,6 +214,7 @@ class LayerSampler:
             "num_steps": self.num_steps,
             "seed": self.seed,
             "skipped_steps": self.skipped_steps,
+            **({"rule": rule} if (rule := self.rule.state_dict()) else {}),
         }
 
     def check_state(self, state: Mapping[str, Any]) -> None:
@@ -241,6 +246,10 @@ class LayerSampler:
         seed = state["seed"]
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise _bad("seed", seed, "an int")
+        rule = state.get("rule", {})
+        if not isinstance(rule, Mapping):
+            raise _bad("rule", rule, f"the state of sampling rule {self.sampling!r}")
+        self.rule.check_state(rule)
         skipped = state.get("skipped_steps", 0)  # absent before version 0.3
         if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
             raise _bad("skipped_steps", skipped, "an int >= 0")
@@ -264,3 +273,4 @@ class LayerSampler:
         self.num_steps = int(state["num_steps"])
         self.seed = int(state["seed"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.rule.load_state_dict(state.get("rule", {}))

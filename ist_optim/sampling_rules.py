@@ -19,7 +19,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -49,6 +50,9 @@ class SamplingRule:
     name: ClassVar[str] = ""
     runs_rounds: ClassVar[bool] = True
     """Whether importance rounds update the scores this rule reads."""
+    observes_gradients: ClassVar[bool] = False
+    """Whether :meth:`observe` is called after each step with the trained layers' gradient
+    norms (one device sync per step; off for the built-in rules)."""
 
     def __init__(self, num_layers: int, num_active: int, config: ISTConfig):
         self.num_layers = num_layers
@@ -61,6 +65,25 @@ class SamplingRule:
     def draw(self, weights: torch.Tensor, count: int, generator: torch.Generator) -> list[int]:
         """``count`` distinct layers (sorted), drawn with ``generator`` only."""
         return sample_layers(weights, count, generator)
+
+    def observe(self, grad_norms: Mapping[int, float]) -> None:
+        """After a step (rules with :attr:`observes_gradients`): the L2 norm of the
+        gradient of each layer that trained, by layer index."""
+
+    # checkpoint: a rule with state of its own saves it in the sampler's entry -----------
+    def state_dict(self) -> dict[str, Any]:
+        """The rule's own state (plain types and tensors); empty for stateless rules."""
+        return {}
+
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        """Validate a :meth:`state_dict`, changing nothing.
+
+        Raises:
+            ValueError: naming what is missing or malformed.
+        """
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load a :meth:`state_dict` that :meth:`check_state` accepted."""
 
 
 @register_sampling_rule
