@@ -74,15 +74,17 @@ def measure(config: Path, accounted: int, timed: int) -> dict[str, Any]:
                      "breakdown": account.breakdown,
                      "host_optimizer_state_bytes": account.host_optimizer_state_bytes,
                      "state_bytes_on_device": _state_bytes(optimizer)})
-    seconds = []
+    seconds, timed_state = [], []
     for _ in range(timed):
         batch = next(batches)
         start = time.perf_counter()
         one_step(batch)
         seconds.append(time.perf_counter() - start)
+        timed_state.append(_state_bytes(optimizer))
     trainable = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
     return {"config": str(config), "optimizer": type(optimizer).__name__,
             "trainable_params": trainable, "steps": rows, "step_seconds": seconds,
+            "timed_state_bytes_on_device": timed_state,
             "final_state_bytes_on_device": _state_bytes(optimizer)}
 
 
@@ -100,6 +102,14 @@ def table(results: dict[str, dict[str, Any]]) -> str:
                       f"{row['peak_bytes'] / MIB:.1f}"]
         lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
     lines.append("")
+    for n in names:
+        states = [row["state_bytes_on_device"] for row in results[n]["steps"]]
+        states += results[n]["timed_state_bytes_on_device"]
+        marks = sorted({1, len(states) // 4, len(states) // 2, len(states)} - {0})
+        lines.append(f"* {n}: optimizer state on the device after step " + ", ".join(
+            f"{k}: {states[k - 1] / MIB:.1f} MiB" for k in marks)
+            + f" (full AdamW state of the {results[n]['trainable_params']:,} trainable "
+            f"parameters: {8 * results[n]['trainable_params'] / MIB:.1f} MiB)")
     for n in names:
         secs = results[n]["step_seconds"]
         last = results[n]["steps"][-1]

@@ -189,6 +189,20 @@ def test_full_finetuning_trains_sampled_blocks_and_the_outside(inputs: dict[str,
         assert changed == active_layers(logs[step]) | {-1}, (step, changed)
 
 
+def test_qlora_trains_only_the_sampled_adapters(inputs: dict[str, Path],
+                                                tmp_path: Path) -> None:
+    cfg = base_config(inputs, tmp_path, adapter="qlora", load_in_4bit=True, max_steps=3)
+    result = run_axolotl(cfg, tmp_path)
+    assert_ok(result)
+    assert "prepare_model_for_kbit_training" in result.stdout + result.stderr  # 4-bit base
+    out = tmp_path / "out"
+    logs = train_logs(out / "checkpoint-3")
+    for step in (2, 3):
+        changed = changed_layers(weights(out / f"checkpoint-{step - 1}"),
+                                 weights(out / f"checkpoint-{step}"))
+        assert changed == active_layers(logs[step]), (step, changed)
+
+
 def test_bitsandbytes_8bit_optimizer_is_the_inner_one(inputs: dict[str, Path],
                                                       tmp_path: Path) -> None:
     cfg = base_config(inputs, tmp_path, optimizer="ist_adamw_bnb_8bit", max_steps=2,
@@ -223,7 +237,8 @@ def test_memory_budget_logs_the_prediction(inputs: dict[str, Path], tmp_path: Pa
     ({"ist_sampling": "sideways"}, "ist_sampling: Invalid sampling: 'sideways'"),
     # without the plugin line, the aliased optimizer name stops the run
     ({"plugins": None, "optimizer": "ist_adamw_torch"}, "ist_adamw_torch"),
-], ids=["lisa", "budget-with-gc", "budget-with-kernel", "bad-interval", "bad-sampling", "plugin-missing"])
+], ids=["lisa", "budget-with-gc", "budget-with-kernel", "bad-interval", "bad-sampling",
+        "plugin-missing"])
 def test_refused_settings_stop_the_run(inputs: dict[str, Path], tmp_path: Path,
                                        overrides: dict[str, Any], message: str) -> None:
     result = run_axolotl(base_config(inputs, tmp_path, **overrides), tmp_path)
