@@ -142,6 +142,8 @@ def test_ist_args_validate_with_the_rest_of_the_config() -> None:
         Merged(lisa_n_layers=4)
     with pytest.raises(pydantic.ValidationError, match="ist_active_layers"):
         Merged(ist_active_layers="many")
+    # axolotl fills micro_batch_size / sequence_len defaults after this validator
+    assert Merged(ist_memory_budget="1GiB").ist_memory_budget == "1GiB"
     assert plugin.ISTArgs.__module__ == "ist_optim.integrations.axolotl"
 
 

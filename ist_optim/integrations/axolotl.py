@@ -81,6 +81,8 @@ _ADAPTERS = (None, "lora", "qlora")
 #: when unset (IST is not verified with them; the memory budget's planner cannot run them).
 LORA_KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel",
                     "lora_embedding_kernel")
+# axolotl's schema defaults of the batch shape (0.19.0), for validating a raw YAML.
+_SHAPE_DEFAULTS = {"micro_batch_size": 1, "sequence_len": 512}
 # Keys the Trainer's optimizer construction reads from its kwargs instead of passing them on.
 _NOT_CONSTRUCTOR_KEYS = ("params", "model", "optimizer_dict")
 
@@ -422,8 +424,9 @@ def _args_model() -> type:
             name, aliased = resolve_optimizer_alias(data.get("optimizer"))
             if aliased:
                 data = {**data, "optimizer": name}
-            try:
-                check_axolotl_config(data)
+            try:  # axolotl fills these defaults after this validator; the real values
+                # reach ist_options when the plugin builds the optimizer
+                check_axolotl_config({**_SHAPE_DEFAULTS, **data})
             except TypeError as err:  # pydantic reports ValueErrors as validation errors
                 raise ValueError(str(err)) from None
             return data
