@@ -171,6 +171,41 @@ def _budget_rows(planner: Any, budget: int, draws: Sequence[Sequence[int]], base
     return rows
 
 
+#: The planner of each kind of row: (keywords of :class:`~ist_optim.MemoryPlanner`).
+_PLANNERS: dict[str, dict[str, Any]] = {
+    "lora": {"method": "lora"},
+    "qlora": {"method": "qlora", "double_quant": True},
+    "full": {"method": "full"},
+    "bnb": {"method": "full", "optimizer": "adamw8bit"},
+    "master": {"method": "full", "optimizer": "adamw-fp32-master", "foreach": False},
+    **{name: {"method": "full", "optimizer": name}
+       for name in ("galore", "apollo", "apollo-mini", "galore-layerwise", "apollo-layerwise",
+                    "apollo-mini-layerwise")},
+}
+_PROJECTED_ROWS = (("GaLore + GC", "galore"), ("APOLLO + GC", "apollo"),
+                   ("APOLLO-Mini + GC", "apollo-mini"),
+                   ("GaLore layer-wise + GC", "galore-layerwise"),
+                   ("APOLLO layer-wise + GC", "apollo-layerwise"),
+                   ("APOLLO-Mini layer-wise + GC", "apollo-mini-layerwise"))
+
+
+def _planners(config: Any, common: dict[str, Any], adapters: dict[str, Any],
+              projection_rank: int | None) -> dict[str, Any]:
+    """One :class:`~ist_optim.MemoryPlanner` per kind of row (measured once each)."""
+    from ..memory import MemoryPlanner
+
+    out = {}
+    try:
+        for key, kwargs in _PLANNERS.items():
+            extra = dict(adapters) if kwargs["method"] != "full" else {}
+            if key in ("galore", "apollo", "galore-layerwise", "apollo-layerwise"):
+                extra["projection_rank"] = projection_rank  # APOLLO-Mini stays at rank 1
+            out[key] = MemoryPlanner(config, **kwargs, **extra, **common)
+    except (ValueError, TypeError) as err:
+        raise CLIError(str(err)) from None
+    return out
+
+
 def plan(config: Any, *, batch_size: int, seq_len: int, budget: int, rank: int = 32,
          alpha: float | None = None, targets: Sequence[str] = (), active: float = 0.25,
          dtype: Any = None, projection_rank: int | None = None) -> list[PlanRow]:
@@ -187,33 +222,14 @@ def plan(config: Any, *, batch_size: int, seq_len: int, budget: int, rank: int =
     """
     import torch
 
-    from ..memory import MemoryPlanner
-
-    dtype = torch.bfloat16 if dtype is None else dtype
     n = int(config.num_hidden_layers)
     k = _active_count(active, n)
     worst = [0, *range(n - k + 1, n)]  # the lowest trained layer at the bottom
-    common = {"batch_size": batch_size, "seq_len": seq_len, "dtype": dtype}
-    adapters_of = {"lora_rank": rank, "lora_alpha": alpha, "lora_targets": list(targets)}
-    projected = {"projection_rank": projection_rank}
-    try:
-        lora = MemoryPlanner(config, method="lora", **adapters_of, **common)
-        qlora = MemoryPlanner(config, method="qlora", double_quant=True, **adapters_of,
-                              **common)
-        full = MemoryPlanner(config, method="full", **common)
-        bnb = MemoryPlanner(config, method="full", optimizer="adamw8bit", **common)
-        master = MemoryPlanner(config, method="full", optimizer="adamw-fp32-master",
-                               foreach=False, **common)
-        galore = MemoryPlanner(config, method="full", optimizer="galore", **projected,
-                               **common)
-        apollo = MemoryPlanner(config, method="full", optimizer="apollo", **projected,
-                               **common)
-        mini = MemoryPlanner(config, method="full", optimizer="apollo-mini", **common)
-        layerwise = [MemoryPlanner(config, method="full", optimizer=f"{name}-layerwise",
-                                   **({} if name == "apollo-mini" else projected), **common)
-                     for name in ("galore", "apollo", "apollo-mini")]
-    except (ValueError, TypeError) as err:
-        raise CLIError(str(err)) from None
+    common = {"batch_size": batch_size, "seq_len": seq_len,
+              "dtype": torch.bfloat16 if dtype is None else dtype}
+    p = _planners(config, common, {"lora_rank": rank, "lora_alpha": alpha,
+                                   "lora_targets": list(targets)}, projection_rank)
+    lora, qlora, full = p["lora"], p["qlora"], p["full"]
     random_draws = _draws(n, k, depth_aware=False)
     depth_draws = _draws(n, k, depth_aware=True)
     share = f"{k} of {n} layers"
@@ -221,7 +237,6 @@ def plan(config: Any, *, batch_size: int, seq_len: int, budget: int, rank: int =
     adapters = f"LoRA r{rank}"
     quantized = f"NF4, {adapters}"
     gc_cut = {"gradient_checkpointing": True}
-    budget_rows = _budget_rows(lora, budget, depth_draws, adapters, share)
     qlora_budget = _budget_rows(qlora, budget, depth_draws, quantized, share)[1]
     rows = [
         ("LoRA all", f"{adapters}, all {n} layers", lora.estimate(), None),
@@ -233,7 +248,7 @@ def plan(config: Any, *, batch_size: int, seq_len: int, budget: int, rank: int =
          _mean_flops(lora, depth_draws)),
         ("IST + GC + cut", f"{adapters}, {share}, checkpointing, backward cut",
          lora.estimate(worst, **gc_cut), _mean_flops(lora, random_draws, **gc_cut)),
-        *budget_rows,
+        *_budget_rows(lora, budget, depth_draws, adapters, share),
         ("QLoRA + GC", f"{quantized}, all layers, checkpointing",
          qlora.estimate(gradient_checkpointing=True, cut_backward=False), None),
         ("QLoRA + IST + GC + cut", f"{quantized}, {share}, GC, cut",
@@ -243,18 +258,13 @@ def plan(config: Any, *, batch_size: int, seq_len: int, budget: int, rank: int =
         ("full IST + offload", f"weights of {share} + embeddings, head",
          full.estimate(worst, offloaded_layers=range(n), **outside),
          _mean_flops(full, random_draws, **outside)),
-        ("full AdamW8bit", "all weights, 8-bit state", bnb.estimate(**outside), None),
-        ("one block (BAdam)", "weights of 1 layer, fp32 master copy", master.estimate([0]),
-         _mean_flops(master, [[i] for i in range(n)])),
+        ("full AdamW8bit", "all weights, 8-bit state", p["bnb"].estimate(**outside), None),
+        ("one block (BAdam)", "weights of 1 layer, fp32 master copy",
+         p["master"].estimate([0]), _mean_flops(p["master"], [[i] for i in range(n)])),
+        *[(name, f"all weights, rank-{p[key].projection.rank} moments, GC",
+           p[key].estimate(gradient_checkpointing=True, **outside), None)
+          for name, key in _PROJECTED_ROWS],
     ]
-    for name, planner in (("GaLore + GC", galore), ("APOLLO + GC", apollo),
-                          ("APOLLO-Mini + GC", mini),
-                          ("GaLore layer-wise + GC", layerwise[0]),
-                          ("APOLLO layer-wise + GC", layerwise[1]),
-                          ("APOLLO-Mini layer-wise + GC", layerwise[2])):
-        r = planner.projection.rank
-        rows.append((name, f"all weights, rank-{r} moments, GC",
-                     planner.estimate(gradient_checkpointing=True, **outside), None))
     return [PlanRow(name, trains, est.peak_bytes, est.host_bytes,
                     float(est.flops if mean is None else mean), est.peak_bytes <= budget,
                     est.phase) for name, trains, est, mean in rows]
