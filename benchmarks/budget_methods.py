@@ -1,0 +1,94 @@
+"""The methods of the budget benchmark (``budget.py``): how each one fine-tunes inside the
+memory budget, and the learning rates swept for it.
+
+A method is a peft method (``lora``, ``dora``, ``full``), an optimizer kind of
+:func:`ist_optim.cli.train.build_optimizer` (``adamw``, ``ist``, ``badam``), how it fits
+the budget (``checkpointing``) and the ``ISTOptimizer`` keywords. Adding a method = one
+entry of :data:`METHODS`; ``budget.py --methods NAME`` then runs it.
+
+Example:
+    >>> METHODS["lora+ist-fo-da+budget"].ist_kwargs["estimator"]
+    'first-order'
+    >>> lr_grid("lisa+budget") == FULL_LR_GRID
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+#: The baseline every method is paired with: LoRA on every layer + gradient checkpointing.
+BASELINE = "lora+gc"
+#: The layer-wise peers IST with adapters is also compared with, seed by seed.
+PEERS = ("lisa+budget", "badam+gc")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A way to fine-tune inside the budget.
+
+    ``checkpointing``: ``"model"`` (every block, the model's own gradient checkpointing),
+    ``"budget"`` (``ISTOptimizer(memory_budget=...)``) or ``"none"`` (LoRA without
+    checkpointing, run only to show that it does not fit the budget).
+    """
+
+    peft: str
+    optimizer: str
+    checkpointing: str
+    ist_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+FIRST_ORDER = {"estimator": "first-order", "sampling": "depth-aware"}
+METHODS: dict[str, Method] = {
+    "lora+gc": Method("lora", "adamw", "model"),
+    "dora+gc": Method("dora", "adamw", "model"),
+    # LoRA on every layer, every step, in ISTOptimizer: memory_budget then checkpoints only
+    # the blocks needed to fit (the same updates as lora+gc; only memory and time differ).
+    "lora+budget": Method("lora", "ist", "budget", {"active_layers": 1.0, "sampling": "uniform"}),
+    "lora+ist+budget": Method("lora", "ist", "budget"),
+    "lora+ist-fo-da+budget": Method("lora", "ist", "budget", FIRST_ORDER),
+    "lora+uniform+budget": Method("lora", "ist", "budget", {"sampling": "uniform"}),
+    # levers on lora+ist-fo-da+budget: prefer draws that fit (fewer checkpointed blocks),
+    # twice and three times the active layers (more progress per step),
+    "lora+ist-fo-da+budget+redraw4": Method("lora", "ist", "budget",
+                                            {**FIRST_ORDER, "budget_redraws": 4}),
+    "lora+ist-fo-da-50%+budget": Method("lora", "ist", "budget",
+                                        {**FIRST_ORDER, "active_layers": 0.5}),
+    "lora+ist-fo-da-75%+budget": Method("lora", "ist", "budget",
+                                        {**FIRST_ORDER, "active_layers": 0.75}),
+    # and a fresh optimizer state (Adam's bias correction restarts) each time a layer
+    # becomes active, instead of its state kept from its last active step
+    "lora+ist-fo-da+budget+drop": Method("lora", "ist", "budget",
+                                         {**FIRST_ORDER, "state_policy": "drop"}),
+    "full+ist-3+budget": Method("full", "ist", "budget",
+                                {**FIRST_ORDER, "active_layers": 3, "state_policy": "drop"}),
+    "full+ist-25%+budget": Method("full", "ist", "budget",
+                                  {**FIRST_ORDER, "active_layers": 0.25,
+                                   "state_policy": "drop"}),
+    # the active-set schedule (issue 21): every layer for the first N steps, then IST's
+    # draws (the dense steps checkpoint what the budget needs, like lora+budget)
+    "lora+uniform-dense25+budget": Method("lora", "ist", "budget",
+                                          {"sampling": "uniform", "dense_steps": 25}),
+    "lora+uniform-dense50+budget": Method("lora", "ist", "budget",
+                                          {"sampling": "uniform", "dense_steps": 50}),
+    "lora+uniform-dense100+budget": Method("lora", "ist", "budget",
+                                           {"sampling": "uniform", "dense_steps": 100}),
+    "lora+ist-fo-da-dense50+budget": Method("lora", "ist", "budget",
+                                            {**FIRST_ORDER, "dense_steps": 50}),
+    "lora+uniform-ramp100+budget": Method("lora", "ist", "budget",
+                                          {"sampling": "uniform", "ramp_steps": 100}),
+    # LISA-style: 2 uniformly drawn blocks of full fine-tuning per step, no importance.
+    "lisa+budget": Method("full", "ist", "budget",
+                          {"sampling": "uniform", "active_layers": 2, "state_policy": "drop"}),
+    "badam+gc": Method("full", "badam", "model"),
+}
+LR_GRID = (5e-4, 1e-3, 2e-3, 4e-3)
+# Full fine-tuning diverges at adapter rates (benchmarks/few_data.py chose 1e-4): its grid is
+# shifted down by the same factors.
+FULL_LR_GRID = (1e-4, 2e-4, 5e-4, 1e-3)
+
+
+def lr_grid(name: str) -> tuple[float, ...]:
+    """The rates swept for method ``name``."""
+    return FULL_LR_GRID if METHODS[name].peft == "full" else LR_GRID

@@ -1,0 +1,323 @@
+"""Running the budget benchmark: the data, the model and optimizer of a method, one
+measured run, the budget itself (the peak of LoRA + GC plus the margin), the check that a
+budgeted IST method can fit at all, and the loop over the runs left (:mod:`budget_plan`)
+that appends each row to ``--out`` as it ends.
+
+Each run is :func:`run_one`: a fresh model, the same batches for every method of a seed,
+the peak measured by :class:`PeakMeter`, the CPU and wall time of every step, and the
+held-out losses every ``eval_every`` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from benchkit.data import heldout_loss, pick_blocks, split_plays, token_stream
+from benchkit.models import pretrained
+from benchkit.report import append_row, read_rows
+from budget_methods import BASELINE, METHODS, Method, lr_grid
+from budget_plan import runs_of_schedule, todo
+
+from ist_optim import ISTOptimizer, account_step
+from ist_optim.budget import planner_for_model
+from ist_optim.cli.data import block_batches, load_documents
+from ist_optim.cli.models import load_model, load_tokenizer
+from ist_optim.cli.train import build_optimizer
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class Data:
+    """The token data of every run: the training plays as one stream, validation and test
+    blocks (whole plays the training never sees), and the batch size of their losses."""
+
+    train: torch.Tensor  # one token stream (training plays)
+    val: torch.Tensor  # blocks
+    test: torch.Tensor  # blocks
+    eval_batch: int
+
+    def loss(self, model: Any, split: str, device: str) -> float:
+        """The model's mean loss on ``split`` (``"val"`` or ``"test"``)."""
+        return heldout_loss(model, getattr(self, split), self.eval_batch, device)
+
+
+def prepare(args: argparse.Namespace) -> Data:
+    """The plays of ``--data`` split as in ``few_data.py`` (2 validation plays, the test
+    plays ``ist-finetune`` holds out), tokenized with ``--model``'s tokenizer."""
+    docs = load_documents(args.data)
+    train_i, val_i, test_i = split_plays([d.name for d in docs], 0.1, 2)
+    tokenizer = load_tokenizer(args.model)
+
+    def stream(idx: list[int]) -> torch.Tensor:
+        return token_stream(tokenizer, [docs[i].text for i in idx])
+
+    return Data(stream(train_i), pick_blocks(stream(val_i), args.seq_len, args.eval_blocks),
+                pick_blocks(stream(test_i), args.seq_len, args.eval_blocks), args.eval_batch)
+
+
+def base_losses(data: Data, args: argparse.Namespace) -> dict[str, float]:
+    """The untrained model's validation and test losses: step 0 of every run (LoRA starts
+    with B = 0, full fine-tuning from the same weights)."""
+    base_model = load_model(args.model, args.dtype).to(args.device)
+    return {s: data.loss(base_model, s, args.device) for s in ("val", "test")}
+
+
+# --------------------------------------------------------------------------- measuring
+class PeakMeter:
+    """Peak bytes of a training step: exact tensor accounting on CPU (some steps), the
+    allocator's peak on CUDA (every step)."""
+
+    def __init__(self, device: str, model: torch.nn.Module, optimizer: Any) -> None:
+        self.device, self.model, self.optimizer = device, model, optimizer
+        self.peak = 0
+        self.accounted: list[int] = []
+        self._highest_prediction = -1
+
+    def wants(self, step: int, predicted: int | None) -> bool:
+        if self.device != "cpu":
+            return False
+        new_high = predicted is not None and predicted > self._highest_prediction
+        if predicted is not None:
+            self._highest_prediction = max(self._highest_prediction, predicted)
+        return step <= 2 or step % 10 == 0 or new_high
+
+    def run(self, step: int, one_step: Callable[[], None], predicted: int | None) -> bool:
+        """Run the step (accounted if chosen); returns whether it was accounted."""
+        if self.device != "cpu":
+            torch.cuda.reset_peak_memory_stats()
+            one_step()
+            torch.cuda.synchronize()
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated())
+            return False
+        if not self.wants(step, predicted):
+            one_step()
+            return False
+        peak = account_step(one_step, model=self.model, optimizer=self.optimizer).peak_bytes
+        self.peak = max(self.peak, peak)
+        self.accounted.append(step)
+        return True
+
+
+def gradient_checkpointing(model: Any) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def build(method: Method, lr: float, seed: int, args: argparse.Namespace,
+          budget: int | None) -> tuple[torch.nn.Module, Any]:
+    """The model (adapters added, checkpointing set up) and the optimizer of ``method``."""
+    model = pretrained(args.model, method.peft, rank=args.rank, seed=seed, dtype=args.dtype,
+                       device=args.device)
+    ist_kwargs = dict(method.ist_kwargs)
+    if method.checkpointing == "model":
+        gradient_checkpointing(model)
+    elif budget is not None:
+        # The loop below keeps only the loss, not the output's logits (keep_logits=False).
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        planner = planner_for_model(model, torch.optim.AdamW(trainable),
+                                    batch_size=args.batch_size, seq_len=args.seq_len,
+                                    keep_logits=False)
+        ist_kwargs.update(memory_budget=budget, memory_planner=planner)
+    optimizer = build_optimizer(method.optimizer, model, lr=lr, seed=seed,
+                                ist_kwargs=ist_kwargs if method.optimizer == "ist" else None)
+    return model, optimizer
+
+
+def check_fit(name: str, method: Method, args: argparse.Namespace, budget: int
+              ) -> dict[str, Any]:
+    """Whether an IST method under ``memory_budget`` can fit the budget at all, before any
+    step is spent on it: the planner's lowest peak over the method's easiest step (the top
+    ``num_active`` blocks active, so the backward is cut highest) with the blocks the policy
+    checkpoints. When even that is over the budget's planning limit no draw fits, and the
+    method is reported as not fitting instead of run (it would train over the budget)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the budget warns when a step does not fit
+        _model, optimizer = build(method, max(lr_grid(name)), 0, args, budget)
+        policy = optimizer.memory_budget.policy
+        top = list(range(optimizer.num_layers - optimizer.num_active, optimizer.num_layers))
+        decision = policy.decide(top)
+    optimizer.close()
+    return {"phase": "fit", "method": name, "device": args.device, "budget_bytes": budget,
+            "limit_bytes": policy.limit, "active_layers": top,
+            "best_case_peak_bytes": decision.peak_bytes,
+            "checkpointed_layers": decision.checkpointed, "fits": decision.fits}
+
+
+def run_one(name: str, method: Method, lr: float, seed: int, steps: int, data: Data,
+            args: argparse.Namespace, budget: int | None, *, eval_every: int,
+            splits: tuple[str, ...], base: dict[str, float]) -> dict[str, Any]:
+    """Train ``method`` (called ``name``) at ``lr`` for ``steps`` steps inside ``budget``
+    (None: unbudgeted, to measure the budget itself)."""
+    device = args.device
+    model, optimizer = build(method, lr, seed, args, budget)
+    ist = optimizer if isinstance(optimizer, ISTOptimizer) else None
+    model.train()
+    batches = block_batches(data.train, args.seq_len, args.batch_size,
+                            generator=torch.Generator().manual_seed(seed))
+    scheduler = lr_schedule(optimizer, args.schedule, steps, args.warmup)
+    meter = PeakMeter(device, model, optimizer)
+    cpu, wall, accounted, losses, checkpointed = [], [], [], [], []
+    evals = [{"step": 0, **base}]
+    held: dict[str, float] = {}
+
+    def one_step(batch: dict[str, torch.Tensor]) -> None:
+        loss = model(**batch).loss
+        loss.backward()
+        # every parameter with a gradient (IST's trainable set changes from step to step)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
+                                       1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+        held["loss"] = loss.item()
+
+    for step in range(1, steps + 1):
+        batch = {k: v.to(device) for k, v in next(batches).items()}
+        report = ist.memory_report() if ist is not None and budget is not None else {}
+        checkpointed.append(len(report.get("checkpointed_layers", [])))
+        start, start_cpu = time.perf_counter(), time.process_time()
+        accounted.append(meter.run(step, lambda b=batch: one_step(b),
+                                   report.get("predicted_peak_bytes")))
+        cpu.append(time.process_time() - start_cpu)
+        wall.append(time.perf_counter() - start)
+        losses.append(held["loss"])
+        if step % eval_every == 0 or step == steps:
+            evals.append({"step": step, **{s: data.loss(model, s, device) for s in splits}})
+    if ist is not None:
+        ist.close()
+    cpu_fair, cpu_per_step = fair_times(cpu, accounted)
+    wall_fair, wall_per_step = fair_times(wall, accounted)
+    return {"method": name, "lr": lr, "seed": seed, "steps": steps, "device": device,
+            "schedule": args.schedule, "warmup": args.warmup,
+            "batch_size": args.batch_size, "seq_len": args.seq_len, "model": args.model,
+            "budget_bytes": budget, "peak_bytes": meter.peak, "accounted_steps": meter.accounted,
+            "cpu_seconds": cpu_fair, "wall_seconds": wall_fair,
+            "cpu_seconds_per_step": cpu_per_step,
+            "wall_seconds_per_step": wall_per_step,
+            "checkpointed_blocks": checkpointed, "train_losses": losses, "evals": evals}
+
+
+def fair_times(seconds: list[float], accounted: list[bool]) -> tuple[list[float], float]:
+    """(every step's time with each accounted step's replaced by the mean of the others,
+    that mean): accounting slows a step, so it would bias the equal-time comparison.
+
+    Example:
+        >>> fair_times([3.0, 1.0, 2.0], [True, False, False])
+        ([1.5, 1.0, 2.0], 1.5)
+    """
+    plain = [t for t, a in zip(seconds, accounted, strict=True) if not a] or seconds
+    mean = statistics.fmean(plain)
+    return [mean if a else t for t, a in zip(seconds, accounted, strict=True)], mean
+
+
+def lr_schedule(optimizer: Any, kind: str, steps: int, warmup: float) -> Any:
+    """The rate schedule a user of the HF Trainer runs: ``"linear"`` (the Trainer's default:
+    linear warm-up over ``warmup`` of the steps, then linear decay to 0 at ``steps``) or
+    ``"cosine"`` (the same warm-up, then cosine decay to 0); ``"constant"``: None, the rate
+    as set (the protocol of the first budget tables)."""
+    if kind == "constant":
+        return None
+    from transformers import get_scheduler
+
+    return get_scheduler(kind, optimizer, num_warmup_steps=round(warmup * steps),
+                         num_training_steps=steps)
+
+
+def measure_budget(data: Data, args: argparse.Namespace, base: dict[str, float]
+                   ) -> dict[str, Any]:
+    """The budget: the peak of ``lora+gc`` plus the margin; LoRA without checkpointing must
+    exceed it."""
+    measured = {name: run_one(name, method, 1e-3, 0, 3, data, args, None, eval_every=10**9,
+                              splits=(), base=base)
+                for name, method in ((BASELINE, METHODS[BASELINE]),
+                                     ("lora", Method("lora", "adamw", "none")))}
+    gc, plain = measured[BASELINE], measured["lora"]
+    budget = int(gc["peak_bytes"] * (1 + args.margin))
+    if plain["peak_bytes"] <= budget:
+        raise SystemExit(f"LoRA without checkpointing peaks at {plain['peak_bytes']:,} bytes, "
+                         f"within the budget {budget:,}: lower --margin")
+    return {"phase": "budget", "device": args.device, "model": args.model,
+            "batch_size": args.batch_size, "seq_len": args.seq_len, "margin": args.margin,
+            "lora_gc_peak_bytes": gc["peak_bytes"], "lora_peak_bytes": plain["peak_bytes"],
+            "budget_bytes": budget, "lora_gc_cpu_seconds_per_step": gc["cpu_seconds_per_step"],
+            "lora_cpu_seconds_per_step": plain["cpu_seconds_per_step"]}
+
+
+# --------------------------------------------------------------------------- the runs
+def ensure_budget(rows: list[dict[str, Any]], data: Data, args: argparse.Namespace,
+                  base: dict[str, float]) -> int:
+    """The budget in bytes: the last budget row of ``rows`` measured at this shape (device,
+    model, batch, margin), else measured now (:func:`measure_budget`) and appended to
+    ``--out``."""
+    shape = {"device": args.device, "model": args.model, "batch_size": args.batch_size,
+             "seq_len": args.seq_len, "margin": args.margin}
+    budgets = [r for r in rows if r.get("phase") == "budget"
+               and all(r[k] == v for k, v in shape.items())]
+    if not budgets:
+        budgets = [measure_budget(data, args, base)]
+        append_row(args.out, budgets[0])
+    return budgets[-1]["budget_bytes"]
+
+
+def ensure_fits(rows: list[dict[str, Any]], args: argparse.Namespace,
+                budget: int) -> dict[str, bool]:
+    """Per budgeted method of ``--methods``, whether it can fit the budget: the fit row of
+    ``rows``, else :func:`check_fit` now (the row appended to ``--out``, the verdict
+    printed)."""
+    fits = {r["method"]: r["fits"] for r in rows if r.get("phase") == "fit"}
+    for name in args.methods:
+        if METHODS[name].checkpointing == "budget" and name not in fits:
+            row = check_fit(name, METHODS[name], args, budget)
+            append_row(args.out, row)
+            fits[name] = row["fits"]
+            print(f"{name}: easiest step predicted at "
+                  f"{row['best_case_peak_bytes'] / 2**20:.1f} MiB with blocks "
+                  f"{row['checkpointed_layers']} checkpointed: "
+                  f"{'fits' if row['fits'] else 'DOES NOT FIT, not run'}", flush=True)
+    return fits
+
+
+def run_pending(methods: list[str], grids: dict[str, tuple[float, ...]], data: Data,
+                args: argparse.Namespace, budget: int, base: dict[str, float]) -> None:
+    """Run what :func:`budget_plan.todo` says is left (at most ``--max-runs``), rereading
+    ``--out`` before each run and appending each row as the run ends. A final run of the
+    length of the sweep reuses the sweep run of its rate and seed (it has the test
+    evals)."""
+    cuda = args.device == "cuda"
+    done = 0
+    while args.max_runs is None or done < args.max_runs:
+        rows = runs_of_schedule(read_rows([args.out]), args.schedule)
+        left = todo(methods, grids, args.seeds, rows, extend=args.lrs is None and not cuda)
+        if not left:
+            break
+        phase, name, lr, seed = left[0]
+        sweep = phase == "sweep"
+        full_length = args.sweep_steps == args.steps
+        steps = args.sweep_steps if sweep else args.steps
+        reuse = [r for r in rows if r.get("phase") == "sweep" and full_length
+                 and (r["method"], r["lr"], r["seed"], r["steps"]) == (name, lr, seed, steps)]
+        if phase == "final" and reuse:
+            # a sweep run at the full length, with test evals, *is* this final run
+            row = {**reuse[-1], "from_sweep": True}
+        else:
+            row = run_one(name, METHODS[name], lr, seed, steps, data, args, budget,
+                          eval_every=args.eval_every if full_length or not sweep
+                          else args.sweep_steps,
+                          splits=("val", "test") if full_length or not sweep else ("val",),
+                          base=base)
+        row["phase"] = phase
+        append_row(args.out, row)
+        last = row["evals"][-1]
+        print(f"{phase} {name} lr {lr:g} seed {seed}: " + " ".join(
+            f"{k} {v:.4f}" for k, v in last.items() if k != "step")
+            + f"; peak {row['peak_bytes'] / 2**20:.1f} MiB"
+            f" ({'fits' if row['peak_bytes'] <= budget else 'OVER'}); "
+            f"{row['cpu_seconds_per_step']:.2f} CPU s/step", flush=True)
+        done += 1
