@@ -217,14 +217,14 @@ def test_failed_write_leaves_the_previous_checkpoint(model_dir, corpus, tmp_path
                    "--output-dir", str(run))
     import ist_optim.cli.checkpoints as checkpoints
 
-    real = checkpoints.test_pause_point
+    real = checkpoints.pause_point
 
     def disk_full(kind: str, step: int) -> None:
         if (kind, step) == ("save", 4):
             raise OSError(28, "No space left on device")
         real(kind, step)
 
-    monkeypatch.setattr(checkpoints, "test_pause_point", disk_full)
+    monkeypatch.setattr(checkpoints, "pause_point", disk_full)
     with pytest.raises(OSError, match="No space left"):
         main(flags)
     capsys.readouterr()

@@ -60,12 +60,12 @@ __all__ = [
     "checkpoint_step",
     "latest_checkpoint",
     "load_checkpoint",
+    "pause_point",
     "restore_rng",
     "resume_run",
     "run_fingerprint",
     "save_checkpoint",
     "step_saver",
-    "test_pause_point",
     "trainable_state",
     "trainable_state_refs",
 ]
@@ -214,7 +214,7 @@ def trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
             for name, p in trainable_state_refs(model, optimizer)}
 
 
-def test_pause_point(kind: str, step: int) -> None:
+def pause_point(kind: str, step: int) -> None:
     """The test hook described in the module docstring: pause at ``kind:step`` when
     ``IST_FINETUNE_TEST_PAUSE_AT`` names it (a test then kills the process)."""
     if os.environ.get(TEST_PAUSE_ENV) != f"{kind}:{step}":
@@ -279,7 +279,7 @@ def save_checkpoint(options: CheckpointOptions, step: int, *, model: nn.Module,
     tmp = Path(tempfile.mkdtemp(prefix=f"{_PARTIAL}{final.name}-", dir=root))
     try:
         _write(tmp / "trainable.pt", trainable_state(model, optimizer))
-        test_pause_point("save", step)
+        pause_point("save", step)
         _write(tmp / "optimizer.pt", optimizer.state_dict())
         _write(tmp / "run.pt", {
             "format": CHECKPOINT_FORMAT,
@@ -437,6 +437,6 @@ def step_saver(options: CheckpointOptions, *, model: nn.Module,
         if options.save_every and step % options.save_every == 0:
             save_checkpoint(options, step, model=model, optimizer=optimizer,
                             scheduler=scheduler, result=result)
-        test_pause_point("step", step)
+        pause_point("step", step)
 
     return after_step
