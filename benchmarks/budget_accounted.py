@@ -14,23 +14,18 @@ Run::
 from __future__ import annotations
 
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from benchkit.models import random_llama
+from transformers import LlamaConfig
 
 from ist_optim import ISTOptimizer, account_step
 
 CONFIG = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=8,
                      num_attention_heads=4, num_key_value_heads=4, vocab_size=1024,
                      use_cache=False)
-TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 
 def _model() -> torch.nn.Module:
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(CONFIG)
-        return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                target_modules=TARGETS))
+    return random_llama(CONFIG, seed=0, lora_rank=8)
 
 
 def run(active: list[int], budget: int | None) -> tuple[dict, int]:

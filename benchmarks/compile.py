@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchkit.models import llama_config, random_llama
 
 PRESETS = {
     "tiny": dict(layers=8, hidden=64, inter=172, heads=4, kv=4, vocab=1024, batch=4, seq=128,
@@ -46,7 +47,6 @@ PRESETS = {
 }
 CONFIGS = ["lora_all", "floor", "ist", "ist_importance"]
 OPT_IN = ["lora_all_whole", "ist_whole"]
-TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 STEPS, HALF = 50, 25
 
 
@@ -60,20 +60,13 @@ class _LimitHits(logging.Handler):
             self.hits += 1
 
 
-def build_model(cfg: dict):
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=cfg["vocab"], hidden_size=cfg["hidden"],
-                         intermediate_size=cfg["inter"], num_hidden_layers=cfg["layers"],
-                         num_attention_heads=cfg["heads"], num_key_value_heads=cfg["kv"],
-                         max_position_embeddings=max(cfg["seq"], 128), use_cache=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
-        model = get_peft_model(model, LoraConfig(r=cfg["rank"], lora_alpha=2 * cfg["rank"],
-                                                 target_modules=TARGETS, lora_dropout=0.0))
-    return model
+def build_model(cfg: dict) -> torch.nn.Module:
+    """The preset's random Llama (seed 0, no KV cache) with LoRA on
+    :data:`benchkit.models.LORA_TARGETS`."""
+    config = llama_config(cfg["layers"], cfg["hidden"], intermediate=cfg["inter"],
+                          heads=cfg["heads"], kv_heads=cfg["kv"], vocab=cfg["vocab"],
+                          max_positions=max(cfg["seq"], 128), use_cache=False)
+    return random_llama(config, seed=0, lora_rank=cfg["rank"])
 
 
 def run_one(name: str, cfg: dict, active_frac: float, seed: int,

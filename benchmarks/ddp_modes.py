@@ -34,6 +34,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from benchkit.models import llama_config, random_llama
 from torch.nn.parallel import DistributedDataParallel
 
 from ist_optim import ISTOptimizer
@@ -44,22 +45,12 @@ MODES = ("ddp_all", "ddp_all_find_unused", "ist_freeze_find_unused", "ist_nofree
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                         intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
-                         num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=args.seq)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
-    if args.lora:
-        from peft import LoraConfig, get_peft_model
-
-        with torch.random.fork_rng():
-            torch.manual_seed(1)
-            model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
-    return model
+    """The random Llama of the command line (seed 0), with LoRA r8 on every linear layer
+    (seeded 1) under ``--lora``."""
+    config = llama_config(args.layers, args.hidden, heads=4, kv_heads=4, vocab=args.vocab,
+                          max_positions=args.seq)
+    return random_llama(config, seed=0, lora_rank=8 if args.lora else None, lora_alpha=8,
+                        lora_targets="all-linear", lora_seed=1)
 
 
 def count_bytes(ddp: DistributedDataParallel, opt: torch.optim.Optimizer,

@@ -20,17 +20,14 @@ Run (the configuration of docs/benchmarks.md)::
 from __future__ import annotations
 
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+from benchkit.data import random_batch, shakespeare_bytes
+from benchkit.models import llama_config, random_llama, shape_parser
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).parent))
-from small_llama import build_model, random_batch, shakespeare_bytes, shape_parser  # noqa: E402
-
-from ist_optim import ISTOptimizer  # noqa: E402
+from ist_optim import ISTOptimizer
 
 
 def main() -> None:
@@ -43,7 +40,7 @@ def main() -> None:
     tokens = shakespeare_bytes()
     configs = {}
     for name in ("lora-all-layers", "ist-random", "ist-depth-aware"):
-        model = build_model(args.layers, args.hidden)
+        model = random_llama(llama_config(args.layers, args.hidden), lora_rank=8)
         if name == "lora-all-layers":
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         else:

@@ -16,15 +16,12 @@ Run (the configuration of docs/benchmarks.md)::
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
+from benchkit.data import random_batch, shakespeare_bytes
+from benchkit.models import llama_config, random_llama, shape_parser
+from benchkit.report import spearman
 
-sys.path.insert(0, str(Path(__file__).parent))
-from small_llama import build_model, random_batch, shakespeare_bytes, shape_parser, spearman  # noqa: E402
-
-from ist_optim import ISTOptimizer  # noqa: E402
+from ist_optim import ISTOptimizer
 
 
 def main() -> None:
@@ -39,7 +36,7 @@ def main() -> None:
           "uniform (last) | Spearman(importance, measured suppression) | final loss |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for estimator in ("paper", "normalized", "first-order"):
-        model = build_model(args.layers, args.hidden)
+        model = random_llama(llama_config(args.layers, args.hidden), lora_rank=8)
         opt = ISTOptimizer(torch.optim.AdamW, model, lr=args.lr, estimator=estimator, seed=0)
         gen = torch.Generator().manual_seed(1)
         ratios = []

@@ -37,17 +37,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from benchkit.data import heldout_loss, pick_blocks, split_plays, token_stream
+from benchkit.models import pretrained
+from benchkit.report import append_row, markdown_table, mean_range, read_rows
+from next_line import Question, accuracy, choice_losses, next_line_questions
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from next_line import Question, accuracy, choice_losses, next_line_questions  # noqa: E402
-
-from ist_optim.cli.data import block_batches, heldout_indices, load_documents  # noqa: E402
-from ist_optim.cli.errors import CLIError  # noqa: E402
-from ist_optim.cli.models import add_adapters, load_model, load_tokenizer  # noqa: E402
-from ist_optim.cli.report import markdown_table, mean_range  # noqa: E402
-from ist_optim.cli.runner import MethodSpec  # noqa: E402
-from ist_optim.cli.train import build_optimizer, evaluate, train  # noqa: E402
+from ist_optim.cli.data import block_batches, load_documents
+from ist_optim.cli.errors import CLIError
+from ist_optim.cli.models import load_model, load_tokenizer
+from ist_optim.cli.runner import MethodSpec
+from ist_optim.cli.train import build_optimizer, train
 
 METHODS: dict[str, MethodSpec] = {
     "lora": MethodSpec("lora", "lora", "adamw"),
@@ -78,55 +77,9 @@ class Setup:
     context_tokens: int = 32
     base: dict[str, float] = field(default_factory=dict)
 
-    def batches(self, blocks: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        return list(block_batches(blocks.flatten(), blocks.shape[1], self.eval_batch))
-
-
-def split_plays(names: list[str], test_fraction: float,
-                val_plays: int) -> tuple[list[int], list[int], list[int]]:
-    """Indices of (train, validation, test) documents: test = ``heldout_indices`` of all
-    (as in ``quality.py``), validation = ``val_plays`` spread over the rest.
-
-    Example:
-        >>> train, val, test = split_plays([str(i) for i in range(38)], 0.1, 2)
-        >>> test, val, len(train)
-        ([4, 14, 23, 33], [9, 28], 32)
-    """
-    test = heldout_indices(len(names), test_fraction)
-    rest = [i for i in range(len(names)) if i not in set(test)]
-    val = [rest[j] for j in heldout_indices(len(rest), val_plays / len(rest))]
-    train = [i for i in rest if i not in set(val)]
-    return train, val, test
-
-
-def pick_blocks(tokens: torch.Tensor, seq_len: int, count: int,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """``count`` blocks of ``seq_len`` tokens: at random (sorted) with a generator,
-    else spread evenly over the stream.
-
-    Example:
-        >>> pick_blocks(torch.arange(12), 2, 3).tolist()
-        [[0, 1], [4, 5], [8, 9]]
-    """
-    available = tokens.numel() // seq_len
-    if count > available:
-        raise CLIError(f"asked for {count} blocks of {seq_len} tokens, the text has {available}")
-    blocks = tokens[: available * seq_len].view(available, seq_len)
-    if generator is not None:
-        index = torch.randperm(available, generator=generator)[:count].sort().values
-    else:
-        index = torch.tensor([j * available // count for j in range(count)])
-    return blocks[index].clone()
-
-
-def token_stream(tokenizer: Any, texts: list[str]) -> torch.Tensor:
-    """The token ids of ``texts``, one after another, each followed by EOS."""
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if tokenizer.eos_token_id is not None:
-            ids.append(tokenizer.eos_token_id)
-    return torch.tensor(ids, dtype=torch.long)
+    def loss(self, model: Any, split: str) -> float:
+        """The model's mean loss on ``split`` (``"val"`` or ``"test"``)."""
+        return heldout_loss(model, getattr(self, split), self.eval_batch)
 
 
 def prepare(args: argparse.Namespace) -> Setup:
@@ -166,8 +119,7 @@ def base_scores(setup: Setup) -> dict[str, float]:
     with B = 0 and full fine-tuning from the same weights), computed once."""
     if not setup.base:
         model = load_model(setup.model)
-        setup.base = {"val": evaluate(model, setup.batches(setup.val)),
-                      "test": evaluate(model, setup.batches(setup.test)),
+        setup.base = {"val": setup.loss(model, "val"), "test": setup.loss(model, "test"),
                       "accuracy": _accuracy(model, setup)}
         del model
     return setup.base
@@ -177,7 +129,7 @@ def run_one(spec: MethodSpec, lr: float, seed: int, setup: Setup, *, epochs: int
             batch_size: int, rank: int, progress: bool = False) -> dict[str, Any]:
     """Train ``spec`` at ``lr`` for ``epochs`` epochs; losses every epoch, accuracy at the end."""
     base = base_scores(setup)
-    model = add_adapters(load_model(setup.model), spec.peft, rank=rank, seed=seed)
+    model = pretrained(setup.model, spec.peft, rank=rank, seed=seed)
     optimizer = build_optimizer(spec.optimizer, model, lr=lr, seed=seed,
                                 ist_kwargs=spec.ist_kwargs)
     per_epoch = setup.train.shape[0] // batch_size
@@ -187,8 +139,8 @@ def run_one(spec: MethodSpec, lr: float, seed: int, setup: Setup, *, epochs: int
     def on_step(step: int, _loss: float) -> None:
         if step % per_epoch == 0:
             epochs_log.append({"epoch": step // per_epoch, "step": step,
-                               "val": evaluate(model, setup.batches(setup.val)),
-                               "test": evaluate(model, setup.batches(setup.test))})
+                               "val": setup.loss(model, "val"),
+                               "test": setup.loss(model, "test")})
 
     seq_len = setup.train.shape[1]
     batches = block_batches(setup.train.flatten(), seq_len, batch_size,
@@ -231,11 +183,6 @@ def choose_lrs(runs: list[dict[str, Any]], sweep_seed: int) -> dict[str, float]:
         if r["method"] not in chosen or final < chosen[r["method"]][0]:
             chosen[r["method"]] = (final, r["lr"])
     return {m: lr for m, (_v, lr) in chosen.items()}
-
-
-def _read(paths: list[Path]) -> list[dict[str, Any]]:
-    return [json.loads(line) for p in paths if p.exists()
-            for line in p.read_text().splitlines() if line.strip()]
 
 
 def plan(methods: list[str], grids: dict[str, tuple[float, ...]], seeds: list[int],
@@ -455,7 +402,7 @@ def _write_report(runs: list[dict[str, Any]], args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.report:
-        _write_report(_read(args.report), args)
+        _write_report(read_rows(args.report), args)
         return 0
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown or args.sweep_seed not in args.seeds:
@@ -479,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         setup = prepare(args)
         print(f"{len(setup.questions)} questions; plays: {json.dumps(setup.plays)}", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        done = _read([args.out])
+        done = read_rows([args.out])
         count = 0
         started = time.perf_counter()
         while args.max_runs is None or count < args.max_runs:
@@ -491,8 +438,7 @@ def main(argv: list[str] | None = None) -> int:
                           batch_size=args.batch_size, rank=args.rank, progress=args.progress)
             done.append(run)
             count += 1
-            with args.out.open("a") as handle:
-                handle.write(json.dumps(run) + "\n")
+            append_row(args.out, run)
             losses = " ".join(f"{e['test']:.3f}" for e in run["per_epoch"])
             print(f"[{time.perf_counter() - started:6.0f} s] {name} lr {lr:g} seed {seed}: "
                   f"test {losses}; acc {run['accuracy']:.3f}; "

@@ -26,23 +26,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+from benchkit.data import random_batch, shakespeare_bytes
+from benchkit.models import llama_config, random_llama, shape_parser
+from benchkit.report import spearman
 
-sys.path.insert(0, str(Path(__file__).parent))
-from small_llama import (  # noqa: E402
-    build_model,
-    random_batch,
-    shakespeare_bytes,
-    shape_parser,
-    spearman,
-)
-
-from ist_optim import ISTOptimizer, Suppressor  # noqa: E402
-from ist_optim.estimators import FirstOrderProbe  # noqa: E402
+from ist_optim import ISTOptimizer, Suppressor
+from ist_optim.estimators import FirstOrderProbe
 
 
 def blocks_of(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -76,7 +68,7 @@ def agreement(model: torch.nn.Module, batch: dict, lambdas: list[float]) -> dict
 
 
 def run_agreement(args: argparse.Namespace, tokens: torch.Tensor) -> None:
-    model = build_model(args.layers, args.hidden)
+    model = random_llama(llama_config(args.layers, args.hidden), lora_rank=8)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     gen = torch.Generator().manual_seed(1)
     probe_batch = random_batch(tokens, args.batch * 2, args.seq, torch.Generator().manual_seed(99))
@@ -106,7 +98,7 @@ def run_cost(args: argparse.Namespace, tokens: torch.Tensor) -> None:
                                                            "update_interval": 10**9}),
                          ("first-order, T=10", {"estimator": "first-order"}),
                          ("paper, T=10", {"estimator": "paper"})):
-        model = build_model(args.layers, args.hidden)
+        model = random_llama(llama_config(args.layers, args.hidden), lora_rank=8)
         opt = ISTOptimizer(torch.optim.AdamW, model, lr=args.lr, active_layers=1.0, seed=0,
                            **kwargs)
         configs[name] = {"model": model, "opt": opt, "times": []}
@@ -157,7 +149,7 @@ class TimedProbe(FirstOrderProbe):
 def run_paired_hook_cost(args: argparse.Namespace, tokens: torch.Tensor) -> None:
     """Same model (lr 0, so every step does the same work), same batch, steps with and
     without the probe's hooks alternating: the median of the per-pair time ratios."""
-    model = build_model(args.layers, args.hidden)
+    model = random_llama(llama_config(args.layers, args.hidden), lora_rank=8)
     opt = ISTOptimizer(torch.optim.SGD, model, lr=0.0, active_layers=1.0,
                        update_interval=10**9, seed=0)
     gen = torch.Generator().manual_seed(3)

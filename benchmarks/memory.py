@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchkit.models import llama_config, random_llama
 
 PRESETS = {
     "tiny": dict(layers=4, hidden=64, inter=128, heads=4, kv=4, vocab=256, batch=2, seq=32,
@@ -45,27 +46,16 @@ PRESETS = {
 }
 CONFIGS = ["lora_all", "floor", "ist_uniform", "ist_keep", "ist_offload", "ist_drop",
            "full_adamw", "ist_full_offload", "badam"]
-TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 
-def build_model(cfg: dict, peft: bool, device: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=cfg["vocab"], hidden_size=cfg["hidden"],
-                         intermediate_size=cfg["inter"], num_hidden_layers=cfg["layers"],
-                         num_attention_heads=cfg["heads"], num_key_value_heads=cfg["kv"],
-                         max_position_embeddings=max(cfg["seq"], 128))
-    dtype = getattr(torch, cfg["dtype"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = LlamaForCausalLM(config).to(dtype)
-        if peft:
-            from peft import LoraConfig, get_peft_model
-
-            model = get_peft_model(model, LoraConfig(r=cfg["rank"], lora_alpha=2 * cfg["rank"],
-                                                     target_modules=TARGETS, lora_dropout=0.0))
-    return model
+def build_model(cfg: dict, peft: bool, device: str) -> torch.nn.Module:
+    """The preset's random Llama (seed 0) in its dtype on ``device``, with LoRA on
+    :data:`benchkit.models.LORA_TARGETS` when ``peft``."""
+    config = llama_config(cfg["layers"], cfg["hidden"], intermediate=cfg["inter"],
+                          heads=cfg["heads"], kv_heads=cfg["kv"], vocab=cfg["vocab"],
+                          max_positions=max(cfg["seq"], 128))
+    return random_llama(config, seed=0, dtype=getattr(torch, cfg["dtype"]), device=device,
+                        lora_rank=cfg["rank"] if peft else None)
 
 
 def rss_bytes() -> int:

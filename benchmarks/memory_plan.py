@@ -2,9 +2,10 @@
 
 The measured column is the peak allocated GPU memory of shared/bench/gpu_anchor.py on one
 H200 (LLaMA-2-7B shape, bf16, batch 8 x 512; raw lines in shared/bench/*.jsonl), copied
-into tests/test_memory_estimate.py as data. The predicted column is computed here from the
-config alone, on CPU. Also prints the predicted-vs-accounted comparison for small random
-Llamas trained on this CPU (``account_step``, exact tensor bytes).
+into ``benchkit/memory_anchors.py`` as data (tests/test_memory_estimate.py holds the same
+rows; tests/test_benchkit.py checks that the two agree). The predicted column is computed
+here from the config alone, on CPU. Also prints the predicted-vs-accounted comparison for
+small random Llamas trained on this CPU (``account_step``, exact tensor bytes).
 
 Run::
 
@@ -13,21 +14,17 @@ Run::
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import torch
+from benchkit.memory_anchors import CPU_CASES, H200, LLAMA2_7B, accounted_step
 from transformers import LlamaConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from test_memory_estimate import CPU_CASES, H200, LLAMA2_7B, _run_and_account  # noqa: E402
-
-from ist_optim import MemoryPlanner, estimate_peak_memory  # noqa: E402
+from ist_optim import MemoryPlanner, estimate_peak_memory
 
 
 def main() -> None:
+    """Print the two tables."""
     started = time.process_time()
     config = LlamaConfig(**LLAMA2_7B)
     common = dict(batch_size=8, seq_len=512, dtype=torch.bfloat16)
@@ -51,7 +48,7 @@ def main() -> None:
     small = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                         num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
     for method, active, embeddings, head in CPU_CASES:
-        measured = _run_and_account(small, method, active, embeddings=embeddings, head=head)
+        measured = accounted_step(small, method, active, embeddings=embeddings, head=head)
         est = estimate_peak_memory(small, batch_size=4, seq_len=64, dtype=torch.float32,
                                    method=method, lora_rank=8, active_layers=active,
                                    train_embeddings=embeddings, train_head=head,

@@ -34,8 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchkit.report import markdown_table, mean_range
+
 from ist_optim.cli.errors import CLIError
-from ist_optim.cli.report import markdown_table, mean_range
 from ist_optim.cli.runner import MethodSpec, prepare_context, run_method
 
 METHODS: dict[str, MethodSpec] = {

@@ -107,23 +107,6 @@ def test_choice_losses_score_only_the_choice_tokens():
 
 
 # --------------------------------------------------------------------------- few_data
-def test_split_plays_are_disjoint_and_cover_everything():
-    train, val, test = few_data.split_plays([str(i) for i in range(38)], 0.1, 2)
-    assert test == [4, 14, 23, 33]  # the held-out plays of quality.py
-    assert sorted(train + val + test) == list(range(38)) and len(val) == 2
-
-
-def test_pick_blocks_random_subset_is_seeded_and_sorted():
-    tokens = torch.arange(100)
-    a = few_data.pick_blocks(tokens, 5, 6, torch.Generator().manual_seed(3))
-    b = few_data.pick_blocks(tokens, 5, 6, torch.Generator().manual_seed(3))
-    assert torch.equal(a, b) and a.shape == (6, 5)
-    starts = a[:, 0].tolist()
-    assert starts == sorted(starts) and all(s % 5 == 0 for s in starts)
-    with pytest.raises(few_data.CLIError, match="asked for 30 blocks"):
-        few_data.pick_blocks(tokens, 5, 30)
-
-
 def _rec(method, lr, seed, vals, tests, acc=0.5):
     per_epoch = [{"epoch": e, "step": e, "val": v, "test": t, "train": 3.0}
                  for e, (v, t) in enumerate(zip(vals, tests, strict=True))]
@@ -213,9 +196,9 @@ def test_epoch_zero_scores_are_those_of_every_freshly_adapted_model(tiny_setup):
     setup = few_data.prepare(args)
     base = few_data.base_scores(setup)
     for peft in ("lora", "full"):
-        adapted = few_data.add_adapters(few_data.load_model(str(model)), peft, rank=2, seed=5)
-        assert few_data.evaluate(adapted, setup.batches(setup.test)) == base["test"]
-        assert few_data.evaluate(adapted, setup.batches(setup.val)) == base["val"]
+        adapted = few_data.pretrained(str(model), peft, rank=2, seed=5)
+        assert setup.loss(adapted, "test") == base["test"]
+        assert setup.loss(adapted, "val") == base["val"]
         assert few_data._accuracy(adapted, setup) == base["accuracy"]
 
 

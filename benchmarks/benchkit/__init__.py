@@ -9,3 +9,10 @@ imports (``from budget_methods import METHODS``) resolve with no path set-up. Th
 them through ``tests/conftest.py``'s ``load_benchmark``, the one place that adds
 ``benchmarks/`` to ``sys.path``.
 """
+
+import os
+
+# Nothing is downloaded: the pretrained models come from pip packages (ist-finetune's),
+# the others are built from a config.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

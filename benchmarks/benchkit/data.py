@@ -64,12 +64,13 @@ def token_stream(tokenizer: Any, texts: list[str]) -> torch.Tensor:
 
 def block_loader(blocks: torch.Tensor, batch_size: int,
                  device: str | None = None) -> list[dict[str, torch.Tensor]]:
-    """The batches of ``batch_size`` blocks (in order, labels = inputs) that a held-out loss
-    is measured on, moved to ``device`` when given.
+    """The batches of ``batch_size`` blocks that a held-out loss is measured on: in order,
+    labels = inputs, whole batches only (``block_batches`` without a generator), moved to
+    ``device`` when given.
 
     Example:
-        >>> [b["input_ids"].shape[0] for b in block_loader(torch.zeros(5, 3, dtype=torch.long), 2)]
-        [2, 2, 1]
+        >>> [b["input_ids"].shape for b in block_loader(torch.zeros(5, 3, dtype=torch.long), 2)]
+        [torch.Size([2, 3]), torch.Size([2, 3])]
     """
     batches = block_batches(blocks.flatten(), blocks.shape[1], batch_size)
     if device is None:
