@@ -67,13 +67,19 @@ class LayerActivator:
 
     def apply(self, active: Sequence[int]) -> None:
         """Make ``active`` the trained layers: state residency, cut, ``requires_grad``
-        (of every registered parameter, so parameters added since are covered too)."""
-        old, new = set(self.applied), set(active)
-        for index in sorted(old - new):
+        (of every registered parameter, so parameters added since are covered too).
+
+        :attr:`applied` is updated after each layer's state has moved, so an exception or
+        a ``KeyboardInterrupt`` in the middle leaves it naming exactly the layers whose
+        state the optimizer holds, and the next :meth:`apply` finishes the switch.
+        """
+        new = set(active)
+        for index in sorted(set(self.applied) - new):
             self.residency.deactivate(self.layers.params[index])
-        for index in sorted(new - old):
+            self.applied = [i for i in self.applied if i != index]
+        for index in sorted(new - set(self.applied)):
             self.residency.activate(self.layers.params[index])
-        self.applied = sorted(new)
+            self.applied = sorted({*self.applied, index})
         if self.backward_cut is not None:
             self.backward_cut.set_active(self.applied)
         if self.freezes_now:

@@ -52,8 +52,10 @@ def planner_for_model(model: nn.Module, optimizer: Optimizer, *, batch_size: int
     ``seq_len`` tokens.
 
     Read from the model: the config, the weights' dtype, the attention implementation
-    (``"eager"``, else the fused kernel), and peft LoRA adapters (targets, the largest
-    rank, its alpha, the adapters' dtype; no adapters: full training). The optimizer is
+    (``"eager"``, else the fused kernel), peft LoRA adapters (targets, the largest rank,
+    its alpha, the adapters' dtype; no adapters: full training), and a bitsandbytes 4-bit
+    base (``Linear4bit`` blocks: ``method="qlora"``, double quantization read from the
+    weights' quant state). The optimizer is
     modelled as AdamW (bitsandbytes 8-bit optimizers as AdamW8bit); optimizers with less
     state (SGD, Adafactor) are over-estimated, never under. ``keep_logits``: see
     :class:`~ist_optim.MemoryPlanner` (False for a loop that keeps only the loss).
@@ -91,12 +93,17 @@ def planner_for_model(model: nn.Module, optimizer: Optimizer, *, batch_size: int
         optimizer="adamw8bit" if "8bit" in name else "adamw", foreach=foreach is not False,
         attention="eager" if getattr(config, "_attn_implementation", None) == "eager"
         else "sdpa", keep_logits=keep_logits)
+    quantized = [m for m in decoder.layers.modules() if type(m).__name__ == "Linear4bit"]
     if ranks:
         rank = max(ranks)
-        kwargs.update(method="lora", lora_rank=rank, lora_alpha=alphas[rank],
-                      lora_targets=sorted(targets), adapter_dtype=adapter_dtype)
+        kwargs.update(method="qlora" if quantized else "lora", lora_rank=rank,
+                      lora_alpha=alphas[rank], lora_targets=sorted(targets),
+                      adapter_dtype=adapter_dtype)
     else:
         kwargs.update(method="full")
+    if quantized and ranks:  # bitsandbytes 4-bit base: nested quant state = double quant
+        state = getattr(quantized[0].weight, "quant_state", None)
+        kwargs.update(double_quant=bool(getattr(state, "nested", False)))
     return MemoryPlanner(config, **kwargs)
 
 

@@ -52,7 +52,7 @@ from .groups import LayerGroups, LayersSpec, build_layer_groups
 from .memory import MemoryPlanner
 from .residency import StatePolicy, StateResidency, resolve_state_policy
 from .rounds import ImportanceRound, build_round
-from .sampler import LayerSampler
+from .sampler import LayerSampler, check_layer_indices
 from .sampling import resolve_count
 from .wrapper import WrappedOptimizer
 
@@ -280,16 +280,18 @@ class ISTOptimizer(WrappedOptimizer):
     # ------------------------------------------------------------------ stepping
     def _draw_next(self) -> None:
         """The sampler draws the next set (again, up to ``budget_redraws`` times, while it
-        does not fit ``memory_budget`` as it is); then it is applied."""
+        does not fit ``memory_budget`` as it is); it becomes the sampler's active set once
+        it is applied, so an interrupted switch leaves the set that trained in place."""
         redraws = self.config.budget_redraws if self.memory_budget is not None else 0
         accept = self.memory_budget.fits_as_is if redraws and self.memory_budget else None
-        self.sampler.draw_next(accept, redraws)
-        self._apply()
+        drawn = self.sampler.draw_active(accept, redraws)
+        self._apply(drawn)
+        self.sampler.set_active(drawn)
 
-    def _apply(self) -> None:
-        self.activator.apply(self.sampler.active)
+    def _apply(self, layers: list[int]) -> None:
+        self.activator.apply(layers)
         if self.memory_budget is not None:
-            self.memory_budget.apply(self.sampler.active)
+            self.memory_budget.apply(layers)
 
     def _end_backward(self, closure: Callable[[], Any]) -> Callable[[], Any]:
         @functools.wraps(closure)
@@ -312,6 +314,8 @@ class ISTOptimizer(WrappedOptimizer):
         if closure is not None and self.config.skip_nonfinite:
             raise ValueError("skip_nonfinite checks the gradients before the update, but a "
                              "closure computes them inside it; call step() without a closure")
+        if self.activator.applied != self.sampler.active:
+            self._apply(self.sampler.active)  # a switch was interrupted: finish it first
         if self.config.skip_nonfinite and not finite_on_every_rank(
                 self.activator.trained_grads(), self._group):
             self._skip_step()
@@ -354,8 +358,9 @@ class ISTOptimizer(WrappedOptimizer):
         Raises:
             ValueError: for indices that are not distinct layers of this optimizer.
         """
+        layers = check_layer_indices(layers, self.num_layers)
+        self._apply(layers)
         self.sampler.set_active(layers)
-        self._apply()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the inner optimizer; its params join their layer or the outside group."""
@@ -426,7 +431,7 @@ class ISTOptimizer(WrappedOptimizer):
         # The inner optimizer holds every saved entry now; the residency moves (or drops)
         # those of inactive layers, as if every layer had just been active.
         self.activator.reset()
-        self._apply()
+        self._apply(self.sampler.active)
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict`; the next step trains the saved active set. All is

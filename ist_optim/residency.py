@@ -130,14 +130,15 @@ class StateResidency:
         """
         if self.policy == "keep":
             return
-        entries = []
-        for p in params:
-            entry = self.optimizer.state.pop(p, None)
-            if entry and self.policy == "offload":
-                entries.append((p, entry))
-        if entries:
+        params = list(params)
+        # stored first, popped last: an interrupt in between leaves the state in both places
+        # (the next deactivate stores it again), never in neither
+        entries = [(p, entry) for p in params if (entry := self.optimizer.state.get(p))]
+        if entries and self.policy == "offload":
             self._offload(entries)
             self._record_streams()
+        for p in params:
+            self.optimizer.state.pop(p, None)
 
     def _offload(self, entries: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
         on_cuda: dict[tuple[torch.device, torch.dtype], list] = {}
@@ -206,12 +207,12 @@ class StateResidency:
                 for p, key, offset, shape in layout:
                     restored.setdefault(p, {})[key] = moved[offset:offset + shape.numel()
                                                             ].view(shape)
-        for p in wanted:
-            entry = self._store.pop(p)
-            self._batch_of.pop(p, None)
+        for p in wanted:  # given back first, then forgotten (see deactivate)
             done = restored.get(p, {})
             self.optimizer.state[p] = {
-                k: done[k] if k in done else self._to_device(v) for k, v in entry.items()}
+                k: done[k] if k in done else self._to_device(v) for k, v in self._store[p].items()}
+            del self._store[p]
+            self._batch_of.pop(p, None)
         self._record_streams()
 
     def _side_stream(self, device: torch.device) -> Any:
@@ -253,12 +254,20 @@ class StateResidency:
 
     # ------------------------------------------------------------------ accounting / io
     def offloaded_bytes(self) -> int:
-        return state_bytes({k: v for k, (v, _) in entry.items()} for entry in self._store.values())
+        return state_bytes(self._host_entries().values())
 
     def offloaded_state(self) -> dict[torch.Tensor, dict[str, Any]]:
-        """The offloaded per-parameter state as plain host tensors (synchronizes first)."""
+        """The offloaded per-parameter state as plain host tensors (synchronizes first).
+
+        A parameter whose state the optimizer holds too (a switch interrupted between
+        storing and removing it) is left out: the optimizer's entry is the live one.
+        """
         self.synchronize()
-        return {p: {k: v for k, (v, _) in entry.items()} for p, entry in self._store.items()}
+        return self._host_entries()
+
+    def _host_entries(self) -> dict[torch.Tensor, dict[str, Any]]:
+        return {p: {k: v for k, (v, _) in entry.items()} for p, entry in self._store.items()
+                if p not in self.optimizer.state}
 
     def clear(self) -> None:
         """Forget every offloaded entry (a checkpoint load put them in the optimizer)."""

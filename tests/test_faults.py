@@ -260,14 +260,6 @@ def _trained_counts(history: list[list[int]]) -> list[int]:
     return [sum(layer in active for active in history) for layer in range(LAYERS)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core defect: LayerActivator.set_active (ist_optim/activator.py) is not atomic. It "
-    "deactivates the leaving layers one by one (StateResidency.deactivate pops their state "
-    "out of the inner optimizer) and only then assigns self.active; an interrupt between "
-    "two deactivate calls leaves activator.active (and sampler.active) naming a layer "
-    "whose AdamW state is already in the residency store, so the next step trains that "
-    "layer from fresh zero moments and step 0, and its saved moments are overwritten when "
-    "it leaves again: optimizer state is silently lost"))
 def test_keyboard_interrupt_during_the_active_set_switch_loses_no_state():
     """Ctrl-C inside ``step()`` while the next active set is applied (in the residency's
     offload of a leaving layer). Whatever set then trains, no layer's optimizer state may

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ist_optim import ISTOptimizer, MemoryPlanner, account_step
+from ist_optim.budget import planner_for_model
 from ist_optim.cli.models import keep_4bit_layout
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -245,6 +246,21 @@ def test_planner_matches_ist_under_a_budget(base_dir):
     measured = account_step(step, model=model, optimizer=opt)
     assert measured.peak_bytes <= report["predicted_peak_bytes"] <= budget
     assert measured.peak_bytes >= 0.85 * report["predicted_peak_bytes"]
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_memory_shape_reads_a_4bit_base_as_qlora(base_dir, double_quant):
+    """memory_shape= builds the planner from the model: a 4-bit base is planned as QLoRA
+    (quantized weights and their constants), the same as the explicit planner."""
+    model = qlora_model(base_dir, double_quant=double_quant)
+    planner = planner_for_model(model, torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], foreach=False),
+        batch_size=4, seq_len=64)
+    assert planner.method == "qlora"
+    assert planner.settings["double_quant"] is double_quant
+    explicit = _planner(double_quant)
+    assert planner.estimate().peak_bytes == pytest.approx(explicit.estimate().peak_bytes,
+                                                          rel=1e-3)
 
 
 def test_trainer_route_trains_and_logs_ist(base_dir, tmp_path):
