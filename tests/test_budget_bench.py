@@ -64,6 +64,21 @@ def test_a_sweep_whose_best_rate_is_an_edge_is_extended_past_it():
     assert budget_plan.final_runs(rows + finals) == finals[1:]
 
 
+@pytest.mark.parametrize("name", list(budget_methods.METHODS))
+def test_every_method_is_well_formed_and_its_ist_keywords_are_valid(name):
+    from ist_optim import ISTConfig
+
+    method = budget_methods.METHODS[name]
+    assert method.peft in ("lora", "dora", "full")
+    assert method.optimizer in ("adamw", "ist", "badam")
+    assert method.checkpointing in ("model", "budget")
+    assert method.checkpointing == "budget" or not method.ist_kwargs
+    if method.optimizer == "ist":  # as budget_run.build passes them, with the budget
+        ISTConfig(**method.ist_kwargs, memory_budget=2**30, memory_shape=(4, 128))
+    assert budget_methods.lr_grid(name) in (budget_methods.LR_GRID, budget_methods.FULL_LR_GRID)
+    assert name in budget.build_parser().parse_args(["--methods", name]).methods
+
+
 def test_full_fine_tuning_sweeps_lower_rates():
     assert budget_methods.lr_grid("lora+gc") == (5e-4, 1e-3, 2e-3, 4e-3)
     assert max(budget_methods.lr_grid("full+ist-3+budget")) < max(budget_methods.lr_grid("lora+gc"))
