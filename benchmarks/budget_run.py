@@ -81,6 +81,8 @@ class PeakMeter:
         self._highest_prediction = -1
 
     def wants(self, step: int, predicted: int | None) -> bool:
+        """Whether to account ``step`` (CPU only): steps 1 and 2, every 10th, and every step
+        whose predicted peak (IST's ``memory_report``) is the highest so far."""
         if self.device != "cpu":
             return False
         new_high = predicted is not None and predicted > self._highest_prediction
@@ -106,6 +108,7 @@ class PeakMeter:
 
 
 def gradient_checkpointing(model: Any) -> None:
+    """The model's own (non-reentrant) gradient checkpointing on every block."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
