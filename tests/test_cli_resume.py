@@ -38,6 +38,16 @@ TEXT = ("Shall I compare thee to a summer's day? Thou art more lovely and more t
         "a date. ") * 6
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread here and in the killed subprocesses (OMP_NUM_THREADS=1): the
+    same reductions everywhere, and no CPU burnt spinning on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """The tiny Llama of the CLI tests, with attention dropout on: the global RNG matters."""
@@ -87,7 +97,7 @@ def _run_until_paused(argv: list[str], pause_at: str, tmp_path: Path) -> None:
     pauses there, and kill it with SIGKILL."""
     marker = tmp_path / f"paused-{pause_at.replace(':', '-')}"
     env = {**os.environ, TEST_PAUSE_ENV: pause_at, TEST_PAUSE_FILE_ENV: str(marker),
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "ist_optim", *argv], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

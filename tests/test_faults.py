@@ -24,6 +24,16 @@ from ist_optim import ISTOptimizer
 LAYERS = 4
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny tensors: one intra-op thread is faster, and on a busy machine a second one
+    burns CPU spinning (100x the CPU time of these steps)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Boom(RuntimeError):
     """The injected fault."""
 
