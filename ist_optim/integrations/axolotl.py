@@ -373,7 +373,7 @@ def _args_model() -> type:
     """``ISTArgs``: the pydantic model axolotl merges into its config schema."""
     try:
         from pydantic import BaseModel, Field, model_validator
-    except ImportError as err:  # not ImportError: axolotl would only log it and train on
+    except ImportError as err:  # a RuntimeError: axolotl only logs an ImportError, trains on
         raise RuntimeError(f"the IST axolotl plugin needs pydantic ({err})") from err
 
     class ISTArgs(BaseModel):
@@ -440,7 +440,7 @@ def _plugin_class() -> type:
     """``ISTPlugin``: built on axolotl's ``BasePlugin`` when first accessed."""
     try:
         from axolotl.integrations.base import BasePlugin
-    except ImportError as err:  # not ImportError: axolotl would only log it and train on
+    except ImportError as err:  # a RuntimeError: axolotl only logs an ImportError, trains on
         raise RuntimeError(
             f"ist_optim.integrations.axolotl.ISTPlugin needs axolotl ({err}); install it "
             "(pip install axolotl) in the environment that runs `axolotl train`") from err
@@ -454,7 +454,8 @@ def _plugin_class() -> type:
         """IST for axolotl: list it under ``plugins:`` and set ``ist_*`` keys.
 
         Hooks: ``get_input_args`` (the ``ist_*`` keys, :class:`ISTArgs`, validated with
-        the YAML), ``register`` (logs that IST is on), ``post_trainer_create`` (installs
+        the YAML), ``register`` (logs that IST is on; turns axolotl's fused LoRA kernels off
+        when the YAML leaves them unset), ``post_trainer_create`` (installs
         the ISTOptimizer around the optimizer axolotl would build, and the IST callback).
         """
 
