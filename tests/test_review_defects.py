@@ -305,7 +305,9 @@ def test_global_step_hooks_fire_once_per_step():
 
 
 def test_lbfgs_gets_the_closure_and_trains():
-    blocks = nn.ModuleList(nn.Linear(3, 3) for _ in range(4))
+    with torch.random.fork_rng():  # the init must not depend on the tests run before
+        torch.manual_seed(0)
+        blocks = nn.ModuleList(nn.Linear(3, 3) for _ in range(4))
     model = nn.Sequential(*blocks)
     x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
     opt = ISTOptimizer(torch.optim.LBFGS, model, layers=list(blocks), active_layers=2,

@@ -60,7 +60,7 @@ def test_state_dict_content_is_plain_and_loads_before_first_step():
     ist = state["ist"]
     assert set(ist) == {"format_version", "layers", "sampler", "rounds"}
     assert set(ist["sampler"]) == {"scores", "generator_state", "active_layers", "num_steps",
-                                   "seed"}
+                                   "seed", "skipped_steps"}
     assert ist["layers"]["num_layers"] == 4
     assert ist["rounds"]["estimator"] == "paper"
     sampler = ist["sampler"]
