@@ -181,8 +181,9 @@ def _trainer(tmp_path: Any, optim: str = "adamw_torch", **kwargs: Any) -> Traine
     return Trainer(model=_tiny_lora_model(), args=args, **kwargs)
 
 
-def test_install_wraps_what_the_trainer_would_build(tmp_path: Any) -> None:
-    trainer = _trainer(tmp_path)
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused"])  # axolotl's default
+def test_install_wraps_what_the_trainer_would_build(tmp_path: Any, optim: str) -> None:
+    trainer = _trainer(tmp_path, optim=optim)
     reference = trainer.create_optimizer()
     reference_groups = [{k: v for k, v in g.items() if k != "params"}
                         for g in reference.param_groups]
@@ -194,7 +195,8 @@ def test_install_wraps_what_the_trainer_would_build(tmp_path: Any) -> None:
         == reference_groups
     assert [len(g["params"]) for g in opt.param_groups] == \
         [len(g["params"]) for g in reference.param_groups]
-    assert opt.defaults["lr"] == reference.defaults["lr"] == 1e-3
+    assert opt.defaults == reference.defaults  # the constructor kwargs (lr, fused, ...)
+    assert opt.defaults["lr"] == 1e-3
     assert opt.num_layers == 4 and opt.num_active == 1
 
 
