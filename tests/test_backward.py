@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import lm_batch, lora_model
@@ -133,3 +135,22 @@ def test_reaches_trainable_parameter():
     assert not reaches_trainable_parameter((x * frozen).sum())
     assert reaches_trainable_parameter(w)
     assert not reaches_trainable_parameter(x)
+
+
+# 9. cost: the backward cut walks the graph once per forward, not once per block ----------
+def test_graph_walks_grow_linearly_with_depth_when_embeddings_train():
+    def walked(num_layers):
+        model = lora_model(num_layers, modules_to_save=["embed_tokens"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the outside group is large here
+            opt = ISTOptimizer(torch.optim.SGD, model, lr=1e-3, seed=0,
+                               sampling="uniform", active_layers=1)
+        opt.set_active_layers([num_layers - 1])  # the cut acts up to the top block
+        model(**lm_batch()).loss.backward()
+        cut = opt.activator.backward_cut
+        assert cut is not None and cut.cuts == 0  # embeddings train: nothing may be cut
+        return cut.nodes_walked
+
+    small, large = walked(4), walked(16)
+    # linear: 4x the blocks, about 4x the nodes; re-walking per block would be ~16x
+    assert large <= 5 * small

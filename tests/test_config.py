@@ -72,3 +72,9 @@ def test_estimator_constants_reach_the_update():
 def opt_config_defaults_match() -> bool:
     opt = ISTOptimizer(torch.optim.SGD, lora_model(4), lr=1e-3)
     return opt.config == ISTConfig()
+
+
+@pytest.mark.parametrize("name", ["score_lr", "suppression", "score_retention"])
+def test_nan_option_is_a_value_error_naming_the_range(name):
+    with pytest.raises(ValueError, match=rf"Invalid {name}: nan; expected a number in"):
+        ISTOptimizer(torch.optim.SGD, lora_model(4), lr=1e-3, **{name: float("nan")})

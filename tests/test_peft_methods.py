@@ -280,3 +280,41 @@ def test_full_fine_tuning_uses_residual_suppression():
         opt.step()
         opt.zero_grad()
     assert opt.last_round is not None and torch.count_nonzero(opt.importance) > 0
+
+
+# 5. AdaLoRA: the loop peft documents works (freeze_inactive=False), else refused ----------
+def _adalora(total_step=12):
+    from peft import AdaLoraConfig, get_peft_model
+
+    config = AdaLoraConfig(r=4, init_r=4, target_r=2, lora_alpha=8, tinit=2, tfinal=2,
+                           deltaT=2, total_step=total_step,
+                           target_modules=["q_proj", "v_proj"])
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        return get_peft_model(tiny_llama(4), config)
+
+
+def test_adalora_is_refused_with_frozen_inactive_layers():
+    with pytest.raises(ValueError, match="freeze_inactive=False"):
+        ISTOptimizer(torch.optim.AdamW, _adalora(), lr=1e-3)
+
+
+def test_adalora_documented_loop_runs_and_allocates_ranks():
+    model = _adalora()
+    opt = ISTOptimizer(torch.optim.AdamW, model, lr=1e-2, seed=0, active_layers=2,
+                       update_interval=3, freeze_inactive=False)
+    rank_patterns = []
+    for step in range(12):
+        before = params_snapshot(model)
+        active = opt.active_layers
+        loss = model(**lm_batch(seed=step)).loss
+        loss.backward()
+        opt.step()
+        changed = {i for i, name in enumerate(opt.layer_names)
+                   if any(not torch.equal(before[n], p) for n, p in model.named_parameters()
+                          if n.startswith(name + ".") and "lora_" in n)}
+        assert changed == set(active)  # the update trained the active layers only
+        model.base_model.update_and_allocate(step)   # peft's documented AdaLoRA loop
+        opt.zero_grad()
+        rank_patterns.append(model.peft_config["default"].rank_pattern)
+    assert rank_patterns[-1] is not None  # the allocator masked ranks to its budget
