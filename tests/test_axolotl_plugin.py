@@ -62,6 +62,8 @@ def test_memory_budget_takes_its_shape_from_the_batch_settings() -> None:
      "^ist_memory_budget: "),
     ({"ist_budget_redraws": 2}, ValueError, "^ist_budget_redraws: budget_redraws=2"),
     ({"ist_freeze_inactive": "yes"}, TypeError, "^ist_freeze_inactive: freeze_inactive"),
+    ({"ist_dense_steps": -3}, ValueError, "^ist_dense_steps: Invalid dense_steps: -3"),
+    ({"ist_skip_nonfinite": "no"}, TypeError, "^ist_skip_nonfinite: skip_nonfinite"),
 ])
 def test_bad_options_name_the_yaml_key(cfg: dict[str, Any], error: type[Exception],
                                        message: str) -> None:
@@ -243,3 +245,9 @@ def test_install_refuses_an_optimizer_it_cannot_rebuild(tmp_path: Any) -> None:
     trainer.create_optimizer = lambda: Factory(trainer.model.parameters(), lr=0.1)
     with pytest.raises(RuntimeError, match="cannot rebuild Factory"):
         install_ist_optimizer(trainer, {"seed": 0})
+
+
+def test_the_schedule_and_nonfinite_keys_reach_the_optimizer() -> None:
+    options = ist_options({"ist_dense_steps": 5, "ist_ramp_steps": 3,
+                           "ist_skip_nonfinite": True})
+    assert options == {"dense_steps": 5, "ramp_steps": 3, "skip_nonfinite": True}

@@ -62,6 +62,9 @@ OPTION_KEYS: dict[str, str] = {
     "ist_suppression": "suppression",
     "ist_freeze_inactive": "freeze_inactive",
     "ist_depth_window": "depth_window",
+    "ist_dense_steps": "dense_steps",
+    "ist_ramp_steps": "ramp_steps",
+    "ist_skip_nonfinite": "skip_nonfinite",
 }
 
 #: Values of ``ist_importance_batches``: ``last`` measures the rounds on the latest training
@@ -409,6 +412,15 @@ def _args_model() -> type:
         ist_suppression: float | None = None
         ist_freeze_inactive: bool | None = None
         ist_depth_window: int | None = None
+        ist_dense_steps: int | None = Field(
+            default=None, json_schema_extra={"description": "every layer trains in the "
+                                             "first N steps, then ist_active_layers"})
+        ist_ramp_steps: int | None = Field(
+            default=None, json_schema_extra={"description": "then the count falls "
+                                             "linearly to ist_active_layers over N steps"})
+        ist_skip_nonfinite: bool | None = Field(
+            default=None, json_schema_extra={"description": "skip a step whose gradients "
+                                             "hold NaN/Inf (counted in ist/skipped_steps)"})
         ist_importance_batches: str | None = Field(
             default=None, json_schema_extra={"description": "last | eval | train: batches "
                                              "of the importance rounds (last)"})
