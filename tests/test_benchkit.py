@@ -12,7 +12,6 @@ from conftest import load_benchmark
 data = load_benchmark("benchkit.data")
 models = load_benchmark("benchkit.models")
 report = load_benchmark("benchkit.report")
-anchors = load_benchmark("benchkit.memory_anchors")
 
 
 @pytest.mark.parametrize("module", [data, models, report], ids=lambda m: m.__name__)
@@ -80,16 +79,3 @@ def test_rows_are_appended_one_json_line_each_and_read_back(tmp_path):
     report.append_row(path, {"b": [1.5]})
     assert report.read_rows([path, tmp_path / "missing.jsonl"]) == [{"a": 1}, {"b": [1.5]}]
     assert path.read_text().count("\n") == 2
-
-
-def test_memory_anchors_agree_with_the_planner_tests():
-    # tests/test_memory_estimate.py checks the planner against the same measurements:
-    # the two copies must not drift apart.
-    from test_memory_estimate import CPU_CASES, H200, LLAMA2_7B, _run_and_account
-
-    assert (anchors.H200, anchors.CPU_CASES, anchors.LLAMA2_7B) == (H200, CPU_CASES, LLAMA2_7B)
-    config = models.llama_config(2, 64, intermediate=128, heads=4, kv_heads=2, vocab=128)
-    for method, active in (("lora", [1]), ("full", [0])):
-        ours = anchors.accounted_step(config, method, active)
-        theirs = _run_and_account(config, method, active)
-        assert ours.peak_bytes == theirs.peak_bytes > 0
