@@ -427,7 +427,11 @@ class ISTOptimizer(WrappedOptimizer):
     def load_ist_state_dict(self, ist: Any) -> None:
         """Apply an ``"ist"`` entry after the inner optimizer's state was loaded (the DCP
         helpers use this); validates it all first."""
-        apply_ist_entry(self.check_ist_state_dict(ist), self._parts())
+        self._apply_ist_entry(self.check_ist_state_dict(ist))
+
+    def _apply_ist_entry(self, ist: dict[str, Any]) -> None:
+        """Apply an entry :meth:`check_ist_state_dict` returned."""
+        apply_ist_entry(ist, self._parts())
         # The inner optimizer holds every saved entry now; the residency moves (or drops)
         # those of inactive layers, as if every layer had just been active.
         self.activator.reset()
@@ -442,7 +446,7 @@ class ISTOptimizer(WrappedOptimizer):
             "ist_opt.optimizer.load_state_dict(...) instead")
         ist = self.check_ist_state_dict(ist)
         self.optimizer.load_state_dict(inner)
-        self.load_ist_state_dict(ist)
+        self._apply_ist_entry(ist)
 
     def memory_report(self) -> dict[str, Any]:
         """Optimizer-state bytes on the device and offloaded, trainable bytes of the
