@@ -30,13 +30,17 @@ class Method:
 
     ``checkpointing``: ``"model"`` (every block, the model's own gradient checkpointing),
     ``"budget"`` (``ISTOptimizer(memory_budget=...)``) or ``"none"`` (LoRA without
-    checkpointing, run only to show that it does not fit the budget).
+    checkpointing, run only to show that it does not fit the budget). ``inactive``:
+    ``(scale, max_steps)`` of :class:`inactive_updates.InactiveMomentum`, the trial of
+    moving the layers that sit out an IST step on their kept state (issue 21); None: they
+    do not move.
     """
 
     peft: str
     optimizer: str
     checkpointing: str
     ist_kwargs: dict[str, Any] = field(default_factory=dict)
+    inactive: tuple[float, int] | None = None
 
 
 FIRST_ORDER = {"estimator": "first-order", "sampling": "depth-aware"}
@@ -78,6 +82,19 @@ METHODS: dict[str, Method] = {
                                             {**FIRST_ORDER, "dense_steps": 50}),
     "lora+uniform-ramp100+budget": Method("lora", "ist", "budget",
                                           {"sampling": "uniform", "ramp_steps": 100}),
+    # lora+uniform-dense50+budget with the layers that sit out a step moving on their kept
+    # Adam state (issue 21 item 2, inactive_updates.py): the first step after leaving, at
+    # half scale for the first 3, and every step (the naive form with only the first
+    # moment decaying, as a reference)
+    "lora+uniform-dense50-mom1+budget": Method("lora", "ist", "budget",
+                                               {"sampling": "uniform", "dense_steps": 50},
+                                               inactive=(1.0, 1)),
+    "lora+uniform-dense50-mom3h+budget": Method("lora", "ist", "budget",
+                                                {"sampling": "uniform", "dense_steps": 50},
+                                                inactive=(0.5, 3)),
+    "lora+uniform-dense50-momall+budget": Method("lora", "ist", "budget",
+                                                 {"sampling": "uniform", "dense_steps": 50},
+                                                 inactive=(1.0, 1000)),
     # LISA-style: 2 uniformly drawn blocks of full fine-tuning per step, no importance.
     "lisa+budget": Method("full", "ist", "budget",
                           {"sampling": "uniform", "active_layers": 2, "state_policy": "drop"}),

@@ -24,6 +24,7 @@ from benchkit.models import pretrained
 from benchkit.report import append_row, read_rows
 from budget_methods import BASELINE, METHODS, Method, lr_grid
 from budget_plan import runs_of_schedule, todo
+from inactive_updates import InactiveMomentum
 
 from ist_optim import ISTOptimizer, account_step
 from ist_optim.budget import planner_for_model
@@ -160,6 +161,12 @@ def run_one(name: str, method: Method, lr: float, seed: int, steps: int, data: D
     device = args.device
     model, optimizer = build(method, lr, seed, args, budget)
     ist = optimizer if isinstance(optimizer, ISTOptimizer) else None
+    inactive = None
+    if method.inactive is not None:
+        if ist is None:
+            raise ValueError(f"{name}: inactive updates need an IST optimizer")
+        scale, max_steps = method.inactive
+        inactive = InactiveMomentum(ist, scale=scale, max_steps=max_steps)
     model.train()
     batches = block_batches(data.train, args.seq_len, args.batch_size,
                             generator=torch.Generator().manual_seed(seed))
@@ -175,7 +182,10 @@ def run_one(name: str, method: Method, lr: float, seed: int, steps: int, data: D
         # every parameter with a gradient (IST's trainable set changes from step to step)
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
                                        1.0)
+        trained = ist.active_layers if inactive is not None else None  # before step()
         optimizer.step()
+        if inactive is not None:  # the rate of this step, before the scheduler moves it
+            inactive.after_step(optimizer.param_groups[0]["lr"], trained)
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
             scheduler.step()
@@ -197,14 +207,17 @@ def run_one(name: str, method: Method, lr: float, seed: int, steps: int, data: D
         ist.close()
     cpu_fair, cpu_per_step = fair_times(cpu, accounted)
     wall_fair, wall_per_step = fair_times(wall, accounted)
-    return {"method": name, "lr": lr, "seed": seed, "steps": steps, "device": device,
-            "schedule": args.schedule, "warmup": args.warmup,
-            "batch_size": args.batch_size, "seq_len": args.seq_len, "model": args.model,
-            "budget_bytes": budget, "peak_bytes": meter.peak, "accounted_steps": meter.accounted,
-            "cpu_seconds": cpu_fair, "wall_seconds": wall_fair,
-            "cpu_seconds_per_step": cpu_per_step,
-            "wall_seconds_per_step": wall_per_step,
-            "checkpointed_blocks": checkpointed, "train_losses": losses, "evals": evals}
+    row = {"method": name, "lr": lr, "seed": seed, "steps": steps, "device": device,
+           "schedule": args.schedule, "warmup": args.warmup,
+           "batch_size": args.batch_size, "seq_len": args.seq_len, "model": args.model,
+           "budget_bytes": budget, "peak_bytes": meter.peak, "accounted_steps": meter.accounted,
+           "cpu_seconds": cpu_fair, "wall_seconds": wall_fair,
+           "cpu_seconds_per_step": cpu_per_step,
+           "wall_seconds_per_step": wall_per_step,
+           "checkpointed_blocks": checkpointed, "train_losses": losses, "evals": evals}
+    if inactive is not None:
+        row["inactive_updates"] = inactive.summary()
+    return row
 
 
 def fair_times(seconds: list[float], accounted: list[bool]) -> tuple[list[float], float]:
