@@ -23,8 +23,8 @@ from __future__ import annotations
 import time
 
 from ist_optim import ISTConfig, LayerSampler, MemoryPlanner
-from ist_optim.budget import CheckpointPolicy, parse_memory_budget
 from ist_optim.memory import load_config
+from ist_optim.memory.budget import CheckpointPolicy, parse_memory_budget
 
 
 def main(budget: str = "24GiB", draws: int = 200) -> None:

@@ -27,10 +27,10 @@ from budget_plan import runs_of_schedule, todo
 from inactive_updates import InactiveMomentum
 
 from ist_optim import ISTOptimizer, account_step
-from ist_optim.budget import planner_for_model
 from ist_optim.cli.data import block_batches, load_documents
 from ist_optim.cli.models import load_model, load_tokenizer
 from ist_optim.cli.train import build_optimizer
+from ist_optim.memory.budget import planner_for_model
 
 
 # --------------------------------------------------------------------------- data

@@ -74,7 +74,7 @@ def run_one(name: str, cfg: dict, active_frac: float, seed: int,
     from torch._dynamo.utils import counters
 
     from ist_optim import BackwardCut, ISTOptimizer, compile_blocks
-    from ist_optim.sampling import resolve_count, sample_layers
+    from ist_optim.sampling.draws import resolve_count, sample_layers
 
     limit_hits = _LimitHits()
     logging.getLogger("torch._dynamo").addHandler(limit_hits)

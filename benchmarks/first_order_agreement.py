@@ -4,7 +4,7 @@
    AdamW); at each stage, on one fixed batch in eval mode, every layer's adapters are damped
    one at a time by ``lambda`` and the loss change is measured (``L`` forwards), and the
    first-order prediction ``(lambda - 1) <dL/dy_i, y_i>`` is read from one backward pass
-   (:class:`ist_optim.estimators.FirstOrderProbe`). Reported: Spearman rank correlation
+   (:class:`ist_optim.importance.estimators.FirstOrderProbe`). Reported: Spearman rank correlation
    of the two per-layer vectors, for lambda = 0.25 (the paper's) and 0.9.
 2. Cost. ``ISTOptimizer`` with every layer active (so all configurations train the same
    layers and differ only in the estimator), steps interleaved; medians side by side:
@@ -34,7 +34,7 @@ from benchkit.models import llama_config, random_llama, shape_parser
 from benchkit.report import spearman
 
 from ist_optim import ISTOptimizer, Suppressor
-from ist_optim.estimators import FirstOrderProbe
+from ist_optim.importance.estimators import FirstOrderProbe
 
 
 def blocks_of(model: torch.nn.Module) -> list[torch.nn.Module]:

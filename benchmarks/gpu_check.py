@@ -25,7 +25,7 @@ ends: ``results.jsonl`` (one JSON record per environment, part, test and benchma
 
 Without a CUDA device (or with ``--dry``) the same parts run in a dry mode on the CPU: the
 CUDA tests are collected and skipped, and the memory benchmark runs its ``tiny`` preset for
-one configuration, so the whole check stays exercised in CI (tests/test_gpu_check.py).
+one configuration, so the whole check stays exercised in CI (tests/benchmarks/test_gpu_check.py).
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def make_optimizer(name: str, model, cfg: dict, active: int, seed: int):
 
 def run_one(name: str, cfg: dict, device: str, active_frac: float, seed: int) -> dict:
     from ist_optim import ISTOptimizer, state_bytes
-    from ist_optim.sampling import resolve_count, sample_layers
+    from ist_optim.sampling.draws import resolve_count, sample_layers
 
     peft = not name.startswith(("full", "ist_full", "badam"))
     model = build_model(cfg, peft, device)

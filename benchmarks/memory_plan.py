@@ -3,7 +3,7 @@
 The measured column is the peak allocated GPU memory of shared/bench/gpu_anchor.py on one
 H200 (LLaMA-2-7B shape, bf16, batch 8 x 512; raw lines in shared/bench/*.jsonl), copied
 into ``benchkit/memory_anchors.py`` as data (tests/test_memory_estimate.py holds the same
-rows; tests/test_benchkit.py checks that the two agree). The predicted column is computed
+rows; tests/benchmarks/test_benchkit.py checks that the two agree). The predicted column is computed
 here from the config alone, on CPU. Also prints the predicted-vs-accounted comparison for
 small random Llamas trained on this CPU (``account_step``, exact tensor bytes).
 

@@ -7,16 +7,21 @@ Replace one line of a training script::
 See README.md for how it works and what it measures.
 """
 
-from .activator import LayerActivator
-from .backward import BackwardCut, GraphMemo, reaches_trainable_parameter
-from .block_checkpoint import BlockCheckpointer
-from .budget import BudgetDecision, CheckpointPolicy, MemoryBudget, parse_memory_budget
-from .compile import compile_blocks, is_compiled_block
 from .config import ISTConfig
-from .estimators import FirstOrderProbe, normalized_score_update
-from .groups import LayerGroups, build_layer_groups, discover_layers
-from .history import ImportanceHistory
-from .importance import paper_advantages, score_update
+from .core.activator import LayerActivator
+from .core.backward import BackwardCut, GraphMemo, reaches_trainable_parameter
+from .core.compile import compile_blocks, is_compiled_block
+from .core.groups import LayerGroups, build_layer_groups, discover_layers
+from .importance.estimators import FirstOrderProbe, normalized_score_update
+from .importance.rounds import (
+    FirstOrderRound,
+    ImportanceRound,
+    NormalizedRound,
+    PaperRound,
+    RoundContext,
+)
+from .importance.scores import paper_advantages, score_update
+from .importance.suppression import Suppressor, find_tuner_layers
 from .memory import (
     MemoryEstimate,
     MemoryPlanner,
@@ -24,13 +29,14 @@ from .memory import (
     account_step,
     estimate_peak_memory,
 )
+from .memory.budget import BudgetDecision, CheckpointPolicy, MemoryBudget, parse_memory_budget
+from .memory.recompute import BlockCheckpointer
+from .memory.residency import StateResidency, state_bytes
 from .optimizer import ISTOptimizer
-from .plotting import plot_importance
 from .registry import register_estimator, register_sampling_rule
-from .residency import StateResidency, state_bytes
-from .rounds import FirstOrderRound, ImportanceRound, NormalizedRound, PaperRound, RoundContext
-from .sampler import LayerSampler
-from .sampling import (
+from .reporting.history import ImportanceHistory
+from .reporting.plotting import plot_importance
+from .sampling.draws import (
     distribution_spread,
     resolve_count,
     sample_candidate_sets,
@@ -38,9 +44,9 @@ from .sampling import (
     sample_layers,
     sampling_weights,
 )
-from .sampling_rules import SamplingRule
-from .schedule import ActiveSchedule
-from .suppression import Suppressor, find_tuner_layers
+from .sampling.rules import SamplingRule
+from .sampling.sampler import LayerSampler
+from .sampling.schedule import ActiveSchedule
 
 __version__ = "0.1.0"
 

@@ -23,6 +23,7 @@ from .registry import estimator, estimator_names, sampling_rule, sampling_rule_n
 __all__ = [
     "ISTConfig",
     "check_adalora",
+    "check_count",
     "STATE_POLICIES",
     "SUPPRESSION_MODES",
     "StatePolicy",
@@ -32,6 +33,7 @@ __all__ = [
     "check_number",
     "check_optimizer_and_model",
     "parse_memory_budget",
+    "split_options",
 ]
 
 StatePolicy = Literal["keep", "offload", "drop"]
@@ -122,14 +124,25 @@ def check_int(name: str, value: Any, low: int) -> int:
     return value
 
 
-def _check_count(name: str, value: Any) -> None:
-    """An int count >= 1 or a fraction in (0, 1]; the layer count checks the rest later."""
+def check_count(name: str, value: Any, num_layers: int | None = None) -> None:
+    """An int count in ``[1, num_layers]`` (``>= 1`` while the layer count is unknown) or a
+    float fraction in ``(0, 1]``; the one check behind ``active_layers``,
+    ``suppressed_layers`` and :func:`ist_optim.resolve_count`.
+
+    Example:
+        >>> check_count("active_layers", 0.25), check_count("active_layers", 3, 32)
+        (None, None)
+    """
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be an int count or a float fraction, got {value!r}")
     if isinstance(value, int):
-        if value < 1:
+        if num_layers is None and value < 1:
             raise ValueError(f"{name}={value} is below 1; pass a layer count >= 1 or a "
                              "fraction in (0, 1]")
+        if num_layers is not None and not 1 <= value <= num_layers:
+            raise ValueError(
+                f"{name}={value} is outside [1, {num_layers}] for a model with {num_layers} "
+                "layers; pass a count in that range or a fraction in (0, 1]")
     elif math.isnan(value) or not 0.0 < value <= 1.0:
         raise ValueError(
             f"{name}={value} is not a fraction in (0, 1]; pass e.g. 0.25, or an int count"
@@ -231,12 +244,12 @@ class ISTConfig:
         score_lr: step size ``eta`` of the score update; 10.0.
         suppression: factor ``lambda`` on the suppressed responses, in [0, 1); 0.25.
         update_interval: steps ``T`` between importance rounds (first after step ``T``); 10.
-        sampling: the sampling rule (:mod:`ist_optim.sampling_rules`): ``"importance"``
+        sampling: the sampling rule (:mod:`ist_optim.sampling.rules`): ``"importance"``
             (weights ``sigmoid(-s)``, the paper), ``"uniform"`` (LISA-style, no rounds),
             ``"depth-aware"`` (importance weights, drawn clustered in depth so the
             backward stops higher), or any registered rule (docs/extending.md).
         estimator: how a round measures importance: ``"paper"``, ``"normalized"`` or
-            ``"first-order"`` (see :mod:`ist_optim.estimators`), or a registered one.
+            ``"first-order"`` (see :mod:`ist_optim.importance.estimators`), or a registered one.
         suppression_mode: ``"auto"``, ``"adapters"`` (peft adapters damped) or
             ``"residual"`` (block outputs ``x + lambda (f(x) - x)``), see
             :class:`ist_optim.Suppressor`.
@@ -246,7 +259,7 @@ class ISTConfig:
         state_policy: where the optimizer state of inactive layers lives: ``"keep"``,
             ``"offload"`` (host memory, bit-exact) or ``"drop"``; ``None``: ``"offload"``
             on CUDA, else ``"keep"`` (see
-            :func:`ist_optim.residency.resolve_state_policy`).
+            :func:`ist_optim.memory.residency.resolve_state_policy`).
         skip_backward: cut the autograd graph at the input of the lowest active layer
             (:class:`ist_optim.BackwardCut`); ``None``: ``freeze_inactive``.
         seed: seed of the private ``torch.Generator``; ``None``: OS entropy (rank 0's
@@ -260,7 +273,7 @@ class ISTConfig:
         memory_budget: device memory a step may use, bytes or a string like ``"24GiB"``
             (see :func:`parse_memory_budget`); ``None``: no budget. Each step then
             checkpoints the fewest blocks that make its predicted peak fit (see
-            :class:`ist_optim.budget.CheckpointPolicy`); needs ``memory_shape`` or a
+            :class:`ist_optim.memory.budget.CheckpointPolicy`); needs ``memory_shape`` or a
             ``memory_planner``.
         memory_shape: ``(batch_size, seq_len)`` of the largest training batch, for the
             memory prediction of ``memory_budget``.
@@ -315,8 +328,8 @@ class ISTConfig:
     skip_nonfinite: bool = False
 
     def __post_init__(self) -> None:
-        _check_count("active_layers", self.active_layers)
-        _check_count("suppressed_layers", self.suppressed_layers)
+        check_count("active_layers", self.active_layers)
+        check_count("suppressed_layers", self.suppressed_layers)
         check_int("num_candidates", self.num_candidates, 2)
         check_number("score_lr", self.score_lr, 0.0, math.inf, closed_high=False)
         check_number("suppression", self.suppression, 0.0, 1.0, closed_high=False)
@@ -423,3 +436,25 @@ class ISTConfig:
             True
         """
         return tuple(f.name for f in fields(cls))
+
+
+def split_options(config: ISTConfig | None, kwargs: dict[str, Any]) -> ISTConfig:
+    """The config of ``config=`` or of the IST option keywords in ``kwargs`` (popped from
+    it; what is left goes to the inner optimizer).
+
+    Example:
+        >>> kwargs = {"lr": 1e-3, "active_layers": 2}
+        >>> split_options(None, kwargs).active_layers, kwargs
+        (2, {'lr': 0.001})
+    """
+    options = {name: kwargs.pop(name) for name in ISTConfig.option_names() if name in kwargs}
+    if config is None:
+        return ISTConfig(**options)
+    if not isinstance(config, ISTConfig):
+        raise TypeError(f"config must be an ist_optim.ISTConfig, got {type(config).__name__}")
+    if options:
+        raise ValueError(
+            f"config= is given together with the IST options {sorted(options)}; set them in "
+            f"the config (dataclasses.replace(config, {next(iter(options))}=...)) or drop "
+            "config=")
+    return config

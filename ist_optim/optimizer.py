@@ -1,46 +1,53 @@
 """``ISTOptimizer``: Importance-aware Sparse Tuning around any torch optimizer.
 
-The class composes small parts and only orchestrates them:
+The class composes small parts and only orchestrates them; each part owns its state and
+its piece of the checkpoint:
 
-* :class:`ist_optim.ISTConfig`: the options, validated once;
-* :class:`ist_optim.LayerGroups`: which layer each trainable parameter belongs to;
-* :class:`ist_optim.LayerSampler`: scores, private generator, step count, schedule and
-  active set (the sampling rule draws, :mod:`ist_optim.sampling_rules`);
-* an :class:`ist_optim.rounds.ImportanceRound`: the estimator, from
-  :mod:`ist_optim.registry`;
-* :class:`ist_optim.LayerActivator`: applies the active set (``requires_grad``, backward
-  cut, state residency);
-* :mod:`ist_optim.checkpoint`: the ``"ist"`` entry composed of the parts' state dicts.
+* :class:`ist_optim.ISTConfig` (:mod:`ist_optim.config`): the options, validated once;
+* :class:`ist_optim.LayerGroups` (:mod:`ist_optim.core.groups`): the parameter-to-layer map;
+* :class:`ist_optim.LayerSampler` (:mod:`ist_optim.sampling`): scores, generator, step
+  count, schedule and active set, drawn by a registered sampling rule;
+* an :class:`ist_optim.ImportanceRound` (:mod:`ist_optim.importance`): the estimator;
+* :class:`ist_optim.LayerActivator` (:mod:`ist_optim.core.activator`): applies the active
+  set (``requires_grad``, backward cut, state residency);
+* :class:`ist_optim.MemoryBudget` (:mod:`ist_optim.memory`): ``memory_budget=``;
+* :mod:`ist_optim.core.checkpoint`: the ``"ist"`` entry composed of the parts' state dicts.
 
 The torch optimizer contract (forwarded ``param_groups``/``state``, hooks) is
-:class:`ist_optim.wrapper.WrappedOptimizer`'s.
+:class:`ist_optim.core.wrapper.WrappedOptimizer`'s; the read-only properties are
+:class:`ist_optim.views.ISTViews`'.
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from .activator import LayerActivator
-from .batches import LossFn
-from .budget import MemoryBudget, memory_report
-from .checkpoint import (
+from .config import (
+    ISTConfig,
+    check_adalora,
+    check_importance_batches,
+    check_optimizer_and_model,
+    split_options,
+)
+from .core.activator import LayerActivator
+from .core.checkpoint import (
     apply_ist_entry,
-    full_optimizer_state,
     ist_entry,
     layer_signature,
     pop_ist_entry,
     validate_ist_entry,
 )
-from .compile import WholeModelCompileGuard, check_not_compiled_whole
-from .config import ISTConfig, check_adalora, check_importance_batches, check_optimizer_and_model
-from .distributed import (
+from .core.compile import WholeModelCompileGuard, check_not_compiled_whole
+from .core.groups import LayerGroups, LayersSpec, build_layer_groups, default_params
+from .core.wrapper import WrappedOptimizer
+from .distributed.ranks import (
     agree_on_seed,
     check_not_initialized_late,
     check_wrapping,
@@ -48,49 +55,19 @@ from .distributed import (
     is_sharded,
     resolve_group,
 )
-from .groups import LayerGroups, LayersSpec, build_layer_groups
+from .importance.batches import LossFn
+from .importance.rounds import ImportanceRound, build_round
 from .memory import MemoryPlanner
-from .residency import StatePolicy, StateResidency, resolve_state_policy
-from .rounds import ImportanceRound, build_round
-from .sampler import LayerSampler, check_layer_indices
-from .sampling import resolve_count
-from .wrapper import WrappedOptimizer
+from .memory.budget import MemoryBudget, memory_report
+from .memory.residency import StateResidency, resolve_state_policy
+from .sampling.draws import resolve_count
+from .sampling.sampler import LayerSampler, check_layer_indices
+from .views import ISTViews
 
 __all__ = ["ISTOptimizer"]
 
 
-def _params_or_default(model: nn.Module, params: Iterable[Any] | None) -> Iterable[Any]:
-    if params is not None:
-        if isinstance(params, Sized) and len(params) == 0:
-            raise ValueError("params is empty; pass at least one parameter to train, or "
-                             "leave params=None to train every parameter that requires grad")
-        return params
-    chosen = [p for p in model.parameters() if p.requires_grad]
-    if not chosen:
-        raise ValueError(
-            f"{type(model).__name__} has no parameter with requires_grad=True; add "
-            "adapters (peft) or unfreeze the weights to train, or pass params="
-        )
-    return chosen
-
-
-def _split_options(config: ISTConfig | None, kwargs: dict[str, Any]) -> ISTConfig:
-    """The config of ``config=`` or of the IST option keywords in ``kwargs`` (popped; what
-    is left goes to the inner optimizer)."""
-    options = {name: kwargs.pop(name) for name in ISTConfig.option_names() if name in kwargs}
-    if config is None:
-        return ISTConfig(**options)
-    if not isinstance(config, ISTConfig):
-        raise TypeError(f"config must be an ist_optim.ISTConfig, got {type(config).__name__}")
-    if options:
-        raise ValueError(
-            f"config= is given together with the IST options {sorted(options)}; set them in "
-            f"the config (dataclasses.replace(config, {next(iter(options))}=...)) or drop "
-            "config=")
-    return config
-
-
-class ISTOptimizer(WrappedOptimizer):
+class ISTOptimizer(ISTViews, WrappedOptimizer):
     """Importance-aware Sparse Tuning: train a sampled subset of layers each step.
 
     Wraps ``optimizer_cls`` (AdamW, SGD, Adafactor, LBFGS, bitsandbytes 8-bit
@@ -142,7 +119,7 @@ class ISTOptimizer(WrappedOptimizer):
                  **options_and_optimizer_kwargs: Any) -> None:
         check_optimizer_and_model(optimizer_cls, model, loss_fn)
         optimizer_kwargs = dict(options_and_optimizer_kwargs)
-        cfg = self.config = _split_options(config, optimizer_kwargs)
+        cfg = self.config = split_options(config, optimizer_kwargs)
         if memory_planner is not None and cfg.memory_budget is None:
             raise ValueError("memory_planner is set but memory_budget is not; pass "
                              "memory_budget= too, or drop memory_planner")
@@ -150,24 +127,23 @@ class ISTOptimizer(WrappedOptimizer):
         check_wrapping(model, cfg.freeze_inactive)
         check_adalora(model, cfg.freeze_inactive)
         check_not_compiled_whole(model, cfg.freeze_inactive)
-        self._group = resolve_group(process_group)
+        self.process_group = ranks = resolve_group(process_group)
         self.model = model
-        super().__init__(optimizer_cls(_params_or_default(model, params), **optimizer_kwargs))
+        super().__init__(optimizer_cls(default_params(model, params), **optimizer_kwargs))
         trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.layer_groups: LayerGroups = build_layer_groups(model, trainable, layers)
         num_layers = self.layer_groups.num_layers
         self.sampler = LayerSampler.from_config(cfg, num_layers,
-                                                agree_on_seed(cfg.seed, self._group))
+                                                agree_on_seed(cfg.seed, ranks))
         device = trainable[0].device
         policy = resolve_state_policy(cfg.state_policy, self.optimizer, device,
                                       sharded=is_sharded(trainable))
         residency = StateResidency(self.optimizer, policy)
-        budget = cfg.memory_budget_bytes
-        self.memory_budget: MemoryBudget | None = None if budget is None else (
-            MemoryBudget.for_model(
-                model, self.optimizer, self.layer_groups.modules, budget,
-                shape=cfg.memory_shape, planner=memory_planner,
-                cut_backward=cfg.cuts_backward, keeps_all_state=policy == "keep"))
+        budget_bytes = cfg.memory_budget_bytes
+        budget = None if budget_bytes is None else MemoryBudget.for_model(
+            model, self.optimizer, self.layer_groups.modules, budget_bytes,
+            shape=cfg.memory_shape, planner=memory_planner,
+            cut_backward=cfg.cuts_backward, keeps_all_state=policy == "keep")
         # Hooks on the model last, once nothing can raise any more (the rounds validate
         # every adapter before they place a hook).
         try:
@@ -175,11 +151,11 @@ class ISTOptimizer(WrappedOptimizer):
                 cfg, self.sampler.rule.runs_rounds,
                 num_suppressed=resolve_count(cfg.suppressed_layers, num_layers,
                                              "suppressed_layers"),
-                group=self._group, model=model, blocks=self.layer_groups.modules,
+                group=ranks, model=model, blocks=self.layer_groups.modules,
                 batches=importance_batches, loss_fn=loss_fn, device=device)
         except Exception:
-            if self.memory_budget is not None:  # let go of the blocks it would manage
-                self.memory_budget.close()
+            if budget is not None:  # let go of the blocks it would manage
+                budget.close()
             raise
         # Caught at the next step: the model compiled as a whole after this point.
         self._compile_guard = (WholeModelCompileGuard(model) if cfg.freeze_inactive
@@ -187,111 +163,20 @@ class ISTOptimizer(WrappedOptimizer):
         self._warned_skip = False
         self.activator = LayerActivator(
             self.layer_groups, residency, freeze_inactive=cfg.freeze_inactive,
-            cut_backward=cfg.cuts_backward, defer_first_freeze=self._group is not None)
+            cut_backward=cfg.cuts_backward, defer_first_freeze=ranks is not None, budget=budget)
         self._draw_next()
-
-    # ------------------------------------------------------------------ views
-    @property
-    def num_layers(self) -> int:
-        """Number of layers (blocks holding at least one trainable parameter)."""
-        return self.layer_groups.num_layers
-
-    @property
-    def layer_names(self) -> list[str]:
-        """Module name of each layer, e.g. ``base_model.model.model.layers.3``."""
-        return list(self.layer_groups.names)
-
-    @property
-    def groups(self) -> LayerGroups:
-        """Alias of :attr:`layer_groups` (the per-layer parameters, not ``param_groups``)."""
-        return self.layer_groups
-
-    @property
-    def num_active(self) -> int:
-        """``active_layers`` as a count (what a schedule falls back to)."""
-        return self.sampler.num_active
-
-    @property
-    def active_layers(self) -> list[int]:
-        """Sorted indices of the layers that train in the coming step."""
-        return list(self.sampler.active)
-
-    @property
-    def num_steps(self) -> int:
-        """Optimizer steps taken so far."""
-        return self.sampler.num_steps
-
-    @property
-    def seed(self) -> int:
-        """The seed of the private generator (agreed across ranks)."""
-        return self.sampler.seed
-
-    @property
-    def update_interval(self) -> int:
-        return self.config.update_interval
-
-    @property
-    def process_group(self) -> Any:
-        """The ranks that agree on the IST state; ``None`` when not distributed."""
-        return self._group
-
-    @property
-    def runs_importance_rounds(self) -> bool:
-        return self.rounds is not None
-
-    @property
-    def importance(self) -> torch.Tensor:
-        """Per-layer importance, higher = more important (the negated IST score)."""
-        return (-self.sampler.scores).to(torch.float32)
-
-    @property
-    def scores(self) -> torch.Tensor:
-        """The raw IST scores ``s`` (higher = suppressing the layer hurts less)."""
-        return self.sampler.scores.clone()
-
-    @property
-    def sampling_probabilities(self) -> torch.Tensor:
-        """Per-draw probability of each layer: the sampling weights, normalised to sum 1."""
-        return self.sampler.probabilities()
-
-    def sampling_spread(self) -> dict[str, float]:
-        """Max/min ratio and KL from uniform of :attr:`sampling_probabilities` (for logs)."""
-        return self.sampler.spread()
-
-    @property
-    def state_policy(self) -> StatePolicy:
-        """The state policy in use (the device default resolved)."""
-        return self.activator.residency.policy
-
-    @property
-    def last_round(self) -> dict[str, Any] | None:
-        """Step, candidate sets and measurements of the latest round that updated scores."""
-        return self.rounds.last if self.rounds is not None else None
-
-    @property
-    def skipped_rounds(self) -> int:
-        """Rounds skipped because a measurement was not finite."""
-        return self.rounds.skipped_rounds if self.rounds is not None else 0
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The sampler's step, active set, scores, seed and generator hash (rank checks)."""
-        return self.sampler.fingerprint()
 
     # ------------------------------------------------------------------ stepping
     def _draw_next(self) -> None:
         """The sampler draws the next set (again, up to ``budget_redraws`` times, while it
         does not fit ``memory_budget`` as it is); it becomes the sampler's active set once
         it is applied, so an interrupted switch leaves the set that trained in place."""
-        redraws = self.config.budget_redraws if self.memory_budget is not None else 0
-        accept = self.memory_budget.fits_as_is if redraws and self.memory_budget else None
-        drawn = self.sampler.draw_active(accept, redraws)
-        self._apply(drawn)
+        budget = self.memory_budget
+        redraws = self.config.budget_redraws if budget is not None else 0
+        drawn = self.sampler.draw_active(budget.fits_as_is if redraws and budget else None,
+                                         redraws)
+        self.activator.apply(drawn)
         self.sampler.set_active(drawn)
-
-    def _apply(self, layers: list[int]) -> None:
-        self.activator.apply(layers)
-        if self.memory_budget is not None:
-            self.memory_budget.apply(layers)
 
     def _end_backward(self, closure: Callable[[], Any]) -> Callable[[], Any]:
         @functools.wraps(closure)
@@ -307,7 +192,7 @@ class ISTOptimizer(WrappedOptimizer):
         """Update the active layers, run an importance round every ``update_interval``
         steps, then sample the layers of the next step. A closure goes to the inner
         optimizer (LBFGS evaluates it several times); its loss is returned."""
-        if self._group is None:
+        if self.process_group is None:
             check_not_initialized_late()
         if self._compile_guard is not None:
             self._compile_guard.check()
@@ -315,9 +200,9 @@ class ISTOptimizer(WrappedOptimizer):
             raise ValueError("skip_nonfinite checks the gradients before the update, but a "
                              "closure computes them inside it; call step() without a closure")
         if self.activator.applied != self.sampler.active:
-            self._apply(self.sampler.active)  # a switch was interrupted: finish it first
+            self.activator.apply(self.sampler.active)  # an interrupted switch: finish it
         if self.config.skip_nonfinite and not finite_on_every_rank(
-                self.activator.trained_grads(), self._group):
+                self.activator.trained_grads(), self.process_group):
             self._skip_step()
             return None
         if closure is None and self.rounds is not None:
@@ -346,11 +231,6 @@ class ISTOptimizer(WrappedOptimizer):
                 "unchanged). Further skipped steps are counted in opt.skipped_steps and "
                 "state_dict()['ist'] without warning.", RuntimeWarning, stacklevel=3)
 
-    @property
-    def skipped_steps(self) -> int:
-        """Steps skipped for a non-finite gradient (``skip_nonfinite=True``)."""
-        return self.sampler.skipped_steps
-
     def set_active_layers(self, layers: Iterable[int]) -> None:
         """Train exactly ``layers`` in the coming step instead of the drawn set (for
         experiments and tests); the next ``step()`` draws again as usual.
@@ -359,7 +239,7 @@ class ISTOptimizer(WrappedOptimizer):
             ValueError: for indices that are not distinct layers of this optimizer.
         """
         layers = check_layer_indices(layers, self.num_layers)
-        self._apply(layers)
+        self.activator.apply(layers)
         self.sampler.set_active(layers)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -403,13 +283,13 @@ class ISTOptimizer(WrappedOptimizer):
         return layer_signature(self.layer_groups.names, self.layer_groups.numels())
 
     def ist_state_dict(self) -> dict[str, Any]:
-        """The ``"ist"`` entry of :meth:`state_dict` (see :mod:`ist_optim.checkpoint`)."""
+        """The ``"ist"`` entry of :meth:`state_dict` (see :mod:`ist_optim.core.checkpoint`)."""
         return ist_entry(self._signature(), self._parts())
 
     def full_state(self) -> Any:
         """Context manager: the inner optimizer with the offloaded state put back, for
         reading every layer's state (``state_dict``, DCP, accounting)."""
-        return full_optimizer_state(self.optimizer, self.activator.residency)
+        return self.activator.residency.full_state()
 
     def _state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict (every layer's state, offloaded entries
@@ -435,7 +315,7 @@ class ISTOptimizer(WrappedOptimizer):
         # The inner optimizer holds every saved entry now; the residency moves (or drops)
         # those of inactive layers, as if every layer had just been active.
         self.activator.reset()
-        self._apply(self.sampler.active)
+        self.activator.apply(self.sampler.active)
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict`; the next step trains the saved active set. All is
@@ -450,8 +330,9 @@ class ISTOptimizer(WrappedOptimizer):
 
     def memory_report(self) -> dict[str, Any]:
         """Optimizer-state bytes on the device and offloaded, trainable bytes of the
-        coming step, and the budget's prediction: see :func:`ist_optim.budget.memory_report`."""
-        return memory_report(self.optimizer, self.activator.residency, self.layer_groups,
+        coming step, and the budget's prediction: see
+        :func:`ist_optim.memory.budget.memory_report`."""
+        return memory_report(self.activator.residency, self.layer_groups,
                              self.active_layers, self.memory_budget)
 
     def close(self) -> None:
@@ -461,8 +342,6 @@ class ISTOptimizer(WrappedOptimizer):
         if self.rounds is not None:
             self.rounds.remove()
         self.activator.close()
-        if self.memory_budget is not None:
-            self.memory_budget.close()
 
     def __repr__(self) -> str:
         return (f"ISTOptimizer({type(self.optimizer).__name__}, layers={self.num_layers}, "

@@ -4,7 +4,7 @@ A sampling rule (how the layers of a step are drawn) or an estimator (how an imp
 round measures and updates the scores) is one class in one file that registers itself::
 
     @register_sampling_rule
-    class MyRule(SamplingRule):        # ist_optim.sampling_rules.SamplingRule
+    class MyRule(SamplingRule):        # ist_optim.sampling.rules.SamplingRule
         name = "my-rule"
         ...
 
@@ -51,7 +51,7 @@ def _register(table: dict[str, Any], kind: str, cls: T) -> T:
 
 
 def register_sampling_rule(cls: T) -> T:
-    """Class decorator: make a :class:`ist_optim.sampling_rules.SamplingRule` subclass
+    """Class decorator: make a :class:`ist_optim.sampling.rules.SamplingRule` subclass
     available as ``sampling=cls.name``.
 
     Raises:
@@ -61,7 +61,7 @@ def register_sampling_rule(cls: T) -> T:
 
 
 def register_estimator(cls: T) -> T:
-    """Class decorator: make an :class:`ist_optim.rounds.ImportanceRound` subclass
+    """Class decorator: make an :class:`ist_optim.importance.rounds.ImportanceRound` subclass
     available as ``estimator=cls.name``.
 
     Raises:

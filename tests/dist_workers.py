@@ -279,7 +279,7 @@ def fsdp_worker(rank: int, world: int, tmp: str) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     from ist_optim import ISTOptimizer
-    from ist_optim.dist_checkpoint import get_optimizer_state_dict, set_optimizer_state_dict
+    from ist_optim.distributed import get_optimizer_state_dict, set_optimizer_state_dict
 
     results: dict[str, Any] = {}
     model = _sharded()

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ist_optim import ISTOptimizer, MemoryPlanner
-from ist_optim.budget import (
+from ist_optim.memory.budget import (
     PLANNING_HEADROOM,
     CheckpointPolicy,
     parse_memory_budget,

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ist_optim import ISTConfig, ISTOptimizer, LayerSampler
-from ist_optim.budget import PLANNING_HEADROOM, CheckpointPolicy, planner_for_model
+from ist_optim.memory.budget import PLANNING_HEADROOM, CheckpointPolicy, planner_for_model
 
 
 def _budget_for(peak: int) -> int:

@@ -1,4 +1,4 @@
-"""Saved state (``ist_optim.checkpoint``, ``ist_optim.dist_checkpoint``): the DCP round
+"""Saved state (``ist_optim.core.checkpoint``, ``ist_optim.distributed.checkpoint``): the DCP round
 trip keeps offloaded state, and a load validates everything before it changes anything.
 
 (These began as reproductions of the defects a review found in issue 10; the other
@@ -16,7 +16,7 @@ import torch
 from conftest import lora_model, train_steps
 
 from ist_optim import ISTOptimizer
-from ist_optim.dist_checkpoint import get_optimizer_state_dict, set_optimizer_state_dict
+from ist_optim.distributed import get_optimizer_state_dict, set_optimizer_state_dict
 
 _train = train_steps
 

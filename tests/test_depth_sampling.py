@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ist_optim import ISTOptimizer
-from ist_optim.sampling import (
+from ist_optim.sampling.draws import (
     depth_window,
     distribution_spread,
     sample_depth_aware,

@@ -1,5 +1,5 @@
 """Distributed IST: rank consistency under DDP and FSDP2 (2 gloo processes on CPU), resume,
-the HF Trainer under torchrun, and the single-process behaviour of ist_optim.distributed.
+the HF Trainer under torchrun, and the single-process behaviour of ist_optim.distributed.ranks.
 
 The multi-process runs are spawned once per module (a fixture) and every scenario is
 checked against one process training on the whole global batch (tests/dist_workers.py).
@@ -21,10 +21,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-import ist_optim.distributed as ist_dist
+import ist_optim.distributed.ranks as ist_dist
 from ist_optim import ISTOptimizer
-from ist_optim.dist_checkpoint import get_optimizer_state_dict, set_optimizer_state_dict
-from ist_optim.distributed import (
+from ist_optim.distributed import get_optimizer_state_dict, set_optimizer_state_dict
+from ist_optim.distributed.ranks import (
     agree_on_seed,
     average_across_ranks,
     check_not_initialized_late,

@@ -13,7 +13,7 @@ from test_state_dict import _run as run_steps
 from torch import nn
 
 from ist_optim import ISTOptimizer, Suppressor
-from ist_optim.estimators import (
+from ist_optim.importance.estimators import (
     ADVANTAGE_SCALE,
     SCORE_RETENTION,
     FirstOrderProbe,

@@ -8,7 +8,7 @@ from conftest import lm_batch, lora_model
 from reference_ist import ReferenceIST
 
 from ist_optim import ISTOptimizer
-from ist_optim.suppression import find_tuner_layers
+from ist_optim.importance.suppression import find_tuner_layers
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -16,8 +16,8 @@ from ist_optim import (
     register_estimator,
     register_sampling_rule,
 )
+from ist_optim.importance.rounds import ImportanceRound, RoundContext
 from ist_optim.registry import estimator_names, sampling_rule, sampling_rule_names
-from ist_optim.rounds import ImportanceRound, RoundContext
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "grad_norm_sampling.py"
 

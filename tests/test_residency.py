@@ -8,7 +8,7 @@ from conftest import lm_batch, lora_model
 from torch import nn
 
 from ist_optim import ISTOptimizer, StateResidency
-from ist_optim.residency import resolve_state_policy
+from ist_optim.memory.residency import resolve_state_policy
 
 
 def _run(policy, optimizer_cls=torch.optim.AdamW, steps=8, **kwargs):

@@ -1,4 +1,4 @@
-"""Importance rounds (``ist_optim.rounds``): collectives before decisions, and one-line
+"""Importance rounds (``ist_optim.importance.rounds``): collectives before decisions, and one-line
 errors for what a round cannot measure."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 from conftest import lm_batch, lora_model
 from torch import nn
 
-import ist_optim.rounds as rounds_module
+import ist_optim.importance.rounds as rounds_module
 from ist_optim import ISTOptimizer
 
 

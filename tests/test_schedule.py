@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ist_optim import ActiveSchedule, ISTConfig, ISTOptimizer
-from ist_optim.budget import CheckpointPolicy, planner_for_model
+from ist_optim.memory.budget import CheckpointPolicy, planner_for_model
 
 
 # ------------------------------------------------------------------ the pure rule
@@ -189,3 +189,10 @@ def test_the_trainer_callback_logs_the_scheduled_count():
         logged.append(ISTCallback(log_layers=False).log_entries(opt)["ist/num_active"])
         train_steps(model, opt, 1, start=step)
     assert logged == [4.0, 4.0, 1.0]
+
+
+def test_the_ramp_count_is_exact_where_a_float_product_rounds_up():
+    """(26 - 1) * 14 / 25 is 14 exactly; in floats 25 * (14 / 25) is 14.000000000000002,
+    whose ceiling gave one layer too many (found by hypothesis)."""
+    schedule = ActiveSchedule(num_layers=26, num_active=1, dense_steps=0, ramp_steps=24)
+    assert schedule.count(10) == 15

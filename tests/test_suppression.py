@@ -7,7 +7,7 @@ import torch
 from conftest import lm_batch, lora_model, params_snapshot, tiny_llama
 
 from ist_optim import Suppressor
-from ist_optim.suppression import find_tuner_layers
+from ist_optim.importance.suppression import find_tuner_layers
 
 
 def _blocks(model):

@@ -10,7 +10,7 @@ import torch
 from conftest import lora_model
 
 from ist_optim import ISTOptimizer
-from ist_optim.batches import BatchCycler
+from ist_optim.importance.batches import BatchCycler
 from ist_optim.integrations import ist_optimizer_cls
 
 transformers = pytest.importorskip("transformers")

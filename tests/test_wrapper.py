@@ -11,7 +11,7 @@ from conftest import lora_model, params_snapshot, train_steps
 from torch import nn
 
 from ist_optim import ISTOptimizer
-from ist_optim.wrapper import WrappedOptimizer
+from ist_optim.core.wrapper import WrappedOptimizer
 
 _train = train_steps
 

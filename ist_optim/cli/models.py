@@ -255,7 +255,7 @@ def add_adapters(
     if rank < 1:
         raise CLIError(f"--rank {rank}: must be at least 1")
     if method == "full":
-        from ..groups import discover_layers
+        from ..core.groups import discover_layers
 
         try:
             blocks = discover_layers(model)

@@ -119,7 +119,7 @@ def build_plan_parser() -> argparse.ArgumentParser:
 
 
 def _active_count(value: float, num_layers: int) -> int:
-    from ..sampling import resolve_count
+    from ..sampling.draws import resolve_count
 
     count = int(value) if value >= 1 else value
     if isinstance(count, int) and count > num_layers:
@@ -134,7 +134,7 @@ def _mean_flops(planner: Any, draws: Sequence[Sequence[int]], **kwargs: Any) -> 
 def _draws(num_layers: int, k: int, depth_aware: bool) -> list[list[int]]:
     import torch
 
-    from ..sampling import sample_depth_aware, sample_layers
+    from ..sampling.draws import sample_depth_aware, sample_layers
 
     generator = torch.Generator().manual_seed(0)
     weights = torch.ones(num_layers)

@@ -94,7 +94,7 @@ def compare_table(runs: Sequence[MethodRun]) -> str:
 
 def save_outputs(run: MethodRun, output_dir: Path, table: str) -> list[Path]:
     """Save the adapter (or model), the importance heatmap (IST runs) and the table."""
-    from ..plotting import plot_importance
+    from ..reporting.plotting import plot_importance
 
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []

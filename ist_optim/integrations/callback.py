@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from ..history import ImportanceHistory
 from ..optimizer import ISTOptimizer
+from ..reporting.history import ImportanceHistory
 from .common import unwrap_ist_optimizer
 
 __all__ = ["ISTCallback", "add_ist_callback"]
@@ -179,7 +179,7 @@ class ISTCallback(TrainerCallback):
         if self.history is None or not self.history.steps:
             logger.warning("ISTCallback: no optimizer step was recorded, no plot written")
             return
-        from ..plotting import plot_importance
+        from ..reporting.plotting import plot_importance
 
         self.plot_path.parent.mkdir(parents=True, exist_ok=True)
         figure = plot_importance(self.history, self.plot_path)

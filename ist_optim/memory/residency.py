@@ -20,13 +20,14 @@ optimizers manage their own paging and are refused for ``"offload"``/``"drop"``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
-from .config import STATE_POLICIES, StatePolicy
+from ..config import STATE_POLICIES, StatePolicy
 
 __all__ = ["STATE_POLICIES", "StateResidency", "resolve_state_policy", "state_bytes"]
 
@@ -253,6 +254,33 @@ class StateResidency:
         self._pending.clear()
 
     # ------------------------------------------------------------------ accounting / io
+    @contextmanager
+    def full_state(self) -> Iterator[Optimizer]:
+        """The inner optimizer with every offloaded state entry put back, for reading
+        (``state_dict()``, the DCP helpers, ``memory_report()``).
+
+        Inside the context ``optimizer.state`` holds the state of every layer (offloaded
+        entries as their host tensors); on exit the offloaded entries leave it again.
+
+        Example:
+            >>> import torch
+            >>> p = torch.nn.Parameter(torch.ones(2)); opt = torch.optim.Adam([p])
+            >>> p.grad = torch.ones(2); opt.step()
+            >>> res = StateResidency(opt, "offload"); res.deactivate([p])
+            >>> with res.full_state() as full:
+            ...     p in full.state
+            True
+            >>> p in opt.state
+            False
+        """
+        offloaded = self.offloaded_state()
+        self.optimizer.state.update(offloaded)
+        try:
+            yield self.optimizer
+        finally:
+            for param in offloaded:
+                self.optimizer.state.pop(param, None)
+
     def offloaded_bytes(self) -> int:
         return state_bytes(self._host_entries().values())
 

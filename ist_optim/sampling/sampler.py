@@ -5,7 +5,7 @@ entry that saves them.
 The sampler is the one owner of "which layers train in the coming step": the optimizer
 asks it to :meth:`~LayerSampler.advance` after a step and to draw the next set; the
 activator only applies what it is given. How a set is drawn is the sampling rule's
-(:mod:`ist_optim.sampling_rules`); how many layers, the schedule's
+(:mod:`ist_optim.sampling.rules`); how many layers, the schedule's
 (:class:`ist_optim.ActiveSchedule`).
 """
 
@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from .config import ISTConfig
-from .registry import sampling_rule
-from .sampling import distribution_spread, resolve_count, sample_candidate_sets, sampling_weights
-from .sampling_rules import SamplingRule
+from ..config import ISTConfig
+from ..registry import sampling_rule
+from .draws import distribution_spread, resolve_count, sample_candidate_sets, sampling_weights
+from .rules import SamplingRule
 from .schedule import ActiveSchedule
 
 __all__ = ["LayerSampler", "check_layer_indices"]
@@ -60,7 +60,7 @@ class LayerSampler:
     """Scores, generator, step count, schedule and active set of an IST run.
 
     Args:
-        rule: the sampling rule (:mod:`ist_optim.sampling_rules`), which knows ``L``
+        rule: the sampling rule (:mod:`ist_optim.sampling.rules`), which knows ``L``
             and ``N_u``.
         seed: seed of the private ``torch.Generator`` (global RNGs are never used).
         schedule: layers per step; default ``rule.num_active`` at every step.
@@ -152,7 +152,7 @@ class LayerSampler:
         return (weights / weights.sum()).to(torch.float32)
 
     def spread(self) -> dict[str, float]:
-        """:func:`ist_optim.sampling.distribution_spread` of :meth:`probabilities`."""
+        """:func:`ist_optim.sampling.draws.distribution_spread` of :meth:`probabilities`."""
         return distribution_spread(self.probabilities())
 
     def draw_active(self, accept: Callable[[list[int]], bool] | None = None,

@@ -5,7 +5,7 @@ run; it never asks which class it has: a round says what it needs through
 :meth:`ImportanceRound.end_step`, :meth:`ImportanceRound.set_batches` and
 :attr:`ImportanceRound.uses_batches`. Each estimator is a class registered by name
 (:func:`ist_optim.registry.register_estimator`, see docs/extending.md); the three of
-:mod:`ist_optim.estimators` are:
+:mod:`ist_optim.importance.estimators` are:
 
 * :class:`PaperRound`: the paper's response suppression (K candidate sets drawn with
   weights ``sigmoid(s)``, one suppressed no-grad forward each, ``A_k = exp(-l_k) - mean``);
@@ -33,18 +33,18 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..config import ISTConfig, check_int
+from ..distributed.ranks import average_across_ranks
+from ..registry import estimator, register_estimator
+from ..sampling.sampler import LayerSampler
 from .batches import BatchCapture, BatchCycler, LossFn, default_loss_fn, move_batch
-from .config import ISTConfig, check_int
-from .distributed import average_across_ranks
 from .estimators import (
     FirstOrderProbe,
     RunningScale,
     normalized_score_update,
     predicted_suppression_deltas,
 )
-from .importance import paper_advantages, score_update
-from .registry import estimator, register_estimator
-from .sampler import LayerSampler
+from .scores import paper_advantages, score_update
 from .suppression import Suppressor
 
 __all__ = [

@@ -18,9 +18,9 @@ every bucket every step, IST or not).
 
 Wrappers: :func:`check_wrapping` rejects set-ups that cannot work (DDP that cannot see
 per-step changes of ``requires_grad``, FSDP1 flat parameters); :func:`is_sharded` tells
-:func:`ist_optim.residency.resolve_state_policy` about FSDP2's DTensors. Checkpointing through
-``torch.distributed.checkpoint`` is in :mod:`ist_optim.dist_checkpoint`. See
-docs/distributed.md.
+:func:`ist_optim.memory.residency.resolve_state_policy` about FSDP2's DTensors.
+Checkpointing through ``torch.distributed.checkpoint`` is in
+:mod:`ist_optim.distributed.checkpoint`. See docs/distributed.md.
 
 Every function is a no-op (or local) when ``group`` is ``None``, i.e. when
 ``torch.distributed`` is not initialized.

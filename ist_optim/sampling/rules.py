@@ -7,7 +7,7 @@ with the sampler's private generator. The built-in rules, registered by name (se
 * ``"importance"`` (the paper): weights ``sigmoid(-s)``, drawn without replacement;
 * ``"uniform"`` (LISA-style): equal weights; runs no importance rounds;
 * ``"depth-aware"``: importance weights, the layers drawn clustered in depth
-  (:func:`ist_optim.sampling.sample_depth_aware`), so the backward stops higher.
+  (:func:`ist_optim.sampling.draws.sample_depth_aware`), so the backward stops higher.
 
 Example:
     >>> import torch
@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from .registry import register_sampling_rule
-from .sampling import sample_depth_aware, sample_layers, sampling_weights
+from ..registry import register_sampling_rule
+from .draws import sample_depth_aware, sample_layers, sampling_weights
 
 if TYPE_CHECKING:
-    from .config import ISTConfig
+    from ..config import ISTConfig
 
 __all__ = ["DepthAwareRule", "ImportanceRule", "SamplingRule", "UniformRule"]
 

@@ -5,8 +5,9 @@ only what it applied, to know what changed. When the active set changes it moves
 optimizer state of the layers that leave and come back (:class:`ist_optim.StateResidency`),
 sets ``requires_grad`` (so backward computes no weight gradient for inactive layers),
 moves the backward cut
-(:class:`ist_optim.BackwardCut`) to the lowest active layer, keeps gradients of inactive
-layers out of the update, and undoes all of it in :meth:`close`.
+(:class:`ist_optim.BackwardCut`) to the lowest active layer, tells ``memory_budget``
+(:class:`ist_optim.MemoryBudget`) which blocks to checkpoint for the set, keeps gradients
+of inactive layers out of the update, and undoes all of it in :meth:`close`.
 
 Under ``torch.distributed`` the freeze of the first step is deferred: a DDP wrapper built
 after the optimizer must see every trainable parameter require grad once.
@@ -19,9 +20,10 @@ from contextlib import contextmanager
 
 import torch
 
+from ..memory.budget import MemoryBudget
+from ..memory.residency import StateResidency
 from .backward import BackwardCut
 from .groups import LayerGroups
-from .residency import StateResidency
 
 __all__ = ["LayerActivator"]
 
@@ -36,6 +38,8 @@ class LayerActivator:
         cut_backward: cut the graph at the input of the lowest active layer.
         defer_first_freeze: keep every layer's ``requires_grad`` until
             :meth:`end_deferral` (distributed runs, for the DDP wrapper).
+        budget: the ``memory_budget`` policy, applied after each set (it picks the blocks
+            to checkpoint); closed with the activator.
 
     Example:
         >>> import torch
@@ -51,8 +55,10 @@ class LayerActivator:
     """
 
     def __init__(self, layers: LayerGroups, residency: StateResidency, *,
-                 freeze_inactive: bool, cut_backward: bool, defer_first_freeze: bool = False):
+                 freeze_inactive: bool, cut_backward: bool, defer_first_freeze: bool = False,
+                 budget: MemoryBudget | None = None):
         self.layers = layers
+        self.budget = budget
         self.freeze_inactive = freeze_inactive
         self.residency = residency
         self.backward_cut = BackwardCut(layers.modules) if cut_backward else None
@@ -67,7 +73,8 @@ class LayerActivator:
 
     def apply(self, active: Sequence[int]) -> None:
         """Make ``active`` the trained layers: state residency, cut, ``requires_grad``
-        (of every registered parameter, so parameters added since are covered too).
+        (of every registered parameter, so parameters added since are covered too), then
+        the budget's checkpointing.
 
         :attr:`applied` is updated after each layer's state has moved, so an exception or
         a ``KeyboardInterrupt`` in the middle leaves it naming exactly the layers whose
@@ -86,6 +93,8 @@ class LayerActivator:
             for index, params in enumerate(self.layers.params):
                 for p in params:
                     p.requires_grad_(index in new)
+        if self.budget is not None:
+            self.budget.apply(list(active))
 
     def reset(self) -> None:
         """Forget offloaded state and treat every layer as applied (a checkpoint load just
@@ -151,7 +160,8 @@ class LayerActivator:
         self.residency.wait()
 
     def close(self) -> None:
-        """Remove the cut and re-enable every layer's grads."""
+        """Remove the cut, re-enable every layer's grads and close the budget (the blocks
+        get their own checkpointing back)."""
         if self.backward_cut is not None:
             self.backward_cut.remove()
             self.backward_cut = None
@@ -159,3 +169,5 @@ class LayerActivator:
             for params in self.layers.params:
                 for p in params:
                     p.requires_grad_(True)
+        if self.budget is not None:
+            self.budget.close()

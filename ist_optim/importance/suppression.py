@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import SuppressionMode
+from ..config import SuppressionMode
 
 __all__ = ["Suppressor", "find_tuner_layers"]
 

@@ -24,11 +24,10 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .sampling import resolve_count
+from .draws import resolve_count
 
 __all__ = ["ActiveRule", "ActiveSchedule"]
 
@@ -73,6 +72,8 @@ class ActiveSchedule:
             return self.num_layers
         into_ramp = step - self.dense_steps
         if into_ramp < self.ramp_steps:
-            left = (self.ramp_steps - into_ramp) / (self.ramp_steps + 1)
-            return self.num_active + math.ceil((self.num_layers - self.num_active) * left)
+            # ceil((n_l - n_u) * left / (ramp + 1)) in integers: a float product can land
+            # a hair above an exact integer and round up one layer too many
+            above = (self.num_layers - self.num_active) * (self.ramp_steps - into_ramp)
+            return self.num_active - (-above // (self.ramp_steps + 1))
         return self.num_active

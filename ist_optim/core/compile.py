@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .block_checkpoint import is_checkpoint_managed
+from ..memory.recompute import is_checkpoint_managed
 from .groups import discover_layers
 
 __all__ = ["WholeModelCompileGuard", "check_not_compiled_whole", "compile_blocks",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from conftest import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 gpu_check = load_benchmark("gpu_check")
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from .optimizer import ISTOptimizer
+    from ..optimizer import ISTOptimizer
 
 __all__ = ["ImportanceHistory"]
 

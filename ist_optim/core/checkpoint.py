@@ -1,4 +1,4 @@
-"""The ``"ist"`` entry of an ISTOptimizer checkpoint, and the one view of the full state.
+"""The ``"ist"`` entry of an ISTOptimizer checkpoint.
 
 An ``ISTOptimizer`` checkpoint is the inner optimizer's state dict plus one ``"ist"`` entry
 composed of named sub-dicts, one per concept, each written and checked by its owner::
@@ -11,26 +11,19 @@ composed of named sub-dicts, one per concept, each written and checked by its ow
 Loading validates every part first (:func:`validate_ist_entry`), then applies: a bad entry
 changes nothing. Format 1 (flat keys, written before version 0.2) is upgraded on load.
 
-:func:`full_optimizer_state` is the single view through which ``state_dict()``, the DCP
-helpers and ``memory_report()`` read the inner optimizer's state *including* the entries
-that ``state_policy="offload"`` moved to host memory.
+The inner optimizer's own state (offloaded entries included) is read through
+:meth:`ist_optim.memory.residency.StateResidency.full_state`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any, Protocol
-
-from torch.optim import Optimizer
-
-from .residency import StateResidency
 
 __all__ = [
     "STATE_FORMAT_VERSION",
     "Stateful",
     "apply_ist_entry",
-    "full_optimizer_state",
     "ist_entry",
     "layer_signature",
     "pop_ist_entry",
@@ -195,30 +188,3 @@ def validate_ist_entry(ist: Any, signature: Mapping[str, Any],
                 raise ValueError(f"IST checkpoint has no valid {name!r} entry")
         part.check_state(state)
     return ist
-
-
-@contextmanager
-def full_optimizer_state(optimizer: Optimizer, residency: StateResidency) -> Iterator[Optimizer]:
-    """The inner optimizer with every offloaded state entry put back, for reading.
-
-    Inside the context ``optimizer.state`` holds the state of every layer (offloaded
-    entries as their host tensors); on exit the offloaded entries leave it again.
-
-    Example:
-        >>> import torch
-        >>> p = torch.nn.Parameter(torch.ones(2)); opt = torch.optim.Adam([p])
-        >>> p.grad = torch.ones(2); opt.step()
-        >>> res = StateResidency(opt, "offload"); res.deactivate([p])
-        >>> with full_optimizer_state(opt, res) as full:
-        ...     p in full.state
-        True
-        >>> p in opt.state
-        False
-    """
-    offloaded = residency.offloaded_state()
-    optimizer.state.update(offloaded)
-    try:
-        yield optimizer
-    finally:
-        for param in offloaded:
-            optimizer.state.pop(param, None)

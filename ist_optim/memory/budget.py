@@ -23,12 +23,11 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from .block_checkpoint import BlockCheckpointer
-from .checkpoint import full_optimizer_state
-from .compile import is_compiled_block
-from .config import parse_memory_budget
-from .groups import LayerGroups
-from .memory import MemoryPlanner
+from ..config import parse_memory_budget
+from ..core.compile import is_compiled_block
+from ..core.groups import LayerGroups
+from .estimate import MemoryPlanner
+from .recompute import BlockCheckpointer
 from .residency import StateResidency, state_bytes
 
 __all__ = ["PLANNING_HEADROOM", "BudgetDecision", "CheckpointPolicy", "MemoryBudget",
@@ -233,7 +232,7 @@ class CheckpointPolicy:
 
 class MemoryBudget:
     """A :class:`CheckpointPolicy` applied to a model's blocks through a
-    :class:`~ist_optim.block_checkpoint.BlockCheckpointer`: what ``ISTOptimizer``'s
+    :class:`~ist_optim.memory.recompute.BlockCheckpointer`: what ``ISTOptimizer``'s
     ``memory_budget=`` runs after each draw of the active set.
 
     Args:
@@ -333,7 +332,7 @@ class MemoryBudget:
         self.checkpointer.remove()
 
 
-def memory_report(optimizer: Optimizer, residency: StateResidency, layers: LayerGroups,
+def memory_report(residency: StateResidency, layers: LayerGroups,
                   active: Sequence[int], budget: MemoryBudget | None) -> dict[str, Any]:
     """Bytes of optimizer state and of the trainable parameters of the active set (what
     :meth:`ist_optim.ISTOptimizer.memory_report` returns).
@@ -347,7 +346,7 @@ def memory_report(optimizer: Optimizer, residency: StateResidency, layers: Layer
         ``predicted_peak_bytes`` of the coming step and ``checkpointed_layers``, the blocks
         checkpointed in it (else None, None, []).
     """
-    with full_optimizer_state(optimizer, residency) as inner:
+    with residency.full_state() as inner:
         total = state_bytes(inner.state.values())
     offloaded = residency.offloaded_bytes()
     params = layers.layer_params(active) + layers.outside

@@ -1,6 +1,6 @@
 """Importance estimators: what turns measurements into score updates.
 
-All estimators feed the same score update of :mod:`ist_optim.importance`
+All estimators feed the same score update of :mod:`ist_optim.importance.scores`
 (``s_i <- s_i + eta * sum_k A_k 1[i in S_k] p_i (1 - p_i)``, ``p = sigmoid(s)``) and the
 same sampling; they differ in what is measured and how it becomes the advantages ``A_k``.
 
@@ -70,8 +70,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compile import is_compiled_block
-from .importance import score_update
+from ..config import ISTConfig
+from ..core.compile import is_compiled_block
+from .scores import score_update
 from .suppression import find_tuner_layers
 
 __all__ = [
@@ -82,10 +83,10 @@ __all__ = [
     "predicted_suppression_deltas",
 ]
 
-ADVANTAGE_SCALE = 0.1
+ADVANTAGE_SCALE: float = ISTConfig.advantage_scale
 """``tau``: standardized advantages are scaled so that eta = 10 moves a score by about
 ``eta * tau / 4 = 0.25`` per unit of standardized advantage and round."""
-SCORE_RETENTION = 0.9
+SCORE_RETENTION: float = ISTConfig.score_retention
 """``rho``: scores keep this fraction of their value at each normalized round."""
 
 
@@ -104,7 +105,7 @@ class RunningScale:
         (2.0, 1.5, 4.0)
     """
 
-    decay: float = 0.9
+    decay: float = ISTConfig.scale_decay
     value: float = 0.0
     rounds: int = 0
 

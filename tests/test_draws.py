@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ist_optim.sampling import (
+from ist_optim.sampling.draws import (
     resolve_count,
     sample_candidate_sets,
     sample_layers,

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Sized
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["LayerGroups", "discover_layers", "build_layer_groups"]
+__all__ = ["LayerGroups", "build_layer_groups", "default_params", "discover_layers"]
 
 LayersSpec = str | Sequence[nn.Module] | None
 
@@ -258,3 +259,23 @@ def build_layer_groups(
         params=[per_layer[i] for i in kept],
         outside=outside,
     )
+
+
+def default_params(model: nn.Module, params: Iterable[Any] | None) -> Iterable[Any]:
+    """``params`` as given, or every parameter of ``model`` that requires grad.
+
+    Raises:
+        ValueError: for an empty ``params``, or a model with nothing to train.
+    """
+    if params is not None:
+        if isinstance(params, Sized) and len(params) == 0:
+            raise ValueError("params is empty; pass at least one parameter to train, or "
+                             "leave params=None to train every parameter that requires grad")
+        return params
+    chosen = [p for p in model.parameters() if p.requires_grad]
+    if not chosen:
+        raise ValueError(
+            f"{type(model).__name__} has no parameter with requires_grad=True; add "
+            "adapters (peft) or unfreeze the weights to train, or pass params="
+        )
+    return chosen

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from ..config import check_count
+
 __all__ = [
     "depth_window",
     "distribution_spread",
@@ -35,19 +37,9 @@ def resolve_count(value: int | float, num_layers: int, name: str) -> int:
         >>> resolve_count(0.25, 32, "active_layers"), resolve_count(3, 32, "active_layers")
         (8, 3)
     """
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be an int count or a float fraction, got {value!r}")
+    check_count(name, value, num_layers)
     if isinstance(value, int):
-        if not 1 <= value <= num_layers:
-            raise ValueError(
-                f"{name}={value} is outside [1, {num_layers}] for a model with {num_layers} "
-                f"layers; pass a count in that range or a fraction in (0, 1]"
-            )
         return value
-    if not (0.0 < value <= 1.0) or math.isnan(value):
-        raise ValueError(
-            f"{name}={value} is not a fraction in (0, 1]; pass e.g. 0.25, or an int count"
-        )
     return max(1, int(value * num_layers))
 
 

@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .checkpoint import pop_ist_entry
-from .distributed import ddp_class
+from ..core.checkpoint import pop_ist_entry
+from .ranks import ddp_class
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .optimizer import ISTOptimizer
+    from ..optimizer import ISTOptimizer
 
 __all__ = ["get_optimizer_state_dict", "set_optimizer_state_dict"]
 
