@@ -7,7 +7,8 @@ trained on. Alternatively the user passes an iterable of batches, which is cycle
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import copy
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,12 +117,28 @@ class BatchCycler:
 
 
 def move_batch(batch: Any, device: torch.device) -> Any:
-    """Move the tensors of a batch (tensor, mapping, list/tuple, nested) to ``device``."""
+    """Move the tensors of a batch (tensor, mapping, list/tuple/namedtuple, nested) to
+    ``device``; containers keep their type (a ``defaultdict`` its default factory, a
+    ``BatchEncoding`` its encodings), the input is not changed.
+
+    Example:
+        >>> from collections import namedtuple
+        >>> Pair = namedtuple("Pair", "x y")
+        >>> move_batch(Pair(torch.ones(1), 2), torch.device("meta")).x.device
+        device(type='meta')
+    """
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, Mapping):
-        return type(batch)({k: move_batch(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
-    if isinstance(batch, list | tuple) and not hasattr(batch, "_fields"):
+        moved = {k: move_batch(v, device) for k, v in batch.items()}
+        if isinstance(batch, MutableMapping):
+            out = copy.copy(batch)  # keeps the type and what its constructor would need
+            out.update(moved)
+            return out
+        return moved
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*(move_batch(v, device) for v in batch))
+    if isinstance(batch, list | tuple):
         return type(batch)(move_batch(v, device) for v in batch)
     return batch
 
