@@ -12,6 +12,7 @@ from .core.activator import LayerActivator
 from .core.backward import BackwardCut, GraphMemo, reaches_trainable_parameter
 from .core.compile import compile_blocks, is_compiled_block
 from .core.groups import LayerGroups, build_layer_groups, discover_layers
+from .core.recompute import BlockCheckpointer
 from .importance.estimators import FirstOrderProbe, normalized_score_update
 from .importance.rounds import (
     FirstOrderRound,
@@ -30,7 +31,6 @@ from .memory import (
     estimate_peak_memory,
 )
 from .memory.budget import BudgetDecision, CheckpointPolicy, MemoryBudget, parse_memory_budget
-from .memory.recompute import BlockCheckpointer
 from .memory.residency import StateResidency, state_bytes
 from .optimizer import ISTOptimizer
 from .registry import register_estimator, register_sampling_rule

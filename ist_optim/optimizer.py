@@ -332,8 +332,9 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
         """Optimizer-state bytes on the device and offloaded, trainable bytes of the
         coming step, and the budget's prediction: see
         :func:`ist_optim.memory.budget.memory_report`."""
-        return memory_report(self.activator.residency, self.layer_groups,
-                             self.active_layers, self.memory_budget)
+        active = self.active_layers
+        trained = self.layer_groups.layer_params(active) + self.layer_groups.outside
+        return memory_report(self.activator.residency, trained, active, self.memory_budget)
 
     def close(self) -> None:
         """Remove the hooks from the model and re-enable all layers' grads."""

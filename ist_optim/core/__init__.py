@@ -1,4 +1,4 @@
 """The layer machinery: which parameters form each layer (:mod:`.groups`), applying an
-active set (:mod:`.activator`, :mod:`.backward`), the torch optimizer contract
-(:mod:`.wrapper`), the ``"ist"`` checkpoint entry (:mod:`.checkpoint`) and per-block
-compilation (:mod:`.compile`)."""
+active set (:mod:`.activator`, :mod:`.backward`), per-block recomputation switched per step
+(:mod:`.recompute`) and compilation (:mod:`.compile`), the torch optimizer contract
+(:mod:`.wrapper`) and the ``"ist"`` checkpoint entry (:mod:`.checkpoint`)."""

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..memory.budget import MemoryBudget
-from ..memory.residency import StateResidency
 from .backward import BackwardCut
 from .groups import LayerGroups
+
+if TYPE_CHECKING:  # pragma: no cover  (the parts are passed in; core imports no memory/)
+    from ..memory.budget import MemoryBudget
+    from ..memory.residency import StateResidency
 
 __all__ = ["LayerActivator"]
 
@@ -43,7 +46,7 @@ class LayerActivator:
 
     Example:
         >>> import torch
-        >>> from ist_optim import build_layer_groups
+        >>> from ist_optim import StateResidency, build_layer_groups
         >>> blocks = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(3))
         >>> groups = build_layer_groups(blocks, list(blocks.parameters()), list(blocks))
         >>> residency = StateResidency(torch.optim.SGD(blocks.parameters(), lr=0.1), "keep")

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..memory.recompute import is_checkpoint_managed
 from .groups import discover_layers
+from .recompute import is_checkpoint_managed
 
 __all__ = ["WholeModelCompileGuard", "check_not_compiled_whole", "compile_blocks",
            "is_compiled_block"]

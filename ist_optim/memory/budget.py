@@ -25,9 +25,8 @@ from torch.optim import Optimizer
 
 from ..config import parse_memory_budget
 from ..core.compile import is_compiled_block
-from ..core.groups import LayerGroups
+from ..core.recompute import BlockCheckpointer
 from .estimate import MemoryPlanner
-from .recompute import BlockCheckpointer
 from .residency import StateResidency, state_bytes
 
 __all__ = ["PLANNING_HEADROOM", "BudgetDecision", "CheckpointPolicy", "MemoryBudget",
@@ -232,7 +231,7 @@ class CheckpointPolicy:
 
 class MemoryBudget:
     """A :class:`CheckpointPolicy` applied to a model's blocks through a
-    :class:`~ist_optim.memory.recompute.BlockCheckpointer`: what ``ISTOptimizer``'s
+    :class:`~ist_optim.core.recompute.BlockCheckpointer`: what ``ISTOptimizer``'s
     ``memory_budget=`` runs after each draw of the active set.
 
     Args:
@@ -332,7 +331,7 @@ class MemoryBudget:
         self.checkpointer.remove()
 
 
-def memory_report(residency: StateResidency, layers: LayerGroups,
+def memory_report(residency: StateResidency, trained: Sequence[torch.Tensor],
                   active: Sequence[int], budget: MemoryBudget | None) -> dict[str, Any]:
     """Bytes of optimizer state and of the trainable parameters of the active set (what
     :meth:`ist_optim.ISTOptimizer.memory_report` returns).
@@ -341,7 +340,7 @@ def memory_report(residency: StateResidency, layers: LayerGroups,
         ``state_bytes_on_device``: state held by the inner optimizer on the parameters'
         devices; ``state_bytes_offloaded``: state in host memory put there by
         ``state_policy="offload"``; ``active_trainable_bytes``: parameters trained in the
-        coming step (``active`` layers and the outside group); ``active_layers``;
+        coming step (``trained``: the ``active`` layers and the outside group); ``active_layers``;
         ``state_policy``; with a ``budget``: ``memory_budget`` (bytes),
         ``predicted_peak_bytes`` of the coming step and ``checkpointed_layers``, the blocks
         checkpointed in it (else None, None, []).
@@ -349,11 +348,10 @@ def memory_report(residency: StateResidency, layers: LayerGroups,
     with residency.full_state() as inner:
         total = state_bytes(inner.state.values())
     offloaded = residency.offloaded_bytes()
-    params = layers.layer_params(active) + layers.outside
     return {
         "state_bytes_on_device": total - offloaded,
         "state_bytes_offloaded": offloaded,
-        "active_trainable_bytes": sum(p.numel() * p.element_size() for p in params),
+        "active_trainable_bytes": sum(p.numel() * p.element_size() for p in trained),
         "active_layers": list(active),
         "state_policy": residency.policy,
         **(budget.report() if budget is not None else
