@@ -1,21 +1,11 @@
 """``ISTOptimizer``: Importance-aware Sparse Tuning around any torch optimizer.
 
-The class composes small parts and only orchestrates them; each part owns its state and
-its piece of the checkpoint:
-
-* :class:`ist_optim.ISTConfig` (:mod:`ist_optim.config`): the options, validated once;
-* :class:`ist_optim.LayerGroups` (:mod:`ist_optim.core.groups`): the parameter-to-layer map;
-* :class:`ist_optim.LayerSampler` (:mod:`ist_optim.sampling`): scores, generator, step
-  count, schedule and active set, drawn by a registered sampling rule;
-* an :class:`ist_optim.ImportanceRound` (:mod:`ist_optim.importance`): the estimator;
-* :class:`ist_optim.LayerActivator` (:mod:`ist_optim.core.activator`): applies the active
-  set (``requires_grad``, backward cut, state residency);
-* :class:`ist_optim.MemoryBudget` (:mod:`ist_optim.memory`): ``memory_budget=``;
-* :mod:`ist_optim.core.checkpoint`: the ``"ist"`` entry composed of the parts' state dicts.
-
-The torch optimizer contract (forwarded ``param_groups``/``state``, hooks) is
-:class:`ist_optim.core.wrapper.WrappedOptimizer`'s; the read-only properties are
-:class:`ist_optim.views.ISTViews`'.
+The class only composes the parts, each owning its state and its piece of the checkpoint:
+the config, the layer groups, the sampler, the importance round and the activator (which
+applies a set: ``requires_grad``, backward cut, state residency, ``memory_budget``). Where
+each lives: docs/extending.md. The torch optimizer contract is
+:class:`~ist_optim.core.wrapper.WrappedOptimizer`'s, the read-only properties
+:class:`~ist_optim.views.ISTViews`'.
 """
 
 from __future__ import annotations
