@@ -10,7 +10,16 @@ run stops otherwise). Every method then trains inside that budget:
 * IST with ``memory_budget=`` (``+budget``): per step, only the blocks that step needs
   checkpointed to fit are checkpointed, none when the active set fits as it is. Before
   any step, each such method's easiest step (the top blocks active) is planned; when even
-  it cannot fit, the method is recorded as not fitting and not run.
+  it cannot fit, the method is recorded as not fitting and not run;
+* full fine-tuning with GaLore / APOLLO (``galore+gc``, ``apollo+gc``, ``apollo-mini+gc``)
+  and the model's checkpointing: before any run, two accounted steps measure its peak;
+  over the budget, the method is recorded as not fitting (with the planner's figure) and
+  not run.
+
+QLoRA (``qlora+...``: the 4-bit NF4 base of ``ist-finetune --quantize 4bit``, LoRA on it)
+has a budget of its own, set the same way by ``qlora+gc`` (its ``{"phase": "budget"}`` row
+carries ``"budget_of": "qlora+gc"``); the QLoRA methods run inside it and are paired with
+``qlora+gc``. Only the budgets the ``--methods`` need are measured.
 
 Protocol (CPU, SmolLM2-135M, the Shakespeare plays of ``benchmarks/few_data.py``: training
 plays, 2 validation plays, the 4 held-out test plays): each method's learning rate is
@@ -55,7 +64,7 @@ from benchkit.report import read_rows
 from budget_methods import FULL_LR_GRID, LR_GRID, METHODS, lr_grid
 from budget_plan import runs_of_schedule
 from budget_report import plot, report
-from budget_run import base_losses, ensure_budget, ensure_fits, prepare, run_pending
+from budget_run import base_losses, ensure_budgets, ensure_fits, prepare, run_pending
 
 HERE = Path(__file__).resolve().parent
 OUT_DIR = HERE / "results" / "budget"
@@ -129,10 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     data = prepare(args)
     rows = runs_of_schedule(read_rows([args.out]), args.schedule)
     base = base_losses(data, args)
-    budget = ensure_budget(rows, data, args, base)
-    print(f"budget {budget:,} bytes", flush=True)
-    fits = ensure_fits(rows, args, budget)
-    run_pending([m for m in args.methods if fits.get(m, True)], grids, data, args, budget,
+    budgets = ensure_budgets(rows, data, args, base)
+    fits = ensure_fits(rows, args, budgets, data, base)
+    run_pending([m for m in args.methods if fits.get(m, True)], grids, data, args, budgets,
                 base)
     return 0
 

@@ -1,16 +1,24 @@
 """The methods of the budget benchmark (``budget.py``): how each one fine-tunes inside the
 memory budget, and the learning rates swept for it.
 
-A method is a peft method (``lora``, ``dora``, ``full``), an optimizer kind of
-:func:`ist_optim.cli.train.build_optimizer` (``adamw``, ``ist``, ``badam``), how it fits
-the budget (``checkpointing``) and the ``ISTOptimizer`` keywords. Adding a method = one
-entry of :data:`METHODS`; ``budget.py --methods NAME`` then runs it.
+A method is a peft method (``lora``, ``dora``, ``full``, or ``qlora``: LoRA on a 4-bit NF4
+base), an optimizer kind of :func:`benchkit.models.build_optimizer` (``adamw``, ``ist``,
+``badam``, and the gradient-projection optimizers ``galore``, ``apollo``, ``apollo-mini``),
+how it fits the budget (``checkpointing``) and the ``ISTOptimizer`` keywords. Adding a
+method = one entry of :data:`METHODS`; ``budget.py --methods NAME`` then runs it.
+
+Two budgets: the main one, set by :data:`BASELINE` (``lora+gc``), and the QLoRA budget,
+set the same way by :data:`QLORA_BASELINE` (``qlora+gc``), inside which the methods on a
+4-bit base run (:func:`budget_of`) and with whose runs they are paired
+(:func:`reference`).
 
 Example:
     >>> METHODS["lora+ist-fo-da+budget"].ist_kwargs["estimator"]
     'first-order'
     >>> lr_grid("lisa+budget") == FULL_LR_GRID
     True
+    >>> budget_of("qlora+ist+budget"), reference("qlora+ist+budget"), reference("qlora+gc")
+    ('qlora+gc', 'qlora+gc', 'lora+gc')
 """
 
 from __future__ import annotations
@@ -20,8 +28,16 @@ from typing import Any
 
 #: The baseline every method is paired with: LoRA on every layer + gradient checkpointing.
 BASELINE = "lora+gc"
-#: The layer-wise peers IST with adapters is also compared with, seed by seed.
-PEERS = ("lisa+budget", "badam+gc")
+#: The baseline of the methods on a 4-bit base: QLoRA (NF4 base + LoRA on every layer) with
+#: gradient checkpointing; its peak plus the margin is the QLoRA budget.
+QLORA_BASELINE = "qlora+gc"
+#: The full-parameter peers IST with adapters is also compared with, seed by seed: the
+#: layer-wise ones (LISA, BAdam) and the gradient-projection ones (GaLore, APOLLO), each
+#: where it fits the budget.
+PEERS = ("lisa+budget", "badam+gc", "galore+gc", "apollo+gc", "apollo-mini+gc")
+#: Optimizer kinds that keep Adam's moments in a low-rank projection of each block matrix
+#: (the planner's ``optimizer=`` names); their fit is measured (:func:`fit_check`).
+PROJECTED = ("galore", "apollo", "apollo-mini")
 
 
 @dataclass(frozen=True)
@@ -30,7 +46,9 @@ class Method:
 
     ``checkpointing``: ``"model"`` (every block, the model's own gradient checkpointing),
     ``"budget"`` (``ISTOptimizer(memory_budget=...)``) or ``"none"`` (LoRA without
-    checkpointing, run only to show that it does not fit the budget). ``inactive``:
+    checkpointing, run only to show that it does not fit the budget). ``peft="qlora"``:
+    the base loaded in 4 bits (``ist_optim.cli.models.load_model(quantize="4bit")``),
+    LoRA on it. ``inactive``:
     ``(scale, max_steps)`` of :class:`inactive_updates.InactiveMomentum`, the trial of
     moving the layers that sit out an IST step on their kept state (issue 21); None: they
     do not move.
@@ -99,6 +117,20 @@ METHODS: dict[str, Method] = {
     "lisa+budget": Method("full", "ist", "budget",
                           {"sampling": "uniform", "active_layers": 2, "state_policy": "drop"}),
     "badam+gc": Method("full", "badam", "model"),
+    # full fine-tuning of the blocks with gradient projection (issue 24): GaLoreAdamW /
+    # APOLLOAdamW on the blocks' 2-D weights (the HF Trainer's defaults: rank 128, APOLLO-Mini
+    # rank 1), plain AdamW steps for the rest (the norms); run where the measured peak fits
+    # the budget, else recorded with the planner's figure
+    "galore+gc": Method("full", "galore", "model"),
+    "apollo+gc": Method("full", "apollo", "model"),
+    "apollo-mini+gc": Method("full", "apollo-mini", "model"),
+    # QLoRA (issue 24): the 4-bit NF4 base of `ist-finetune --quantize 4bit`, LoRA on every
+    # linear layer; the baseline with the model's checkpointing sets the QLoRA budget, IST
+    # (uniform draws, as lora+uniform+budget) runs inside it under memory_budget
+    "qlora+gc": Method("qlora", "adamw", "model"),
+    "qlora+ist+budget": Method("qlora", "ist", "budget", {"sampling": "uniform"}),
+    "qlora+uniform-dense50+budget": Method("qlora", "ist", "budget",
+                                           {"sampling": "uniform", "dense_steps": 50}),
 }
 LR_GRID = (5e-4, 1e-3, 2e-3, 4e-3)
 # Full fine-tuning diverges at adapter rates (benchmarks/few_data.py chose 1e-4): its grid is
@@ -109,3 +141,31 @@ FULL_LR_GRID = (1e-4, 2e-4, 5e-4, 1e-3)
 def lr_grid(name: str) -> tuple[float, ...]:
     """The rates swept for method ``name``."""
     return FULL_LR_GRID if METHODS[name].peft == "full" else LR_GRID
+
+
+def budget_of(name: str) -> str:
+    """The baseline whose peak (plus the margin) is the budget method ``name`` runs in:
+    :data:`QLORA_BASELINE` for a method on a 4-bit base, else :data:`BASELINE`."""
+    return QLORA_BASELINE if METHODS[name].peft == "qlora" else BASELINE
+
+
+def reference(name: str) -> str | None:
+    """The run method ``name`` is paired with, seed by seed: the baseline of its budget;
+    ``qlora+gc`` with ``lora+gc`` (what the 4-bit base costs); None for ``lora+gc``; a name
+    no longer in :data:`METHODS` (rows of an older run) with ``lora+gc``."""
+    if name == BASELINE:
+        return None
+    if name == QLORA_BASELINE or name not in METHODS:
+        return BASELINE
+    return budget_of(name)
+
+
+def fit_check(name: str) -> str | None:
+    """How a method's fit is checked before it runs: ``"plan"`` (IST under
+    ``memory_budget``: its easiest step planned), ``"measure"`` (a gradient-projection
+    optimizer: two accounted steps, the planner's figure beside them), None (run as it is).
+    """
+    method = METHODS[name]
+    if method.checkpointing == "budget":
+        return "plan"
+    return "measure" if method.optimizer in PROJECTED else None

