@@ -96,10 +96,20 @@ class _Heap:
         self.vars[other] = self.vars.get(other, 0)
 
 
-def _low_rank(shape: tuple[int, int], rank: int) -> tuple[int, int, int]:
-    """(moment elements, projector elements, rank used) of an ``m x n`` target."""
+def _low_rank(shape: tuple[int, int], rank: int, *, capped: bool = True
+              ) -> tuple[int, int, int]:
+    """(moment elements, projector elements, rank used) of an ``m x n`` target.
+
+    GaLore's SVD caps the rank at ``min(m, n)``; APOLLO's random projector
+    (apollo-torch 1.0.3, ``capped=False``) draws a ``rank x n`` (or ``m x rank``) matrix
+    whatever the target's size.
+
+    Example:
+        >>> _low_rank((64, 32), 48), _low_rank((64, 32), 48, capped=False)
+        ((2048, 1024, 32), (3072, 1536, 48))
+    """
     m, n = shape
-    r = min(rank, m, n)
+    r = min(rank, m, n) if capped else rank
     return (m * r, r * n, r) if m >= n else (r * n, m * r, r)
 
 
@@ -128,7 +138,7 @@ def _galore_update(heap: _Heap, shape: tuple[int, int], rank: int, element: int)
 def _apollo_update(heap: _Heap, shape: tuple[int, int], rank: int, element: int) -> int:
     """APOLLO's random projector; returns the bytes it keeps."""
     m, n = shape
-    _, projector, _ = _low_rank(shape, rank)
+    _, projector, _ = _low_rank(shape, rank, capped=False)
     heap.bind("matrix", 0 if element == 4 else 4 * m * n)  # .float() of the gradient
     heap.bind("randn", 4 * projector)
     heap.bind("projector", 4 * projector)  # randn / sqrt(rank)
@@ -173,7 +183,7 @@ def projected_step(shapes: Sequence[tuple[int, ...]], targets: Sequence[bool], e
         if len(shape) != 2:
             raise ValueError(f"a projected target must be a matrix, got shape {tuple(shape)}")
         m, n = int(shape[0]), int(shape[1])
-        moment, projector, _ = _low_rank((m, n), spec.rank)
+        moment, projector, _ = _low_rank((m, n), spec.rank, capped=spec.kind == "galore")
         low = element * moment
         if spec.kind == "galore":
             kept = (_galore_update(heap, (m, n), spec.rank, element) if update

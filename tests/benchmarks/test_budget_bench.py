@@ -312,13 +312,12 @@ def test_galore_and_apollo_run_where_their_measured_peak_fits(tiny, tmp_path):
     rows = _rows(out)
     fits = {r["method"]: r for r in rows if r.get("phase") == "fit"}
     assert set(fits) == set(methods)
-    for name, r in fits.items():
+    for r in fits.values():
         assert r["fits"] and r["measured_steps"] == 2
         assert 0 < r["measured_peak_bytes"] and 0 < r["planned_layerwise_peak_bytes"]
-        if name != "apollo+gc":  # APOLLO's rank 128 is above the tiny blocks' 32 channels:
-            # apollo-torch projects up to it, the planner caps the rank at min(m, n)
-            assert r["planned_peak_bytes"] == pytest.approx(r["measured_peak_bytes"],
-                                                            rel=0.15)
+        # (APOLLO's rank 128 is above the tiny blocks' 32 channels: its projector is not
+        # capped at min(m, n), and the planner knows it)
+        assert r["planned_peak_bytes"] == pytest.approx(r["measured_peak_bytes"], rel=0.15)
     finals = {r["method"]: r for r in rows if r.get("phase") == "final"}
     assert set(finals) == set(methods)
     assert all(r["peak_bytes"] > 0 and len(r["train_losses"]) == 2 for r in finals.values())
