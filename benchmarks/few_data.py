@@ -55,6 +55,10 @@ METHODS: dict[str, MethodSpec] = {
     "lora+ist-first-order": MethodSpec("lora+ist-first-order", "lora", "ist",
                                        {"estimator": "first-order"}),
     "lora+uniform": MethodSpec("lora+uniform", "lora", "ist", {"sampling": "uniform"}),
+    # the budget benchmark's best IST candidate (issue 21): every layer for the first quarter
+    # of the run (10 of the 40 steps, as dense_steps=50 of 200 there), then uniform draws
+    "lora+uniform-dense10": MethodSpec("lora+uniform-dense10", "lora", "ist",
+                                       {"sampling": "uniform", "dense_steps": 10}),
 }
 LR_GRID = {"lora": (1e-3, 3e-3), "full": (1e-4, 3e-4)}
 HERE = Path(__file__).resolve().parent
