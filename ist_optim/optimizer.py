@@ -323,8 +323,8 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
         coming step, and the budget's prediction: see
         :func:`ist_optim.memory.budget.memory_report`."""
         active = self.active_layers
-        trained = self.layer_groups.layer_params(active) + self.layer_groups.outside
-        return memory_report(self.activator.residency, trained, active, self.memory_budget)
+        return memory_report(self.activator.residency, self.layer_groups.trained_params(active),
+                             active, self.memory_budget)
 
     def close(self) -> None:
         """Remove the hooks from the model and re-enable all layers' grads."""

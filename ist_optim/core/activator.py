@@ -141,7 +141,7 @@ class LayerActivator:
     def trained_grads(self) -> list[torch.Tensor]:
         """The gradients the coming update would apply: those of the applied layers and of
         the outside group (parameters without a gradient left out)."""
-        params = self.layers.layer_params(self.applied) + self.layers.outside
+        params = self.layers.trained_params(self.applied)
         return [p.grad for p in params if p.grad is not None]
 
     def grad_norms(self) -> dict[int, float]:

@@ -154,6 +154,11 @@ class LayerGroups:
     def layer_params(self, indices: Iterable[int]) -> list[nn.Parameter]:
         return [p for i in indices for p in self.params[i]]
 
+    def trained_params(self, active: Iterable[int]) -> list[nn.Parameter]:
+        """What a step with ``active`` layers trains: their parameters and the outside
+        group's."""
+        return self.layer_params(active) + self.outside
+
     def layer_of(self) -> dict[int, int]:
         """``id(parameter) -> layer`` of the trainable parameters of every layer."""
         return {id(p): i for i, params in enumerate(self.params) for p in params}
