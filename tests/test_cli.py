@@ -226,10 +226,11 @@ def test_bad_input_one_line_exit_2(tiny_model_dir, corpus, tmp_path, capsys, ext
 
 
 def test_end_to_end_tiny_model(tiny_model_dir, corpus, tmp_path, capsys):
+    """The paper's settings (``--paper``): importance rounds from the first step."""
     out_dir = tmp_path / "out"
     code, out, _err = _run_main(
         ["--model", str(tiny_model_dir), "--data", str(corpus), "--steps", "3",
-         "--batch-size", "2", "--seq-len", "16", "--update-interval", "1",
+         "--batch-size", "2", "--seq-len", "16", "--update-interval", "1", "--paper",
          "--active-layers", "2", "--output-dir", str(out_dir), "--no-progress"], capsys)
     assert code == 0
     assert (out_dir / "adapter" / "adapter_config.json").is_file()
@@ -237,14 +238,50 @@ def test_end_to_end_tiny_model(tiny_model_dir, corpus, tmp_path, capsys):
     assert (out_dir / "importance.png").stat().st_size > 1000
     results = (out_dir / "results.md").read_text()
     assert "| held-out loss |" in results and "| held-out perplexity |" in results
+    assert "| recipe | `paper` |" in results and "| lr_schedule | `constant` |" in results
     summary = json.loads((out_dir / "results.json").read_text())
     assert summary["steps"] == 3 and len(summary["train_losses"]) == 3
+    assert summary["lr"] == 1e-3
     assert [e[0] for e in summary["evals"]] == [0, 3]
     assert summary["train_cpu_seconds"] > 0 and summary["train_seconds"] > 0
     history = json.loads((out_dir / "importance.json").read_text())
     assert history["steps"] == [1, 2, 3] and all(len(t) == 2 for t in history["trained"])
     assert any(v != 0 for v in history["importance"][-1])  # importance rounds ran
-    assert "held-out loss" in out and "total wall time" in out
+    assert "held-out loss" in out and "total wall time" in out and "paper recipe" in out
+
+
+def test_default_run_uses_the_measured_recipe(tiny_model_dir, corpus, tmp_path, capsys):
+    """No flag: every layer for the first quarter of the steps, then uniform draws, the
+    linear schedule with 10% warm-up and the measured rate; a flag the user sets wins."""
+    out_dir = tmp_path / "out"
+    code, out, _err = _run_main(
+        ["--model", str(tiny_model_dir), "--data", str(corpus), "--steps", "8",
+         "--batch-size", "2", "--seq-len", "16", "--active-layers", "2",
+         "--output-dir", str(out_dir), "--no-progress"], capsys)
+    assert code == 0, _err
+    summary = json.loads((out_dir / "results.json").read_text())
+    assert summary["lr"] == 4e-3
+    assert summary["ist_kwargs"] == {"active_layers": 2, "sampling": "uniform", "dense_steps": 2}
+    history = json.loads((out_dir / "importance.json").read_text())
+    layers = history["num_layers"]
+    assert [len(t) for t in history["trained"]] == [layers, layers] + [2] * 6
+    assert all(v == 0 for v in history["importance"][-1])  # uniform: no importance rounds
+    results = (out_dir / "results.md").read_text()
+    assert "| lr_schedule | `linear` |" in results and "| warmup_steps | `1` |" in results
+    assert "measured recipe" in out
+    code, _out, _err = _run_main(
+        ["--model", str(tiny_model_dir), "--data", str(corpus), "--steps", "8",
+         "--batch-size", "2", "--seq-len", "16", "--active-layers", "2", "--lr", "3e-4",
+         "--dense-steps", "0", "--sampling", "importance", "--lr-schedule", "cosine",
+         "--update-interval", "2", "--output-dir", str(tmp_path / "mine"), "--no-progress"],
+        capsys)
+    assert code == 0, _err
+    summary = json.loads((tmp_path / "mine" / "results.json").read_text())
+    assert summary["lr"] == 3e-4
+    assert summary["ist_kwargs"] == {"active_layers": 2, "update_interval": 2,
+                                     "sampling": "importance", "dense_steps": 0}
+    results = (tmp_path / "mine" / "results.md").read_text()
+    assert "| lr_schedule | `cosine` |" in results and "| warmup_steps | `1` |" in results
 
 
 def test_compare_tiny_model(tiny_model_dir, corpus, tmp_path, capsys):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -124,7 +125,8 @@ def test_sigkill_between_steps_and_inside_a_checkpoint_write_then_resume_is_exac
     killed while writing the checkpoint of step 8, resumed to the end. IST with offloaded
     state, importance rounds, a cosine schedule with warm-up, attention dropout."""
     flags = _flags(model_dir, corpus, "--steps", "12", "--lr-schedule", "cosine",
-                   "--warmup-steps", "2", "--ist-kwarg", "state_policy=offload")
+                   "--warmup-steps", "2", "--sampling", "importance",
+                   "--ist-kwarg", "state_policy=offload")
     reference = tmp_path / "reference"
     _run_in_process([*flags, "--output-dir", str(reference)], capsys)
 
@@ -156,7 +158,8 @@ def test_sigkill_between_steps_and_inside_a_checkpoint_write_then_resume_is_exac
 
 def test_extend_a_finished_adamw_run_matches_a_longer_run(model_dir, corpus, tmp_path, capsys):
     """Constant learning rate: --steps may grow on resume (plain AdamW, dropout on)."""
-    flags = _flags(model_dir, corpus, "--optimizer", "adamw", ist=False)
+    flags = _flags(model_dir, corpus, "--optimizer", "adamw", "--lr-schedule", "constant",
+                   ist=False)
     reference = tmp_path / "reference"
     _run_in_process([*flags, "--steps", "8", "--output-dir", str(reference)], capsys)
     run = tmp_path / "run"
@@ -265,3 +268,49 @@ def test_parser_checkpoint_flags():
                        "--lr-schedule", "linear", "--warmup-steps", "10"])
     assert (args.save_every, args.resume, args.keep_checkpoints) == (50, True, 3)
     assert (args.lr_schedule, args.warmup_steps) == ("linear", 10)
+
+
+def test_resume_in_the_middle_of_the_default_dense_phase_is_exact(model_dir, corpus, tmp_path,
+                                                                  capsys):
+    """The measured recipe (no flag): 2 dense steps of 8, 1 warm-up step, linear decay.
+    A run whose newest checkpoint is from step 1 (inside the dense phase and the warm-up)
+    resumes to the adapter of an uninterrupted run."""
+    flags = _flags(model_dir, corpus, "--steps", "8")
+    reference = tmp_path / "reference"
+    _run_in_process([*flags, "--output-dir", str(reference)], capsys)
+    run = tmp_path / "run"
+    _run_in_process([*flags, "--save-every", "1", "--keep-checkpoints", "8",
+                     "--output-dir", str(run)], capsys)
+    saved = load_checkpoint(run / "checkpoints" / "step-000001")
+    assert saved["run"]["fingerprint"]["dense_steps"] == 2
+    for later in sorted((run / "checkpoints").iterdir())[1:]:
+        shutil.rmtree(later)
+    out = _run_in_process([*flags, "--resume", "--output-dir", str(run)], capsys)
+    assert "(step 1)" in out
+    _assert_identical(_adapter(run), _adapter(reference))
+
+
+def test_checkpoint_from_before_the_recipes_resumes_with_paper(model_dir, corpus, tmp_path,
+                                                               capsys):
+    """A checkpoint written before --paper / --dense-steps existed (its fingerprint lacks
+    both; the paper's settings were the only ones) resumes exactly with --paper, and
+    without it is refused in one line that names --paper."""
+    flags = _flags(model_dir, corpus, "--steps", "6", "--paper")
+    reference = tmp_path / "reference"
+    _run_in_process([*flags, "--output-dir", str(reference)], capsys)
+    run = tmp_path / "run"
+    _run_in_process([*flags, "--save-every", "3", "--keep-checkpoints", "2",
+                     "--output-dir", str(run)], capsys)
+    shutil.rmtree(run / "checkpoints" / "step-000006")
+    path = run / "checkpoints" / "step-000003" / "run.pt"
+    state = torch.load(path, weights_only=True)
+    for key in ("paper", "dense_steps"):
+        del state["fingerprint"][key]
+    torch.save(state, path)
+    without = [f for f in flags if f != "--paper"]
+    code = main([*without, "--resume", "--output-dir", str(run)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--paper" in err
+    out = _run_in_process([*flags, "--resume", "--output-dir", str(run)], capsys)
+    assert "(step 3)" in out
+    _assert_identical(_adapter(run), _adapter(reference))

@@ -24,11 +24,12 @@ __all__ = ["CLIError", "main"]
 logger = logging.getLogger(__name__)
 
 
-def _settings(args: Any, ist_kwargs: dict[str, Any], lr: float) -> dict[str, Any]:
+def _settings(args: Any, ist_kwargs: dict[str, Any], lr: float, recipe: str) -> dict[str, Any]:
     return {"model": args.model, "data": args.data, "peft": args.peft, "rank": args.rank,
-            "optimizer": args.optimizer, "lr": lr, "steps": args.steps,
+            "optimizer": args.optimizer, "lr": lr, "lr_schedule": args.lr_schedule,
+            "warmup_steps": args.warmup_steps, "steps": args.steps,
             "batch_size": args.batch_size, "seq_len": args.seq_len, "seed": args.seed,
-            "ist_kwargs": ist_kwargs, "quantize": args.quantize}
+            "ist_kwargs": ist_kwargs, "quantize": args.quantize, "recipe": recipe}
 
 
 def _run(argv: list[str] | None) -> int:
@@ -39,6 +40,7 @@ def _run(argv: list[str] | None) -> int:
 
     from .checkpoints import checkpoint_options
     from .compare import compare_specs, run_compare
+    from .recipe import apply_recipe
     from .report import compare_table, results_table, save_outputs
     from .runner import MethodSpec, prepare_context, run_method
 
@@ -46,6 +48,7 @@ def _run(argv: list[str] | None) -> int:
     targets: Any = args.target_modules
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
+    recipe = apply_recipe(args)  # fills the unset flags before the fingerprint reads them
     ist_kwargs = ist_kwargs_from_args(args)
     checkpoints = checkpoint_options(args)
     if ist_kwargs and args.optimizer != "ist":
@@ -53,8 +56,9 @@ def _run(argv: list[str] | None) -> int:
                        f"not {args.optimizer}")
     started = time.perf_counter()
     print(f"ist-finetune: model {args.model}, data {args.data}, {args.peft} r{args.rank}, "
-          f"{args.steps} steps of {args.batch_size} x {args.seq_len} tokens on {device}",
-          flush=True)
+          f"{args.steps} steps of {args.batch_size} x {args.seq_len} tokens on {device}, "
+          f"{args.lr_schedule} schedule ({args.warmup_steps} warm-up steps), {recipe.name} "
+          "recipe", flush=True)
     context = prepare_context(
         args.model, args.data, val_fraction=args.val_fraction, seq_len=args.seq_len,
         batch_size=args.batch_size, eval_batches=args.eval_batches, rank=args.rank,
@@ -67,14 +71,14 @@ def _run(argv: list[str] | None) -> int:
     output_dir = Path(args.output_dir)
 
     def finish(run: Any) -> None:
-        settings = _settings(args, run.spec.ist_kwargs, run.spec.learning_rate)
+        settings = _settings(args, run.spec.ist_kwargs, run.spec.learning_rate, recipe.name)
         table = results_table(run, settings)
         written = save_outputs(run, output_dir, table)
         print("\n\n".join(table.split("\n\n")[1:3]))
         print("wrote " + ", ".join(str(p) for p in written))
 
     if args.compare:
-        specs = compare_specs(args.peft, ist_kwargs, args.lr)
+        specs = compare_specs(args.peft, ist_kwargs, args.lr, recipe.learning_rate)
         runs = run_compare(specs, context, steps=args.steps, seed=args.seed,
                            on_run=lambda r: finish(r) if r.spec is specs[1] else None)
         table = compare_table(runs)
@@ -90,7 +94,7 @@ def _run(argv: list[str] | None) -> int:
         print(f"wrote {output_dir / 'compare.md'}, {output_dir / 'compare.jsonl'}")
     else:
         spec = MethodSpec(f"{args.peft} + {args.optimizer}", args.peft, args.optimizer,
-                          ist_kwargs, args.lr)
+                          ist_kwargs, recipe.learning_rate(args.peft, args.optimizer, args.lr))
         finish(run_method(spec, context, steps=args.steps, seed=args.seed,
                           checkpoints=checkpoints))
     print(f"total wall time {time.perf_counter() - started:.0f} s")

@@ -350,8 +350,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return parts
 
 
+#: What a checkpoint written before ``--paper`` and ``--dense-steps`` existed ran with: the
+#: paper's settings were then the only ones (its other flags were stored as resolved values).
+_BEFORE_RECIPES = {"paper": True, "dense_steps": None}
+
+
 def _check_fingerprint(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if "paper" not in saved:
+        saved = {**_BEFORE_RECIPES, **saved}
+    differ = sorted((k for k in set(saved) | set(current) if saved.get(k) != current.get(k)),
+                    key=lambda k: (k != "paper", k))  # --paper explains the flags it fills
     if differ:
         key = differ[0]
         flag = "--" + key.replace("_", "-")

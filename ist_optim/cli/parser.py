@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ist: AdamW wrapped by ISTOptimizer; adamw: plain AdamW on all layers; "
                         "badam: BAdam block-wise optimizer")
     g.add_argument("--lr", type=positive_float, default=None,
-                   help="learning rate (default: 1e-3 for adapters, 2e-5 for --peft full)")
+                   help="learning rate (default: 4e-3 for LoRA/DoRA + IST, 2e-3 for LoRA/DoRA "
+                        "with --optimizer adamw, as measured; with --paper 1e-3 for adapters; "
+                        "2e-5 for --peft full)")
     g.add_argument("--steps", type=positive_int, default=30, help="optimizer steps")
     g.add_argument("--batch-size", type=positive_int, default=4, help="sequences per step")
     g.add_argument("--seq-len", type=positive_int, default=128, help="tokens per sequence")
@@ -121,11 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compare", action="store_true",
                    help="also train LoRA on all layers (AdamW) and LoRA + uniform sampling "
                         "(LISA-style) on the same data, steps and seed, and print one table")
-    g.add_argument("--lr-schedule", default="constant", choices=LR_SCHEDULES,
+    g.add_argument("--lr-schedule", default=None, choices=LR_SCHEDULES,
                    help="learning-rate schedule after the warm-up (as transformers' "
-                        "get_scheduler)")
-    g.add_argument("--warmup-steps", type=_non_negative_int, default=0,
-                   help="steps of linear warm-up from 0 to --lr")
+                        "get_scheduler; default: linear, with --paper constant)")
+    g.add_argument("--warmup-steps", type=_non_negative_int, default=None,
+                   help="steps of linear warm-up from 0 to --lr (default: 10%% of --steps, "
+                        "with --paper 0)")
+    g.add_argument("--paper", action="store_true",
+                   help="the paper's settings (the library's defaults) for every flag left "
+                        "unset: importance sampling from the first step, no dense phase, a "
+                        "constant rate without warm-up, lr 1e-3 for adapters. Without it, "
+                        "unset flags take the best configuration measured (docs/cli.md)")
     g.add_argument("--badam-switch-every", type=positive_int, default=10,
                    help="steps per block for --optimizer badam")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -154,8 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--suppression", type=float, default=None,
                    help="factor on suppressed responses (library default 0.25)")
     g.add_argument("--sampling", default=None,
-                   help="importance (the paper) or uniform (LISA-style); library default "
-                        "importance")
+                   help="importance (the paper, the library default) or uniform (LISA-style); "
+                        "default: uniform, with --paper importance")
+    g.add_argument("--dense-steps", type=_non_negative_int, default=None, metavar="N",
+                   help="every layer trains in the first N steps, then IST's draws "
+                        "(ISTOptimizer dense_steps; default: a quarter of --steps, with "
+                        "--paper 0)")
     g.add_argument("--ist-kwarg", type=_key_value, action="append", default=[],
                    metavar="KEY=VALUE",
                    help="any other ISTOptimizer keyword (VALUE parsed as JSON, else a string), "
@@ -164,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _IST_FLAGS = ("active_layers", "update_interval", "suppressed_layers", "num_candidates",
-              "score_lr", "suppression", "sampling")
+              "score_lr", "suppression", "sampling", "dense_steps")
 
 
 def ist_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
