@@ -272,17 +272,18 @@ def test_parser_checkpoint_flags():
 
 def test_resume_in_the_middle_of_the_default_dense_phase_is_exact(model_dir, corpus, tmp_path,
                                                                   capsys):
-    """The measured recipe (no flag): 2 dense steps of 8, 1 warm-up step, linear decay.
+    """The measured recipe (no flag): 5 dense steps of 20, 2 warm-up steps, linear decay.
     A run whose newest checkpoint is from step 1 (inside the dense phase and the warm-up)
     resumes to the adapter of an uninterrupted run."""
-    flags = _flags(model_dir, corpus, "--steps", "8")
+    flags = _flags(model_dir, corpus, "--steps", "20")
     reference = tmp_path / "reference"
     _run_in_process([*flags, "--output-dir", str(reference)], capsys)
     run = tmp_path / "run"
-    _run_in_process([*flags, "--save-every", "1", "--keep-checkpoints", "8",
+    _run_in_process([*flags, "--save-every", "1", "--keep-checkpoints", "20",
                      "--output-dir", str(run)], capsys)
     saved = load_checkpoint(run / "checkpoints" / "step-000001")
-    assert saved["run"]["fingerprint"]["dense_steps"] == 2
+    assert saved["run"]["fingerprint"]["dense_steps"] == 5
+    assert saved["run"]["fingerprint"]["warmup_steps"] == 2
     for later in sorted((run / "checkpoints").iterdir())[1:]:
         shutil.rmtree(later)
     out = _run_in_process([*flags, "--resume", "--output-dir", str(run)], capsys)
@@ -314,3 +315,17 @@ def test_checkpoint_from_before_the_recipes_resumes_with_paper(model_dir, corpus
     out = _run_in_process([*flags, "--resume", "--output-dir", str(run)], capsys)
     assert "(step 3)" in out
     _assert_identical(_adapter(run), _adapter(reference))
+
+
+def test_paper_is_the_paper_settings_spelled_out(model_dir, corpus, tmp_path, capsys):
+    """--paper trains exactly as the paper's flags written out (the settings every run had
+    before the recipes: constant 1e-3, importance draws from the first step)."""
+    flags = _flags(model_dir, corpus, "--steps", "6")
+    _run_in_process([*flags, "--paper", "--output-dir", str(tmp_path / "paper")], capsys)
+    _run_in_process([*flags, "--lr", "1e-3", "--lr-schedule", "constant", "--warmup-steps",
+                     "0", "--dense-steps", "0", "--sampling", "importance",
+                     "--output-dir", str(tmp_path / "spelled")], capsys)
+    _assert_identical(_adapter(tmp_path / "paper"), _adapter(tmp_path / "spelled"))
+    _run_in_process([*flags, "--output-dir", str(tmp_path / "measured")], capsys)
+    assert not torch.equal(*(next(iter(_adapter(tmp_path / name).values()))
+                             for name in ("paper", "measured")))
