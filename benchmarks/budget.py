@@ -37,9 +37,12 @@ On CUDA every step's ``torch.cuda.max_memory_allocated`` is the peak and the tim
 time (synchronised).
 
 Rows go to ``--out`` (JSONL) as each run ends; a rerun skips what is there, so a cut run
-resumes. ``--report`` builds the tables (equal steps, equal CPU time by linear
-interpolation of the eval points, paired per-seed differences vs ``lora+gc``) and the
-curves. Commands of docs/benchmarks.md::
+resumes. Several processes may share one ``--out`` (e.g. one per core, each with
+``OMP_NUM_THREADS=1``): each claims the next run no other process holds (a ``{"phase":
+"claim"}`` row, written under a lock on ``<out>.lock``), and a killed process's claims lapse
+with it; the rows are those one process would write. ``--report`` builds the tables
+(equal steps, equal CPU time by linear interpolation of the eval points, paired per-seed
+differences vs ``lora+gc``) and the curves. Commands of docs/benchmarks.md::
 
     OMP_NUM_THREADS=1 python benchmarks/budget.py --methods lora+gc lora+ist-fo-da+budget
     python benchmarks/budget.py --report benchmarks/results/budget/runs.jsonl \\
@@ -64,7 +67,7 @@ from benchkit.report import read_rows
 from budget_methods import FULL_LR_GRID, LR_GRID, METHODS, lr_grid
 from budget_plan import runs_of_schedule
 from budget_report import plot, report
-from budget_run import base_losses, ensure_budgets, ensure_fits, prepare, run_pending
+from budget_run import base_losses, ensure_budgets, ensure_fits, out_lock, prepare, run_pending
 
 HERE = Path(__file__).resolve().parent
 OUT_DIR = HERE / "results" / "budget"
@@ -136,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
              for m in args.methods}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     data = prepare(args)
-    rows = runs_of_schedule(read_rows([args.out]), args.schedule)
     base = base_losses(data, args)
-    budgets = ensure_budgets(rows, data, args, base)
-    fits = ensure_fits(rows, args, budgets, data, base)
+    with out_lock(args.out):  # a second process on --out reads the first one's budgets
+        rows = runs_of_schedule(read_rows([args.out]), args.schedule)
+        budgets = ensure_budgets(rows, data, args, base)
+        fits = ensure_fits(rows, args, budgets, data, base)
     run_pending([m for m in args.methods if fits.get(m, True)], grids, data, args, budgets,
                 base)
     return 0

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 #: Rates a sweep may add beyond its grid when its best rate is at an edge (see :func:`todo`).
@@ -95,3 +96,29 @@ def final_runs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     chosen = chosen_lrs(rows)
     return [r for r in rows if r.get("phase") == "final"
             and chosen.get(r["method"], r["lr"]) == r["lr"]]
+
+
+def claim_key(row: dict[str, Any]) -> tuple[str, str, float, int]:
+    """The run a claim row holds, as :func:`todo` names runs: (phase, method, lr, seed)."""
+    return row["run_phase"], row["method"], row["lr"], row["seed"]
+
+
+def unclaimed(left: list[tuple[str, str, float, int]], rows: list[dict[str, Any]],
+              alive: Callable[[dict[str, Any]], bool]) -> list[tuple[str, str, float, int]]:
+    """The runs of ``left`` that no live claim holds: the ones this process may take.
+
+    A process sharing ``--out`` with others appends a ``{"phase": "claim"}`` row for the
+    run it starts; a claim is live while ``alive(row)`` (its process still runs); the run's
+    own row, once written, takes the run out of :func:`todo`.
+
+    Example:
+        >>> claim = {"phase": "claim", "run_phase": "final", "method": "a", "lr": 1.0,
+        ...          "seed": 0, "pid": 7}
+        >>> left = [("final", "a", 1.0, 0), ("final", "a", 1.0, 1)]
+        >>> unclaimed(left, [claim], alive=lambda r: True)
+        [('final', 'a', 1.0, 1)]
+        >>> unclaimed(left, [claim], alive=lambda r: False) == left  # its process died
+        True
+    """
+    held = {claim_key(r) for r in rows if r.get("phase") == "claim" and alive(r)}
+    return [run for run in left if run not in held]

@@ -13,11 +13,16 @@ held-out losses every ``eval_every`` steps.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import os
+import socket
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +30,7 @@ from benchkit.data import heldout_loss, pick_blocks, split_plays, token_stream
 from benchkit.models import build_optimizer, pretrained
 from benchkit.report import append_row, read_rows
 from budget_methods import BASELINE, METHODS, Method, budget_of, fit_check, lr_grid
-from budget_plan import runs_of_schedule, todo
+from budget_plan import runs_of_schedule, todo, unclaimed
 from inactive_updates import InactiveMomentum
 
 from ist_optim import ISTOptimizer, account_step
@@ -379,6 +384,46 @@ def ensure_fits(rows: list[dict[str, Any]], args: argparse.Namespace,
     return fits
 
 
+#: Seconds between looks at ``--out`` while every run left is held by another process.
+CLAIM_POLL_SECONDS = 30.0
+
+
+@contextlib.contextmanager
+def out_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` (``fcntl.flock`` on ``<out>.lock``) while reading
+    what is left and claiming a run, so that several processes can share one ``--out``
+    (each run goes to exactly one of them; see :func:`run_pending`)."""
+    with open(f"{out}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def claim_alive(row: dict[str, Any]) -> bool:
+    """Whether the process of a claim row may still be running: on this host, whether its
+    pid exists; a claim from another host counts as live (delete its line from ``--out``
+    if that machine's run was lost)."""
+    if row.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(row["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_row(phase: str, name: str, lr: float, seed: int, args: argparse.Namespace
+              ) -> dict[str, Any]:
+    """The row that tells other processes on ``--out`` this one runs (phase, name, lr, seed)."""
+    return {"phase": "claim", "run_phase": phase, "method": name, "lr": lr, "seed": seed,
+            "schedule": args.schedule, "host": socket.gethostname(), "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
 def run_pending(methods: list[str], grids: dict[str, tuple[float, ...]], data: Data,
                 args: argparse.Namespace, budgets: dict[str, int], base: dict[str, float]
                 ) -> None:
@@ -387,16 +432,34 @@ def run_pending(methods: list[str], grids: dict[str, tuple[float, ...]], data: D
     its budget (``budgets``: {method: bytes}), its step 0 the untrained model's losses
     (``base``; a 4-bit base's own, measured once, for the QLoRA methods). A final run of
     the length of the sweep reuses the sweep run of its rate and seed (it has the test
-    evals)."""
+    evals).
+
+    Several processes may run this on one ``--out`` at once: under :func:`out_lock` each
+    takes the first run no live claim holds and appends its claim row; where every run
+    left is held (the finals wait for the sweeps), it looks again every
+    :data:`CLAIM_POLL_SECONDS`. A killed process's claims lapse with it."""
     cuda = args.device == "cuda"
     done = 0
     step0 = {"none": base}
+    waiting = None
     while args.max_runs is None or done < args.max_runs:
-        rows = runs_of_schedule(read_rows([args.out]), args.schedule)
-        left = todo(methods, grids, args.seeds, rows, extend=args.lrs is None and not cuda)
+        with out_lock(args.out):
+            rows = runs_of_schedule(read_rows([args.out]), args.schedule)
+            left = todo(methods, grids, args.seeds, rows, extend=args.lrs is None and not cuda)
+            free = unclaimed(left, rows, claim_alive)
+            if free:
+                append_row(args.out, claim_row(*free[0], args))
         if not left:
             break
-        phase, name, lr, seed = left[0]
+        if not free:
+            if waiting != left:
+                print(f"waiting: every run left ({len(left)}, e.g. {left[0]}) is held by "
+                      "another process", flush=True)
+                waiting = left
+            time.sleep(CLAIM_POLL_SECONDS)
+            continue
+        waiting = None
+        phase, name, lr, seed = free[0]
         sweep = phase == "sweep"
         full_length = args.sweep_steps == args.steps
         steps = args.sweep_steps if sweep else args.steps

@@ -401,3 +401,59 @@ def test_each_budget_is_reused_only_for_its_own_baseline(tmp_path):
     assert budget_run.ensure_budgets(rows, None, args, {}) == {
         "qlora+ist+budget": 2, "lora+gc": 3, "galore+gc": 3}
     assert not args.out.exists()
+
+
+def test_two_processes_on_one_out_file_share_the_runs(tiny, tmp_path):
+    """Two processes started together on one --out: one measures the budget, the other
+    reads it; every sweep and final run is written exactly once, by one of the two, and
+    the finals run at the rates the sweep chose."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "runs.jsonl"
+    argv = _args(tiny, out, "--methods", "lora+gc", "lora+uniform+budget",
+                 "--lrs", "1e-3", "1e-2", "--margin", "0.6")
+    script = Path(budget.__file__)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    code = ("import sys, runpy; sys.argv = sys.argv[1:]; import budget_run; "
+            "budget_run.CLAIM_POLL_SECONDS = 0.2; runpy.run_path(sys.argv[0], "
+            "run_name='__main__')")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(script), *argv], env=env,
+                              cwd=script.parent, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    rows = _rows(out)
+    assert len([r for r in rows if r.get("phase") == "budget"]) == 1
+    runs = [(r["phase"], r["method"], r["lr"], r["seed"]) for r in rows
+            if r.get("phase") in ("sweep", "final")]
+    assert len(runs) == len(set(runs)) == 8  # 2 methods x 2 rates, then 2 methods x 2 seeds
+    assert budget_plan.todo(["lora+gc", "lora+uniform+budget"],
+                            {m: (1e-3, 1e-2) for m in ("lora+gc", "lora+uniform+budget")},
+                            [0, 1], rows, extend=False) == []
+    claims = [r for r in rows if r.get("phase") == "claim"]
+    assert sorted(budget_plan.claim_key(r) for r in claims) == sorted(runs)
+    assert len({r["pid"] for r in claims}) == 2  # both processes ran some
+    assert budget_report.report(rows)  # the claim rows do not disturb the report
+
+
+def test_a_claim_lapses_with_its_process():
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    here = socket.gethostname()
+    assert budget_run.claim_alive({"host": here, "pid": os.getpid()})
+    assert not budget_run.claim_alive({"host": here, "pid": dead.pid})
+    assert budget_run.claim_alive({"host": here + "-elsewhere", "pid": dead.pid})
+    claim = {"phase": "claim", "run_phase": "sweep", "method": "a", "lr": 1.0, "seed": 0,
+             "host": here, "pid": dead.pid}
+    left = [("sweep", "a", 1.0, 0)]
+    assert budget_plan.unclaimed(left, [claim], budget_run.claim_alive) == left
+    assert budget_plan.unclaimed(left, [{**claim, "pid": os.getpid()}],
+                                 budget_run.claim_alive) == []
