@@ -251,7 +251,7 @@ def test_end_to_end_tiny_model(tiny_model_dir, corpus, tmp_path, capsys):
 
 
 def test_default_run_uses_the_measured_recipe(tiny_model_dir, corpus, tmp_path, capsys):
-    """No flag: every layer for the first quarter of the steps, then uniform draws, the
+    """No flag: every layer for the first half of the steps, then uniform draws, the
     linear schedule with 10% warm-up and the measured rate; a flag the user sets wins."""
     out_dir = tmp_path / "out"
     code, out, _err = _run_main(
@@ -261,10 +261,10 @@ def test_default_run_uses_the_measured_recipe(tiny_model_dir, corpus, tmp_path, 
     assert code == 0, _err
     summary = json.loads((out_dir / "results.json").read_text())
     assert summary["lr"] == 4e-3
-    assert summary["ist_kwargs"] == {"active_layers": 2, "sampling": "uniform", "dense_steps": 2}
+    assert summary["ist_kwargs"] == {"active_layers": 2, "sampling": "uniform", "dense_steps": 4}
     history = json.loads((out_dir / "importance.json").read_text())
     layers = history["num_layers"]
-    assert [len(t) for t in history["trained"]] == [layers, layers] + [2] * 6
+    assert [len(t) for t in history["trained"]] == [layers] * 4 + [2] * 4
     assert all(v == 0 for v in history["importance"][-1])  # uniform: no importance rounds
     results = (out_dir / "results.md").read_text()
     assert "| lr_schedule | `linear` |" in results and "| warmup_steps | `1` |" in results

@@ -81,7 +81,7 @@ def test_an_ist_kwarg_schedule_or_sampling_is_left_as_given(extra):
     if key == "ramp_steps":
         assert "dense_steps" not in kwargs  # the user's schedule, not the recipe's
     elif key == "sampling":
-        assert kwargs["dense_steps"] == 10 and args.sampling is None  # --ist-kwarg's stands
+        assert kwargs["dense_steps"] == 20 and args.sampling is None  # --ist-kwarg's stands
 
 
 def test_bad_dense_steps_is_a_one_line_usage_error(capsys):

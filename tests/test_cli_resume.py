@@ -272,7 +272,7 @@ def test_parser_checkpoint_flags():
 
 def test_resume_in_the_middle_of_the_default_dense_phase_is_exact(model_dir, corpus, tmp_path,
                                                                   capsys):
-    """The measured recipe (no flag): 5 dense steps of 20, 2 warm-up steps, linear decay.
+    """The measured recipe (no flag): 10 dense steps of 20, 2 warm-up steps, linear decay.
     A run whose newest checkpoint is from step 1 (inside the dense phase and the warm-up)
     resumes to the adapter of an uninterrupted run."""
     flags = _flags(model_dir, corpus, "--steps", "20")
@@ -282,7 +282,7 @@ def test_resume_in_the_middle_of_the_default_dense_phase_is_exact(model_dir, cor
     _run_in_process([*flags, "--save-every", "1", "--keep-checkpoints", "20",
                      "--output-dir", str(run)], capsys)
     saved = load_checkpoint(run / "checkpoints" / "step-000001")
-    assert saved["run"]["fingerprint"]["dense_steps"] == 5
+    assert saved["run"]["fingerprint"]["dense_steps"] == 10
     assert saved["run"]["fingerprint"]["warmup_steps"] == 2
     for later in sorted((run / "checkpoints").iterdir())[1:]:
         shutil.rmtree(later)

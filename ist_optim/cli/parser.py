@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: uniform, with --paper importance")
     g.add_argument("--dense-steps", type=_non_negative_int, default=None, metavar="N",
                    help="every layer trains in the first N steps, then IST's draws "
-                        "(ISTOptimizer dense_steps; default: a quarter of --steps, with "
+                        "(ISTOptimizer dense_steps; default: half of --steps, with "
                         "--paper 0)")
     g.add_argument("--ist-kwarg", type=_key_value, action="append", default=[],
                    metavar="KEY=VALUE",

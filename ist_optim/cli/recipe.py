@@ -2,7 +2,7 @@
 
 The default (``measured``) is the best IST configuration of ``benchmarks/budget.py`` under a
 user's schedule (docs/benchmarks.md, "Inside the budget under a user's schedule"): the HF
-Trainer's linear schedule with 10% warm-up, every layer active for the first quarter of the
+Trainer's linear schedule with 10% warm-up, every layer active for the first half of the
 steps (``dense_steps``), then uniform draws of ``active_layers``, and the rates chosen there
 on validation (LoRA + IST 4e-3, LoRA on all layers 2e-3). ``--paper`` restores the paper's
 settings, which are also the library's defaults: importance sampling from the first step,
@@ -21,8 +21,9 @@ from .runner import DEFAULT_LR
 
 __all__ = ["DENSE_FRACTION", "MEASURED_LR", "WARMUP_FRACTION", "Recipe", "apply_recipe"]
 
-#: Share of ``--steps`` with every layer active (the measured run: 50 of 200 steps).
-DENSE_FRACTION = 0.25
+#: Share of ``--steps`` with every layer active: N = 100 of 200 steps was chosen on the
+#: validation plays from {25, 50, 100} dense steps and a 100-step ramp.
+DENSE_FRACTION = 0.5
 #: Share of ``--steps`` of linear warm-up (the HF Trainer's usual ``warmup_ratio=0.1``).
 WARMUP_FRACTION = 0.1
 #: Rates chosen on the validation plays at the full length (LoRA r8 on every linear layer
@@ -42,7 +43,7 @@ class Recipe:
         >>> args = parse_args(["--steps", "200"])
         >>> recipe = apply_recipe(args)
         >>> (args.lr_schedule, args.warmup_steps, args.sampling, args.dense_steps)
-        ('linear', 20, 'uniform', 50)
+        ('linear', 20, 'uniform', 100)
         >>> recipe.learning_rate("lora", "ist", None), recipe.learning_rate("lora", "adamw", None)
         (0.004, 0.002)
         >>> args = parse_args(["--steps", "200", "--paper"])
