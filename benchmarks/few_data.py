@@ -59,6 +59,10 @@ METHODS: dict[str, MethodSpec] = {
     # of the run (10 of the 40 steps, as dense_steps=50 of 200 there), then uniform draws
     "lora+uniform-dense10": MethodSpec("lora+uniform-dense10", "lora", "ist",
                                        {"sampling": "uniform", "dense_steps": 10}),
+    # the dense phase chosen later on the budget benchmark's validation plays (100 of 200
+    # steps, ist-finetune's default: half the run): 20 of the 40 steps
+    "lora+uniform-dense20": MethodSpec("lora+uniform-dense20", "lora", "ist",
+                                       {"sampling": "uniform", "dense_steps": 20}),
 }
 LR_GRID = {"lora": (1e-3, 3e-3), "full": (1e-4, 3e-4)}
 HERE = Path(__file__).resolve().parent
