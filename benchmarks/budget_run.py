@@ -408,11 +408,11 @@ def claim_alive(row: dict[str, Any]) -> bool:
     if row.get("host") != socket.gethostname():
         return True
     try:
-        os.kill(row["pid"], 0)
+        os.kill(row["pid"], 0)  # PermissionError: alive, another user's process
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
