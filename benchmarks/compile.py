@@ -91,7 +91,7 @@ def run_one(name: str, cfg: dict, active_frac: float, seed: int,
     elif name == "floor":
         opt = torch.optim.AdamW([p for group in lora for p in group], lr=1e-4)
         gen = torch.Generator().manual_seed(seed)
-        cut = BackwardCut(blocks)
+        cut = BackwardCut(blocks, model=model)
 
         def set_floor() -> list[int]:  # the sets ISTOptimizer(sampling="uniform", seed) draws
             chosen = sorted(sample_layers(torch.ones(len(blocks)), active, gen))

@@ -153,7 +153,8 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
         self._warned_skip = False
         self.activator = LayerActivator(
             self.layer_groups, residency, freeze_inactive=cfg.freeze_inactive,
-            cut_backward=cfg.cuts_backward, defer_first_freeze=ranks is not None, budget=budget)
+            cut_backward=cfg.cuts_backward, defer_first_freeze=ranks is not None, budget=budget,
+            model=model)
         self._draw_next()
 
     # ------------------------------------------------------------------ stepping

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import lm_batch, lora_model
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ist_optim import BackwardCut, ISTOptimizer, reaches_trainable_parameter
 
@@ -62,8 +65,8 @@ def test_no_backward_below_the_lowest_active_layer(checkpointing):
     model.zero_grad()
     counter.counts = [0] * 6
 
-    cut = BackwardCut(blocks, active)
-    model(**batch).loss.backward()
+    cut = BackwardCut(blocks, active, model=model)  # model: where transformers < 4.52 keeps
+    model(**batch).loss.backward()                  # its checkpoint function
     assert counter.counts[:3] == [0, 0, 0] and counter.counts[3:] == [1, 1, 1]
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert got.keys() == reference.keys() and got
@@ -154,3 +157,136 @@ def test_graph_walks_grow_linearly_with_depth_when_embeddings_train():
     small, large = walked(4), walked(16)
     # linear: 4x the blocks, about 4x the nodes; re-walking per block would be ~16x
     assert large <= 5 * small
+
+
+# 10. every gradient-checkpointing mode users meet: the cut acts, the updates are those of
+#     the same run without the cut ------------------------------------------------------
+HF_MODES = {"default": None, "reentrant": {"use_reentrant": True},
+            "non-reentrant": {"use_reentrant": False}}
+
+
+def _enable_hf(model, mode):
+    kwargs = HF_MODES[mode]
+    if kwargs is None:
+        model.gradient_checkpointing_enable()
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()  # what peft, TRL, axolotl and the Trainer do
+
+
+def _ist_run(make_model, enable, *, skip, enable_after=False, steps=4, batch=lm_batch,
+             **options):
+    """Train IST for ``steps``; returns (backward passes below the lowest active layer per
+    step, the final parameters, warnings raised)."""
+    model, blocks = make_model()
+    if not enable_after:
+        enable(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = ISTOptimizer(torch.optim.AdamW, model, lr=1e-2, seed=3, skip_backward=skip,
+                           update_interval=2, **options)
+        if enable_after:  # the HF Trainer enables checkpointing in train(), after the optimizer
+            enable(model)
+        counter = BackwardCounter(blocks)
+        below = []
+        for step in range(steps):
+            lowest = min(opt.active_layers)
+            counter.counts = [0] * len(blocks)
+            model.train()
+            model(**batch(seed=step)).loss.backward()
+            below.append(sum(counter.counts[:lowest]))
+            opt.step()
+            opt.zero_grad()
+    counter.remove()
+    opt.close()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return below, params, [str(w.message) for w in caught]
+
+
+def _hf_model():
+    model = lora_model(6)
+    return model, _blocks(model)
+
+
+@pytest.mark.parametrize("enable_after", [False, True], ids=["before", "after"])
+@pytest.mark.parametrize("mode", list(HF_MODES))
+def test_every_hf_checkpointing_mode_cuts_and_updates_as_without_the_cut(mode, enable_after):
+    """transformers < 5.17 checkpoints ``Module.__call__``, so the blocks' hooks run inside
+    the checkpoint; reentrant (4.x's default, axolotl's) crashed there at the first backward.
+    The cut now happens before the checkpoint, in every mode and whenever it is enabled."""
+    def enable(model):
+        _enable_hf(model, mode)
+
+    cut_below, cut_params, cut_warnings = _ist_run(_hf_model, enable, skip=True,
+                                                   enable_after=enable_after)
+    full_below, full_params, _ = _ist_run(_hf_model, enable, skip=False,
+                                          enable_after=enable_after)
+    assert cut_below == [0, 0, 0, 0]
+    assert sum(full_below) > 0  # without the cut, backward reaches the frozen blocks below
+    assert not [w for w in cut_warnings if "backward cut" in w]
+    for name, value in full_params.items():
+        assert torch.equal(cut_params[name], value), name
+
+
+class LoopModel(nn.Module):
+    """A model whose own forward calls torch.utils.checkpoint around each block (no
+    transformers): an embedding made to require grad, as ``enable_input_require_grads``
+    does, then blocks, then a linear head."""
+
+    def __init__(self, reentrant: bool | None, width: int = 8, depth: int = 5) -> None:
+        super().__init__()
+        gen = torch.random.get_rng_state()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(16, width)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.Tanh())
+                                    for _ in range(depth))
+        self.head = nn.Linear(width, 16)
+        torch.random.set_rng_state(gen)
+        self.embed.requires_grad_(False)
+        self.head.requires_grad_(False)
+        self.reentrant = reentrant
+
+    def forward(self, input_ids, labels):
+        hidden = self.embed(input_ids).requires_grad_(True)
+        for block in self.blocks:
+            if self.reentrant is None:
+                hidden = block(hidden)
+            else:
+                hidden = checkpoint(block, hidden, use_reentrant=self.reentrant)
+        logits = self.head(hidden)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        return SimpleNamespace(loss=loss)
+
+
+def _loop_model(reentrant):
+    def make():
+        model = LoopModel(reentrant)
+        return model, list(model.blocks)
+    return make
+
+
+def _loop_batch(seed):
+    ids = torch.randint(0, 16, (2, 6), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids}
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_torch_checkpoint_called_by_the_model_in_either_mode(reentrant):
+    """Non-reentrant: the hooks cut inside the checkpoint. Reentrant: nothing outside the
+    model's own call can be reached, so backward still runs below (it crashed before with
+    "none of output has requires_grad=True"); the updates are those without the cut and
+    one warning names the fix."""
+    def run(skip):
+        return _ist_run(_loop_model(reentrant), lambda model: None, skip=skip,
+                        batch=_loop_batch, layers="blocks", active_layers=2)
+
+    cut_below, cut_params, cut_warnings = run(True)
+    full_below, full_params, _ = run(False)
+    assert sum(full_below) > 0
+    notes = [w for w in cut_warnings if "backward cut cannot act" in w]
+    if reentrant:
+        assert cut_below == full_below and len(notes) == 1 and "use_reentrant=False" in notes[0]
+    else:
+        assert cut_below == [0, 0, 0, 0] and not notes
+    for name, value in full_params.items():
+        assert torch.equal(cut_params[name], value), name

@@ -203,7 +203,7 @@ def test_backward_cut_under_gradient_checkpointing(device, checkpointing):
     model.zero_grad()
     counter.counts = [0] * 6
 
-    cut = BackwardCut(blocks, active)
+    cut = BackwardCut(blocks, active, model=model)
     model(**batch).loss.backward()
     assert counter.counts == [0, 0, 0, 1, 1, 1] and cut.cuts > 0
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from .backward import BackwardCut
 from .groups import LayerGroups
@@ -43,6 +44,7 @@ class LayerActivator:
             :meth:`end_deferral` (distributed runs, for the DDP wrapper).
         budget: the ``memory_budget`` policy, applied after each set (it picks the blocks
             to checkpoint); closed with the activator.
+        model: the model of the layers, for the cut (see :class:`ist_optim.BackwardCut`).
 
     Example:
         >>> import torch
@@ -59,12 +61,13 @@ class LayerActivator:
 
     def __init__(self, layers: LayerGroups, residency: StateResidency, *,
                  freeze_inactive: bool, cut_backward: bool, defer_first_freeze: bool = False,
-                 budget: MemoryBudget | None = None):
+                 budget: MemoryBudget | None = None, model: nn.Module | None = None):
         self.layers = layers
         self.budget = budget
         self.freeze_inactive = freeze_inactive
         self.residency = residency
-        self.backward_cut = BackwardCut(layers.modules) if cut_backward else None
+        self.backward_cut = (BackwardCut(layers.modules, model=model) if cut_backward
+                             else None)
         self.applied: list[int] = []
         self._deferred = defer_first_freeze
         self._held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -167,7 +167,10 @@ class MetaLora4bitLinear(MetaLoraLinear):
 
 
 class _FlashAttention(TorchFunctionMode):
-    """Route ``F.scaled_dot_product_attention`` to the fused kernel a GPU would run."""
+    """Route ``F.scaled_dot_product_attention`` to the fused kernel a GPU would run: flash
+    attention for a causal call without a mask; with a mask (transformers 4.x builds one
+    for every training forward without a KV cache), the memory-efficient kernel, which
+    takes the mask as a bias in the query's dtype and saves it."""
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
@@ -175,10 +178,17 @@ class _FlashAttention(TorchFunctionMode):
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
         query, key, value = args[:3]
-        if kwargs.get("attn_mask", args[3] if len(args) > 3 else None) is not None:
-            return func(*args, **kwargs)  # a padding mask: not modelled, run as given
-        return torch.ops.aten._scaled_dot_product_flash_attention(
-            query, key, value, 0.0, bool(kwargs.get("is_causal", False)),
+        mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+        causal = bool(kwargs.get("is_causal", False))
+        if mask is None:
+            return torch.ops.aten._scaled_dot_product_flash_attention(
+                query, key, value, 0.0, causal, scale=kwargs.get("scale"))[0]
+        if mask.dtype == torch.bool:  # what sdpa does with a boolean mask
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device
+                               ).masked_fill(~mask, float("-inf"))
+        shape = (*query.shape[:-1], key.shape[-2])
+        return torch.ops.aten._scaled_dot_product_efficient_attention(
+            query, key, value, mask.expand(shape), True, 0.0, causal,
             scale=kwargs.get("scale"))[0]
 
 
@@ -192,8 +202,6 @@ def _attention(kind: str) -> Iterator[None]:
 
 
 def _one_block_model(config: Any, dtype: torch.dtype, attention: str) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
     small = copy.deepcopy(config)
     small.num_hidden_layers = 1
     if hasattr(small, "layer_types") and getattr(small, "layer_types", None):
@@ -201,8 +209,7 @@ def _one_block_model(config: Any, dtype: torch.dtype, attention: str) -> nn.Modu
     small.use_cache = False
     small._attn_implementation = attention
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(small, dtype=dtype,
-                                                 attn_implementation=attention)
+        model = _from_config(small, dtype, attention)
     model.requires_grad_(False)
     return model
 
@@ -271,6 +278,98 @@ def _run_piece(forward: Callable[[], torch.Tensor], existing: Sequence[torch.Ten
                      forward_flops, backward_flops)
 
 
+def _rotary_embeddings(rotary: nn.Module, probe: torch.Tensor, positions: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` of the rotary embedding for ``positions``, on the meta device.
+
+    transformers < 5 computes them under ``torch.autocast(device_type=x.device.type)``,
+    which torch refuses for ``"meta"`` (``unsupported scalarType``); the module's
+    ``inv_freq`` gives the same shapes and dtype without entering autocast.
+    """
+    inv_freq = getattr(rotary, "inv_freq", None)
+    if not isinstance(inv_freq, torch.Tensor):
+        return rotary(probe, positions)
+    freqs = positions[:, :, None].float() * inv_freq.float()[None, None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(probe.dtype), emb.sin().to(probe.dtype)
+
+
+class _CapturedInputs(Exception):
+    """Stops the decoder's forward at its first block, whose inputs were recorded."""
+
+
+def _from_config(config: Any, dtype: torch.dtype, attention: str) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                attn_implementation=attention)
+    except TypeError:  # transformers < 4.56 names it torch_dtype
+        return AutoModelForCausalLM.from_config(config, torch_dtype=dtype,
+                                                attn_implementation=attention)
+
+
+def _tiny_copy(config: Any) -> Any:
+    """``config`` with one block and two features per attention head: the same attention
+    and mask logic at a negligible size."""
+    tiny = copy.deepcopy(config)
+    heads = int(config.num_attention_heads)
+    tiny.num_hidden_layers = 1
+    if getattr(tiny, "layer_types", None):
+        tiny.layer_types = list(tiny.layer_types)[:1]
+    tiny.hidden_size, tiny.intermediate_size, tiny.vocab_size = 2 * heads, 2, 2
+    if getattr(tiny, "head_dim", None) is not None:
+        tiny.head_dim = 2
+    tiny.use_cache = False
+    return tiny
+
+
+def _block_mask(config: Any, attention: str, batch_size: int, seq_len: int
+                ) -> torch.Tensor | None:
+    """The attention mask the installed transformers passes a decoder block in a training
+    forward without padding or KV cache, on the meta device: None in transformers 5 (the
+    kernel's causal flag does it), a ``batch x 1 x seq x seq`` mask in 4.x. Found by
+    running a tiny copy of the model (:func:`_tiny_copy`) on the CPU up to its first block
+    at the real sequence length: the mask logic decides on values (is the batch packed?),
+    which the meta device does not have."""
+    model = _from_config(_tiny_copy(config), torch.float32, attention)
+    base = model.get_decoder()
+    captured: dict[str, Any] = {}
+
+    def grab(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured["mask"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        raise _CapturedInputs
+
+    handle = base.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    embeds = torch.zeros(1, seq_len, int(base.config.hidden_size))
+    try:
+        model.train()
+        with torch.no_grad():
+            base(inputs_embeds=embeds, position_ids=torch.arange(seq_len).unsqueeze(0),
+                 use_cache=False)
+    except _CapturedInputs:
+        pass
+    finally:
+        handle.remove()
+    if "mask" not in captured:
+        raise RuntimeError(f"{type(base).__name__}'s forward did not call its first block")
+    mask = captured["mask"]
+    if not isinstance(mask, torch.Tensor):
+        return None
+    shape = (batch_size if mask.shape[0] == 1 else mask.shape[0], *mask.shape[1:])
+    return torch.empty(shape, dtype=mask.dtype, device="meta")
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    if isinstance(value, dict):
+        return [t for item in value.values() for t in _tensors(item)]
+    return []
+
+
 def measure_model(config: Any, *, batch_size: int, seq_len: int, dtype: torch.dtype,
                   lora: tuple[Sequence[str], int, float, torch.dtype] | None,
                   attention: str = "sdpa", quant: QuantSpec | None = None,
@@ -325,10 +424,11 @@ def measure_model(config: Any, *, batch_size: int, seq_len: int, dtype: torch.dt
     hidden = config.hidden_size
     shape = (batch_size, seq_len, hidden)
     positions = torch.arange(seq_len, device="meta").unsqueeze(0)
-    rotary = getattr(base, "rotary_emb", None)
     probe = torch.empty(shape, device="meta", dtype=dtype)
-    rope = rotary(probe, positions) if rotary is not None else None
-    rope_list = list(rope) if rope is not None else []
+    rotary = getattr(base, "rotary_emb", None)
+    rope = _rotary_embeddings(rotary, probe, positions) if rotary is not None else None
+    mask = _block_mask(config, attention, batch_size, seq_len)
+    inputs = _tensors((rope, mask))  # made once a step, shared by the blocks
 
     def step_in_hooks(params: Sequence[nn.Parameter], piece: str) -> list[Any]:
         if grad_step is None:
@@ -350,12 +450,12 @@ def measure_model(config: Any, *, batch_size: int, seq_len: int, dtype: torch.dt
         x = torch.empty(shape, device="meta", dtype=dtype, requires_grad=input_grad)
 
         def forward() -> torch.Tensor:
-            out = block(x, attention_mask=None, position_ids=positions,
+            out = block(x, attention_mask=mask, position_ids=positions,
                         position_embeddings=rope)
             return out[0] if isinstance(out, tuple) else out
 
-        cost = _run_piece(forward, [*every_param, x, *rope_list],
-                          [*every_param, *rope_list], attention,
+        cost = _run_piece(forward, [*every_param, x, *inputs],
+                          [*every_param, *inputs], attention,
                           needs_backward=trains or input_grad)
         for handle in handles:
             handle.remove()
