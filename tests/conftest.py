@@ -126,3 +126,55 @@ def train_steps(model, opt, steps: int, start: int = 0) -> list[list[int]]:
 
 def params_snapshot(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# --------------------------------------------------------------- no test leaks global state
+def _global_state() -> dict:
+    """torch's process-wide settings a test (or the code under test) could leave changed
+    for the tests after it: grad and autocast modes, defaults, thread count, global module
+    hooks, torch-function and dispatch modes, saved-tensor hooks."""
+    import torch.nn.modules.module as module
+
+    state = {
+        "grad_enabled": torch.is_grad_enabled(),
+        "inference_mode": torch.is_inference_mode_enabled(),
+        "default_dtype": torch.get_default_dtype(),
+        "num_threads": torch.get_num_threads(),
+        "torch_function_modes": torch._C._len_torch_function_stack(),
+        "dispatch_modes": torch._C._len_torch_dispatch_stack(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+    }
+    if hasattr(torch, "get_default_device"):
+        state["default_device"] = str(torch.get_default_device())
+    for device in ("cpu", "cuda"):
+        try:
+            state[f"autocast_{device}"] = (torch.is_autocast_enabled(device),
+                                           torch.get_autocast_dtype(device))
+        except (RuntimeError, TypeError):  # torch without per-device autocast queries
+            pass
+    for name in dir(module):
+        if name.startswith("_global_") and name.endswith("hooks"):
+            state[name] = len(getattr(module, name))
+    try:
+        state["saved_tensor_hooks"] = \
+            torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    except (AttributeError, RuntimeError):  # a torch without this query
+        pass
+    return state
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_global_state(request):
+    """Fail the test that leaves torch's global state changed (and put it back), so a
+    test's outcome never depends on the ones that ran before it in the same process."""
+    before = _global_state()
+    yield
+    after = _global_state()
+    changed = {k: (before[k], after.get(k)) for k in before if after.get(k) != before[k]}
+    if not changed:
+        return
+    torch.set_grad_enabled(before["grad_enabled"])
+    torch.set_default_dtype(before["default_dtype"])
+    torch.set_num_threads(before["num_threads"])
+    pytest.fail(f"{request.node.nodeid} left torch's global state changed: {changed}",
+                pytrace=False)

@@ -376,3 +376,15 @@ def test_projected_state_closed_form(shapes, rank, kind, element, update):
     assert peak >= 2 * element * max(m * n for m, n in shapes)
     plain_state, _ = projected_step(shapes, [False] * len(shapes), element, spec, update)
     assert plain_state == 2 * element * sum(m * n for m, n in shapes)
+
+
+def test_measuring_a_model_leaves_the_global_rng_alone():
+    """The planner builds models to measure (on meta, and a tiny one on the CPU for the
+    attention mask): their random initialisation must not draw from the global RNG."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    state = torch.random.get_rng_state()
+    MemoryPlanner(config, batch_size=2, seq_len=16, dtype=torch.float32)
+    assert torch.equal(state, torch.random.get_rng_state())

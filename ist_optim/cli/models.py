@@ -186,6 +186,7 @@ def load_model(model: str, dtype: torch.dtype = torch.float32, *, quantize: str 
             double quantization (bitsandbytes), then peft's
             ``prepare_model_for_kbit_training`` (gradient checkpointing off: IST and
             ``memory_budget`` decide it) and :func:`keep_4bit_layout`, as QLoRA loads a base.
+            Either way ``config.use_cache`` is set to False (a training run).
         device: where a 4-bit model is loaded (bitsandbytes quantizes while loading; None:
             CPU). Unquantized models load on CPU and are moved by the caller.
     """
@@ -198,13 +199,18 @@ def load_model(model: str, dtype: torch.dtype = torch.float32, *, quantize: str 
     hf_logging.disable_progress_bar()  # a bar for a 0.4 s load is noise beside the training bar
     try:
         if quantization is None:
-            return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-        from peft import prepare_model_for_kbit_training
+            loaded = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        else:
+            from peft import prepare_model_for_kbit_training
 
-        loaded = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, quantization_config=quantization, device_map=device or "cpu")
-        loaded = prepare_model_for_kbit_training(loaded, use_gradient_checkpointing=False)
-        keep_4bit_layout(loaded)
+            loaded = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, quantization_config=quantization,
+                device_map=device or "cpu")
+            loaded = prepare_model_for_kbit_training(loaded, use_gradient_checkpointing=False)
+            keep_4bit_layout(loaded)
+        # Training keeps no KV cache; without this, transformers 4.x makes one in every
+        # forward, and builds another attention mask with than without checkpointing.
+        loaded.config.use_cache = False
         return loaded
     except OSError as err:
         raise CLIError(f"--model {model}: cannot load it offline ({_first_line(err)})") from err

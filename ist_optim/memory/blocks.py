@@ -332,7 +332,8 @@ def _block_mask(config: Any, attention: str, batch_size: int, seq_len: int
     running a tiny copy of the model (:func:`_tiny_copy`) on the CPU up to its first block
     at the real sequence length: the mask logic decides on values (is the batch packed?),
     which the meta device does not have."""
-    model = _from_config(_tiny_copy(config), torch.float32, attention)
+    with torch.random.fork_rng(devices=[]):  # its random init must not draw from the
+        model = _from_config(_tiny_copy(config), torch.float32, attention)  # global RNG
     base = model.get_decoder()
     captured: dict[str, Any] = {}
 
