@@ -25,12 +25,14 @@ def write_dataset(path: Path, rows: int = 64) -> Path:
     return path
 
 
-def write_tiny_llama(directory: Path, *, layers: int = 4, hidden: int = 64) -> Path:
-    """Save a random-init LlamaForCausalLM (fp32) and a word-level fast tokenizer."""
+def write_tiny_llama(directory: Path, *, layers: int = 4, hidden: int = 64,
+                     extra_specials: tuple[str, ...] = (), max_positions: int = 256) -> Path:
+    """Save a random-init LlamaForCausalLM (fp32) and a word-level fast tokenizer;
+    ``extra_specials``: more special tokens in its vocabulary (a config's ``pad_token``)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    specials = ["<unk>", "<s>", "</s>", "<pad>", *extra_specials]
     # the alpaca prompt's own words, then the data's; anything else maps to <unk>
     prompt = ("Below is an instruction that describes a task paired with an input that "
               "provides further context Write a response appropriately completes the request "
@@ -40,11 +42,12 @@ def write_tiny_llama(directory: Path, *, layers: int = 4, hidden: int = 64) -> P
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
-                                        eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+                                        eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                        additional_special_tokens=list(extra_specials))
     tokenizer.save_pretrained(directory)
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                         max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2,
                          pad_token_id=3, tie_word_embeddings=False)
     with torch.device("meta"):  # no draw from the global RNG: weights come from our generator
         model = LlamaForCausalLM(config)
