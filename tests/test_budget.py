@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ist_optim import ISTOptimizer, MemoryPlanner
 import ist_optim.memory.budget as budget_module
+from ist_optim import ISTOptimizer, MemoryPlanner
 from ist_optim.memory.budget import (
     PLANNING_HEADROOM,
     WORKSPACE_THREADS,
