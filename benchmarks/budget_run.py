@@ -105,10 +105,10 @@ class PeakMeter:
     def run(self, step: int, one_step: Callable[[], None], predicted: int | None) -> bool:
         """Run the step (accounted if chosen); returns whether it was accounted."""
         if self.device != "cpu":
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats(self.device)
             one_step()
-            torch.cuda.synchronize()
-            self.peak = max(self.peak, torch.cuda.max_memory_allocated())
+            torch.cuda.synchronize(self.device)
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
             return False
         if not self.wants(step, predicted):
             one_step()

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from benchkit.models import llama_config, random_llama
@@ -65,6 +66,31 @@ def rss_bytes() -> int:
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class RssGrowth:
+    """The CPU's peak of one configuration: the growth of the process's peak RSS over its
+    RSS at :meth:`reset` (after the model is built)."""
+
+    def reset(self) -> None:
+        self.base = rss_bytes()
+
+    def synchronize(self) -> None:
+        """Nothing to wait for on the CPU."""
+
+    def peak_bytes(self) -> int:
+        return peak_rss_bytes() - self.base
+
+
+def peak_meter(device: str) -> Any:
+    """The meter of ``device``: ``ist_optim.cli.memory.PeakMemory`` of a CUDA device
+    (``"cuda"``, ``"cuda:1"``: that device's allocator peak, synchronized step times),
+    else :class:`RssGrowth`."""
+    if torch.device(device).type == "cuda":
+        from ist_optim.cli.memory import PeakMemory
+
+        return PeakMemory(device)
+    return RssGrowth()
 
 
 def make_optimizer(name: str, model, cfg: dict, active: int, seed: int):
@@ -118,14 +144,12 @@ def run_one(name: str, cfg: dict, device: str, active_frac: float, seed: int) ->
         floor_set()
     g = torch.Generator().manual_seed(1)
     batch = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]), generator=g).to(device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    base_rss = rss_bytes()
+    meter = peak_meter(device)
+    meter.reset()
     times, round_steps, state_peak = [], [], 0
     interval = getattr(opt, "update_interval", 0) if isinstance(opt, ISTOptimizer) else 0
     for step in range(cfg["warmup"] + cfg["steps"]):
-        sync()
+        meter.synchronize()
         start = time.perf_counter()
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
@@ -133,7 +157,7 @@ def run_one(name: str, cfg: dict, device: str, active_frac: float, seed: int) ->
         opt.zero_grad(set_to_none=True)
         if name == "floor":
             floor_set()
-        sync()
+        meter.synchronize()
         elapsed = time.perf_counter() - start
         inner = opt.optimizer if isinstance(opt, ISTOptimizer) else getattr(
             opt, "base_optimizer", opt)
@@ -143,8 +167,7 @@ def run_one(name: str, cfg: dict, device: str, active_frac: float, seed: int) ->
                 opt.num_steps % interval == 0)
             (round_steps if ran_round else times).append(elapsed)
     median = statistics.median(times)
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else peak_rss_bytes() - base_rss)
+    peak = meter.peak_bytes()
     return {
         "config": name, "device": device, "step_ms": 1e3 * median,
         "round_ms": 1e3 * (statistics.mean(round_steps) - median) if round_steps else None,

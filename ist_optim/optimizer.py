@@ -29,6 +29,8 @@ from .config import (
 from .core.activator import LayerActivator
 from .core.checkpoint import (
     apply_ist_entry,
+    check_inner_structure,
+    inner_state_of,
     ist_entry,
     layer_signature,
     pop_ist_entry,
@@ -308,6 +310,20 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
         self.activator.reset()
         self.activator.apply(self.sampler.active)
 
+    def load_layerwise(self, ist: Any,
+                       load_inner: Callable[[list[torch.Tensor] | None], None]) -> None:
+        """Load a checkpoint whose inner optimizer state ``load_inner(params)`` loads for
+        ``params`` alone, replacing what the inner optimizer holds (``None``: all of it);
+        the DCP helpers and :meth:`load_state_dict` use this. ``ist`` is validated first.
+
+        Under ``state_policy="offload"`` the inactive layers' state is loaded one layer at
+        a time and offloaded before the next, so resuming needs no more device memory than
+        training (see :meth:`ist_optim.LayerActivator.load_state`).
+        """
+        ist = self.check_ist_state_dict(ist)
+        apply_ist_entry(ist, self._parts())
+        self.activator.load_state(load_inner, self.sampler.active)
+
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict`; the next step trains the saved active set. All is
         validated first: a checkpoint that does not fit raises ``ValueError`` (naming what
@@ -315,9 +331,10 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
         inner, ist = pop_ist_entry(
             state_dict, "it was saved by a plain optimizer. Load it into the inner one with "
             "ist_opt.optimizer.load_state_dict(...) instead")
-        ist = self.check_ist_state_dict(ist)
-        self.optimizer.load_state_dict(inner)
-        self._apply_ist_entry(ist)
+        self.check_ist_state_dict(ist)
+        check_inner_structure(self.optimizer, inner)
+        self.load_layerwise(ist, lambda params: self.optimizer.load_state_dict(
+            inner_state_of(self.optimizer, inner, params)))
 
     def memory_report(self) -> dict[str, Any]:
         """Optimizer-state bytes on the device and offloaded, trainable bytes of the

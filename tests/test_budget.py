@@ -13,10 +13,13 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import ist_optim.memory.budget as budget_module
 from ist_optim import ISTOptimizer, MemoryPlanner
 from ist_optim.memory.budget import (
     PLANNING_HEADROOM,
+    WORKSPACE_THREADS,
     CheckpointPolicy,
+    cuda_workspace_bytes,
     parse_memory_budget,
     planner_for_model,
 )
@@ -155,6 +158,50 @@ def test_headroom_plans_each_step_below_the_budget(planner):
     for bad in (-0.1, 1.0, float("nan"), True, "2%"):
         with pytest.raises(ValueError, match="Invalid headroom"):
             CheckpointPolicy(planner, exact, headroom=bad)
+
+
+def test_reserve_for_cuda_workspaces_lowers_the_limit(planner):
+    """On CUDA the budget holds the cuBLAS workspaces (max_memory_allocated counts them,
+    no tensor of the step owns them): a step fits within the budget less the headroom
+    and less that reserve."""
+    exact = CheckpointPolicy(planner, 1).peak([1, 2], [])
+    budget = _budget_for(exact)
+    assert CheckpointPolicy(planner, budget).decide([1, 2]).checkpointed == []
+    reserved = CheckpointPolicy(planner, budget, reserve_bytes=4096)
+    assert reserved.limit == int(budget * (1 - PLANNING_HEADROOM)) - 4096
+    decision = reserved.decide([1, 2])
+    assert decision.checkpointed and decision.peak_bytes <= reserved.limit
+    for bad in (-1, 1.5, True, "64MiB"):
+        with pytest.raises(ValueError, match="Invalid reserve_bytes"):
+            CheckpointPolicy(planner, budget, reserve_bytes=bad)
+
+
+@pytest.mark.parametrize(("capability", "env", "per_thread"), [
+    ((9, 0), {}, 32 * 2**20),  # Hopper: torch's ":4096:8"
+    ((8, 0), {}, 8 * 2**20 + 128 * 2**10),  # elsewhere: ":4096:2:16:8"
+    ((9, 0), {"CUBLAS_WORKSPACE_CONFIG": ":16:8"}, 128 * 2**10),  # deterministic setting
+    ((9, 0), {"TORCH_CUBLASLT_UNIFIED_WORKSPACE": "0"}, 64 * 2**20),  # Lt's own, as large
+    ((9, 0), {"TORCH_CUBLASLT_UNIFIED_WORKSPACE": "0", "CUBLASLT_WORKSPACE_SIZE": "1024"},
+     33 * 2**20),
+])
+def test_cuda_workspace_bytes(monkeypatch, capability, env, per_thread):
+    for name in ("CUBLAS_WORKSPACE_CONFIG", "TORCH_CUBLASLT_UNIFIED_WORKSPACE",
+                 "CUBLASLT_WORKSPACE_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert cuda_workspace_bytes(torch.device("cuda", 1)) == WORKSPACE_THREADS * per_thread
+    assert cuda_workspace_bytes("cpu") == 0
+
+
+def test_the_budget_reserves_the_workspaces_of_the_parameters_device(monkeypatch):
+    seen = []
+    monkeypatch.setattr(budget_module, "cuda_workspace_bytes",
+                        lambda device: seen.append(device) or 12345)
+    opt = _budget_opt(lora_model(4), "1GiB")
+    assert seen == [torch.device("cpu")]
+    assert opt.memory_budget.policy.reserve_bytes == 12345
 
 
 def test_policy_order_and_greedy(planner):

@@ -14,8 +14,10 @@ import io
 import pytest
 import torch
 from conftest import lora_model, train_steps
+from fake_streams import FakeStreams
 
-from ist_optim import ISTOptimizer
+import ist_optim.memory.residency as residency_module
+from ist_optim import ISTOptimizer, state_bytes
 from ist_optim.distributed import get_optimizer_state_dict, set_optimizer_state_dict
 
 _train = train_steps
@@ -125,3 +127,58 @@ def test_inner_optimizer_mismatch_is_refused_before_ist_state_changes():
     with pytest.raises(ValueError):
         opt.load_state_dict(bad)
     _assert_unchanged(before, _snapshot(opt, model))
+
+
+# 3. Resuming under "offload" holds one inactive layer's state at a time ------------------
+@pytest.mark.parametrize("path", ["state_dict", "dcp"])
+def test_resume_under_offload_holds_one_inactive_layer_at_a_time(path, monkeypatch):
+    """Full fine-tuning with "offload" is used where every layer's state does not fit on
+    the device: loading a checkpoint must not put it all there first. The inner optimizer
+    (the device) holds at most the active layers' and the outside group's state plus one
+    other layer's after every load it does; the offload's copies go through the
+    delayed-copy fake, and the resumed run equals the uninterrupted one."""
+    monkeypatch.setattr(residency_module, "CudaStreams", FakeStreams)
+
+    def optimizer(model, **changes):
+        opt = ISTOptimizer(torch.optim.AdamW, model, **dict(kwargs, **changes))
+        opt.activator.residency.streams.watch(opt.optimizer)
+        return opt
+
+    kwargs = dict(lr=1e-2, seed=3, active_layers=2, update_interval=3, state_policy="offload")
+    full_model = lora_model(6)
+    full = optimizer(full_model)
+    _train(full_model, full, 12)
+
+    model = lora_model(6)
+    opt = optimizer(model)
+    _train(model, opt, 8)
+    groups = opt.layer_groups
+    with opt.full_state() as inner:
+        per_layer = [state_bytes(inner.state[p] for p in params if p in inner.state)
+                     for params in groups.params]
+        outside = state_bytes(inner.state[p] for p in groups.outside if p in inner.state)
+    assert all(per_layer)  # every layer was trained: every layer has state to load
+    active = opt.active_layers
+    bound = outside + sum(per_layer[i] for i in active) + max(
+        b for i, b in enumerate(per_layer) if i not in active)
+    saved = _roundtrip(get_optimizer_state_dict(model, opt) if path == "dcp"
+                       else opt.state_dict())
+
+    resumed_model = lora_model(6)
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = optimizer(resumed_model, seed=99)
+    held: list[int] = []
+    resumed.optimizer.register_load_state_dict_post_hook(
+        lambda inner: held.append(state_bytes(inner.state.values())))
+    if path == "dcp":
+        set_optimizer_state_dict(resumed_model, resumed, saved)
+    else:
+        resumed.load_state_dict(saved)
+    assert len(held) == 1 + 6 - len(active)  # one load per inactive layer, then the rest
+    assert max(held) <= bound < sum(per_layer) + outside, (held, bound)
+    assert resumed.memory_report()["state_bytes_offloaded"] == \
+        opt.memory_report()["state_bytes_offloaded"]
+    _train(resumed_model, resumed, 4, start=8)
+    for (name, a), b in zip(full_model.named_parameters(), resumed_model.parameters(),
+                            strict=True):
+        assert torch.equal(a, b), name

@@ -369,3 +369,58 @@ def test_concurrent_conversion_keeps_the_first_finished_copy(tmp_path, monkeypat
     models._convert_gguf(target)
     assert (target / "config.json").read_text() == '{"winner": true}'
     assert [p.name for p in target.parent.iterdir()] == [target.name]  # temp copy removed
+
+
+def _record_cuda_calls(monkeypatch) -> list[tuple[str, object]]:
+    calls: list[tuple[str, object]] = []
+    for name, value in (("reset_peak_memory_stats", None), ("max_memory_allocated", 7),
+                        ("synchronize", None)):
+        monkeypatch.setattr(torch.cuda, name,
+                            lambda device=None, name=name, value=value:
+                            calls.append((name, device)) or value)
+    return calls
+
+
+def test_peak_memory_reads_the_models_cuda_device(monkeypatch):
+    """A model on cuda:1 is measured on cuda:1, not on the current device."""
+    calls = _record_cuda_calls(monkeypatch)
+    meter = PeakMemory("cuda:1")
+    meter.reset()
+    meter.synchronize()
+    assert meter.peak_bytes() == 7 and meter.kind == "peak CUDA allocated"
+    assert calls == [(name, torch.device("cuda", 1)) for name in
+                     ("reset_peak_memory_stats", "synchronize", "max_memory_allocated")]
+
+
+def test_device_synchronizer_waits_for_that_device(monkeypatch):
+    from ist_optim.cli.train import device_synchronizer
+
+    calls = _record_cuda_calls(monkeypatch)
+    device_synchronizer(torch.device("cpu"))()
+    assert calls == []
+    device_synchronizer(torch.device("cuda", 2))()
+    assert calls == [("synchronize", torch.device("cuda", 2))]
+
+
+def test_step_times_wait_for_the_device(monkeypatch):
+    """On CUDA a step's kernels finish after its launches return: the time of a step
+    runs until the device has finished it (here a synchronize that takes 50 ms)."""
+    import time
+
+    import ist_optim.cli.train as train_module
+
+    waits = []
+
+    def synchronizer(device):
+        def wait():
+            waits.append(device)
+            time.sleep(0.05)
+        return wait
+
+    monkeypatch.setattr(train_module, "device_synchronizer", synchronizer)
+    model = lora_model(2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    batches = iter([lm_batch(seed=i) for i in range(3)])
+    result = train_module.train(model, opt, batches, 3, progress=False)
+    assert len(waits) == 6 and set(waits) == {torch.device("cpu")}
+    assert min(result.step_seconds) >= 0.05

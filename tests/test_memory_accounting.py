@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from conftest import lm_batch, lora_model, tiny_llama
@@ -124,9 +126,27 @@ def test_live_memory_peak_and_labels():
     assert live.peak_breakdown()["kept"] == 4 * 512
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def _live_cuda_tensor_bytes() -> int:
+    """Bytes of the storages of every CUDA tensor Python holds, as the caching allocator
+    counts them (512-byte blocks)."""
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.is_cuda:
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += -(-storage.nbytes() // 512) * 512
+    return total
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("kind", ["adamw", "ist"])
-def test_cuda_account_agrees_with_max_memory_allocated(kind):
+def test_cuda_account_agrees_with_max_memory_allocated(kind, record_property):
+    """Tensors counted by the dispatch mode vs the caching allocator's own peak. The
+    allocator also holds what no tensor owns: the cuBLAS workspaces of the forward's and
+    the backward's threads (32 MiB each on Hopper), allocated at the first products and
+    kept. Measured before the accounted step (allocated bytes less every live tensor's),
+    they are the whole allowed difference, plus 1 MiB."""
     model = tiny_llama(num_layers=4, hidden=256, vocab=2048).cuda()
     if kind == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -136,9 +156,13 @@ def test_cuda_account_agrees_with_max_memory_allocated(kind):
     step = _loop(model, opt, batch, {})
     step()
     torch.cuda.synchronize()
+    gc.collect()
+    untracked = torch.cuda.memory_allocated() - _live_cuda_tensor_bytes()
+    record_property("untracked_bytes", untracked)
     account = account_step(step, model=model, optimizer=opt)
-    # tensors counted by the dispatch mode vs the caching allocator's own peak; the
-    # allocator also holds cuBLAS workspaces (a few MiB) that no operator returns
+    record_property("allocator_minus_account_bytes",
+                    account.allocator_peak_bytes - account.peak_bytes)
+    assert 0 <= untracked
     assert account.peak_bytes <= account.allocator_peak_bytes
-    assert account.peak_bytes == pytest.approx(account.allocator_peak_bytes, rel=0.05,
-                                               abs=16 * 2**20)
+    assert account.allocator_peak_bytes - account.peak_bytes <= untracked + 2**20, (
+        account.allocator_peak_bytes, account.peak_bytes, untracked)

@@ -90,6 +90,71 @@ def random_llama(config: Any, *, seed: int = 0, dtype: torch.dtype | None = None
     return model
 
 
+def byte_tokenizer() -> Any:
+    """A tokenizer with one token per byte (ids 0-255) and ``</s>`` (256): text of any
+    language, no training, no download. For random-init models: their loss is the same
+    on any ids, so only the token count matters.
+
+    Example:
+        >>> tok = byte_tokenizer()
+        >>> tok("hé", add_special_tokens=False)["input_ids"], tok.eos_token_id
+        ([104, 195, 169], 256)
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_to_unicode = {}  # GPT-2's byte-level mapping, in byte order
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    extra = 0
+    for byte in range(256):
+        if byte in printable:
+            byte_to_unicode[byte] = chr(byte)
+        else:
+            byte_to_unicode[byte] = chr(256 + extra)
+            extra += 1
+    assert set(byte_to_unicode.values()) == set(alphabet)
+    vocab = {char: byte for byte, char in byte_to_unicode.items()}
+    vocab["</s>"] = 256
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>")
+
+
+def save_random_model(shape: str, folder: str | Any, *, seed: int = 0,
+                      dtype: torch.dtype = torch.float32) -> str:
+    """Save a random-init causal LM of ``shape`` (a named shape of
+    :data:`ist_optim.memory.SHAPES` such as ``"smollm2-135m"``, a model directory or a
+    config JSON file) with :func:`byte_tokenizer` to ``folder``: a model directory that
+    ``--model`` loads like a pretrained one, of the same shape (so the same memory and
+    time), where no pretrained weights can travel (the GPU machines). Returns ``folder``.
+
+    Example:
+        >>> import json, tempfile, pathlib
+        >>> config = pathlib.Path(tempfile.mkdtemp()) / "tiny.json"
+        >>> _ = config.write_text(json.dumps({"model_type": "llama", "hidden_size": 32,
+        ...     "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        ...     "num_key_value_heads": 2, "vocab_size": 300}))
+        >>> folder = save_random_model(str(config), tempfile.mkdtemp())
+        >>> sorted(p.name for p in pathlib.Path(folder).iterdir())[:2]
+        ['config.json', 'generation_config.json']
+    """
+    from transformers import AutoModelForCausalLM
+
+    from ist_optim.memory import load_config
+
+    config = load_config(shape)
+    if config.vocab_size <= 256:
+        raise ValueError(f"{shape}: vocab_size {config.vocab_size} cannot hold the 257 byte "
+                         "tokens of byte_tokenizer(); use a shape with a larger vocabulary")
+    with _seeded(seed, torch.device("cpu")):
+        model = AutoModelForCausalLM.from_config(config).to(dtype)
+    model.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
 def pretrained(name: str, peft: str, *, rank: int, seed: int,
                dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.nn.Module:
     """A pretrained model of ``ist-finetune`` (a name such as ``smollm2-135m``, a folder or

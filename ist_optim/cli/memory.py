@@ -39,8 +39,9 @@ class PeakMemory:
     """Measure peak memory from :meth:`reset` to :meth:`peak_bytes`.
 
     Args:
-        device: ``"cuda"`` measures ``torch.cuda.max_memory_allocated``; anything else the
-            process's peak resident set size.
+        device: a CUDA device (``"cuda"``, ``"cuda:1"``: the model's) measures its
+            ``torch.cuda.max_memory_allocated``; anything else the process's peak resident
+            set size.
 
     Example:
         >>> meter = PeakMemory("cpu")
@@ -50,7 +51,8 @@ class PeakMemory:
     """
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
-        self.cuda = torch.device(device).type == "cuda"
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
         self.resettable = True
 
     @property
@@ -63,17 +65,22 @@ class PeakMemory:
     def reset(self) -> None:
         """Start a new measurement window."""
         if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats(self.device)
             return
         try:
             _CLEAR_REFS.write_text("5")
         except OSError:
             self.resettable = False
 
+    def synchronize(self) -> None:
+        """Wait for the work queued on the CUDA device (nothing on the CPU)."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
     def peak_bytes(self) -> int:
         """Peak since the last :meth:`reset` (process-lifetime peak if it cannot reset)."""
         if self.cuda:
-            return int(torch.cuda.max_memory_allocated())
+            return int(torch.cuda.max_memory_allocated(self.device))
         hwm = _vm_hwm_bytes() if self.resettable else None
         if hwm is None:
             self.resettable = False

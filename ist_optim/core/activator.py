@@ -15,7 +15,7 @@ after the optimizer must see every trainable parameter require grad once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -107,6 +107,37 @@ class LayerActivator:
         put every saved entry into the optimizer); :meth:`apply` follows."""
         self.residency.clear()
         self.applied = list(range(self.layers.num_layers))
+
+    def load_state(self, load: Callable[[list[torch.Tensor] | None], None],
+                   active: Sequence[int]) -> None:
+        """Put a checkpoint's optimizer state in place and apply ``active``.
+
+        ``load(params)`` loads the saved state of ``params`` alone into the inner optimizer,
+        replacing what it holds (``None``: all of it). With ``"offload"`` each inactive
+        layer's state is loaded and offloaded in turn, the host waiting for its copy before
+        the next one comes, then the active layers' and the outside group's: the device
+        never holds more than the active layers' state and one other layer's (loading all
+        of it at once would not fit where offloading is what makes training fit). With
+        ``"drop"`` the inactive layers' saved state is not loaded; with ``"keep"`` all of
+        it is, at once.
+        """
+        residency = self.residency
+        residency.clear()
+        self.applied = []
+        new = set(active)
+        if residency.policy == "keep":
+            load(None)
+            self.applied = list(range(self.layers.num_layers))
+        else:
+            if residency.policy == "offload":
+                for index in range(self.layers.num_layers):
+                    if index not in new:
+                        load(self.layers.params[index])
+                        residency.deactivate(self.layers.params[index])
+                        residency.synchronize()
+            load(self.layers.trained_params(sorted(new)))
+            self.applied = sorted(new)
+        self.apply(active)
 
     def end_deferral(self) -> None:
         self._deferred = False

@@ -17,13 +17,19 @@ The inner optimizer's own state (offloaded entries included) is read through
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from itertools import chain
 from typing import Any, Protocol
+
+import torch
+from torch.optim import Optimizer
 
 __all__ = [
     "STATE_FORMAT_VERSION",
     "Stateful",
     "apply_ist_entry",
+    "check_inner_structure",
+    "inner_state_of",
     "ist_entry",
     "layer_signature",
     "pop_ist_entry",
@@ -188,3 +194,55 @@ def validate_ist_entry(ist: Any, signature: Mapping[str, Any],
                 raise ValueError(f"IST checkpoint has no valid {name!r} entry")
         part.check_state(state)
     return ist
+
+
+def check_inner_structure(optimizer: Optimizer, state_dict: Mapping[str, Any]) -> None:
+    """Raise the ``ValueError`` the inner optimizer's ``load_state_dict`` would raise for
+    ``state_dict`` (another number of param groups, or of parameters in one), before
+    anything is loaded.
+
+    Example:
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+        >>> check_inner_structure(opt, opt.state_dict())
+        >>> check_inner_structure(opt, {"state": {}, "param_groups": []})
+        Traceback (most recent call last):
+        ...
+        ValueError: the checkpoint's optimizer state has 0 param groups, this optimizer 1; ...
+    """
+    saved = state_dict.get("param_groups")
+    if not isinstance(saved, list) or not isinstance(state_dict.get("state"), Mapping):
+        raise ValueError("the checkpoint's optimizer state needs 'state' and 'param_groups' "
+                         "entries (a torch optimizer's state_dict())")
+    groups = optimizer.param_groups
+    if len(saved) != len(groups):
+        raise ValueError(f"the checkpoint's optimizer state has {len(saved)} param groups, "
+                         f"this optimizer {len(groups)}; load it into the optimizer it was "
+                         "saved from")
+    sizes = [len(g["params"]) for g in groups]
+    saved_sizes = [len(g["params"]) for g in saved]
+    if sizes != saved_sizes:
+        raise ValueError(f"the checkpoint's param groups hold {saved_sizes} parameters, this "
+                         f"optimizer's {sizes}; load it into the optimizer it was saved from")
+
+
+def inner_state_of(optimizer: Optimizer, state_dict: Mapping[str, Any],
+                   params: Iterable[torch.Tensor] | None) -> dict[str, Any]:
+    """The part of a torch optimizer ``state_dict`` that holds the state of ``params``
+    (matched to the saved ids in param-group order, as ``load_state_dict`` does), with the
+    param groups as they are; ``params=None``: all of it.
+
+    Example:
+        >>> a, b = torch.nn.Parameter(torch.ones(1)), torch.nn.Parameter(torch.ones(1))
+        >>> opt = torch.optim.Adam([a, b])
+        >>> a.grad = b.grad = torch.ones(1); opt.step()
+        >>> sorted(inner_state_of(opt, opt.state_dict(), [b])["state"])
+        [1]
+    """
+    if params is None:
+        return dict(state_dict)
+    saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+    current = chain.from_iterable(g["params"] for g in optimizer.param_groups)
+    param_of = {saved: id(p) for saved, p in zip(saved_ids, current, strict=False)}
+    wanted = {id(p) for p in params}
+    state = {k: v for k, v in state_dict["state"].items() if param_of.get(k) in wanted}
+    return {**state_dict, "state": state}

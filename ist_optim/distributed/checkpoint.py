@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from ..core.checkpoint import pop_ist_entry
@@ -81,9 +82,10 @@ def set_optimizer_state_dict(
     ``torch.distributed.checkpoint.load``); the next step trains the saved active set.
 
     ``torch.distributed.checkpoint`` loads state only into parameters that require grad,
-    and IST freezes inactive layers; so while loading, exactly the layer parameters that
-    have saved state require grad (layers never trained have none), then IST's own
-    ``requires_grad`` settings are put back.
+    and IST freezes inactive layers; so while loading, exactly the parameters being loaded
+    that have saved state require grad (layers never trained have none), then IST's own
+    ``requires_grad`` settings are put back. Under ``state_policy="offload"`` the inactive
+    layers are loaded and offloaded one at a time (:meth:`ISTOptimizer.load_layerwise`).
 
     Raises:
         ValueError: without an ``"ist"`` entry, for a flattened optimizer state dict, for
@@ -103,19 +105,28 @@ def set_optimizer_state_dict(
         )
     ist = opt.check_ist_state_dict(ist)
     names = _checkpoint_names(model)
-    layer_params = [p for params in opt.layer_groups.params for p in params]
     unknown = set(state_dict["state"]) - set(names.values())
     if unknown:
         raise ValueError(
             f"the checkpoint has optimizer state for parameters this model does not have: "
             f"{sorted(unknown)[:5]}; load it into the model it was saved from"
         )
-    flags = [(p, p.requires_grad) for p in layer_params]
-    try:
-        for p in layer_params:
-            p.requires_grad_(names.get(id(p)) in state_dict["state"])
-        dcp_set(model, opt.optimizer, state_dict, options=options)
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-    opt.load_ist_state_dict(ist)
+    trainable = [*(p for params in opt.layer_groups.params for p in params),
+                 *opt.layer_groups.outside]
+
+    def load(params: list[torch.Tensor] | None) -> None:
+        """DCP's load of the saved state of ``params`` (None: every parameter's)."""
+        wanted = None if params is None else {id(p) for p in params}
+        chosen = {names.get(id(p)) for p in trainable if wanted is None or id(p) in wanted}
+        part = {**state_dict, "state": {k: v for k, v in state_dict["state"].items()
+                                        if k in chosen}}
+        flags = [(p, p.requires_grad) for p in trainable]
+        try:
+            for p in trainable:
+                p.requires_grad_(names.get(id(p)) in part["state"])
+            dcp_set(model, opt.optimizer, part, options=options)
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+    opt.load_layerwise(ist, load)

@@ -358,8 +358,11 @@ class FirstOrderProbe:
         return {"sums": self._current_sums(), "counts": self._counts.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._sums = state["sums"].to(torch.float64).clone()
-        self._counts = state["counts"].to(torch.int64).clone()
+        """Load a :meth:`state_dict`. Both tensors come to the host, where :meth:`take`
+        returns them: accelerate's ``prepare`` and the Trainer's ``map_location`` may have
+        moved them to the accelerator."""
+        self._sums = state["sums"].to("cpu", torch.float64).clone()
+        self._counts = state["counts"].to("cpu", torch.int64).clone()
         self._pending = []
 
     def remove(self) -> None:

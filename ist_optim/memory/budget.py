@@ -14,6 +14,8 @@ See docs/memory.md, "Training inside a memory budget".
 
 from __future__ import annotations
 
+import os
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,14 +31,55 @@ from ..core.recompute import BlockCheckpointer
 from .estimate import MemoryPlanner
 from .residency import StateResidency, state_bytes
 
-__all__ = ["PLANNING_HEADROOM", "BudgetDecision", "CheckpointPolicy", "MemoryBudget",
-           "memory_report", "parse_memory_budget", "planner_for_model"]
+__all__ = ["PLANNING_HEADROOM", "WORKSPACE_THREADS", "BudgetDecision", "CheckpointPolicy",
+           "MemoryBudget", "cuda_workspace_bytes", "memory_report", "parse_memory_budget",
+           "planner_for_model"]
 
 #: Share of the budget the policy leaves free: it plans each step for ``(1 - headroom)`` of
 #: the budget. The planner's error on accounted runs was within 0.4% (LLaMA-2-7B shapes on
 #: an H200) and 0.3% (SmolLM2-135M on CPU, where planning to 100% put a step 1.5 MiB over
 #: a 950 MiB budget); the rest is room for what it does not model (allocator slack).
 PLANNING_HEADROOM = 0.02
+
+#: Threads that run matrix products in a training step, each holding its own cuBLAS
+#: workspace: the one that runs the forward (and the update), and autograd's device thread
+#: that runs the backward.
+WORKSPACE_THREADS = 2
+
+
+def _kib_pairs(config: str) -> int | None:
+    """Bytes of a ``CUBLAS_WORKSPACE_CONFIG`` value (``:SIZE_KiB:COUNT`` pairs)."""
+    pairs = re.findall(r":([0-9]+):([0-9]+)", config)
+    return sum(int(size) * int(count) for size, count in pairs) * 1024 if pairs else None
+
+
+def cuda_workspace_bytes(device: torch.device | str) -> int:
+    """Device memory torch's cuBLAS workspaces hold while a model on ``device`` trains (0
+    off CUDA): the caching allocator gives each (thread, stream) that runs a matrix
+    product a workspace at its first one and keeps it, so ``max_memory_allocated`` counts
+    it while no tensor of the step owns it. A step holds :data:`WORKSPACE_THREADS` of
+    them, each ``CUBLAS_WORKSPACE_CONFIG``'s total or torch's default: 32 MiB on Hopper
+    (sm_90), 8 MiB + 128 KiB elsewhere. cuBLASLt shares that workspace (torch's default);
+    with ``TORCH_CUBLASLT_UNIFIED_WORKSPACE=0`` it has its own of
+    ``CUBLASLT_WORKSPACE_SIZE`` KiB, counted as large as cuBLAS's when that is unset.
+
+    Example:
+        >>> cuda_workspace_bytes("cpu")
+        0
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0
+    configured = _kib_pairs(os.environ.get("CUBLAS_WORKSPACE_CONFIG", ""))
+    if configured is None:
+        major, minor = torch.cuda.get_device_capability(device)
+        configured = (4096 * 8 if (major, minor) == (9, 0) else 4096 * 2 + 16 * 8) * 1024
+    per_thread = configured
+    if os.environ.get("TORCH_CUBLASLT_UNIFIED_WORKSPACE", "1").strip().lower() in (
+            "0", "false", "no", "off"):
+        lt = os.environ.get("CUBLASLT_WORKSPACE_SIZE", "").strip()
+        per_thread += int(lt) * 1024 if lt.isdigit() else configured
+    return WORKSPACE_THREADS * per_thread
 
 def _decoder(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
@@ -132,7 +175,8 @@ class CheckpointPolicy:
     """Picks, per active set, the fewest blocks to checkpoint for the step to fit.
 
     A step fits when its predicted peak is within :attr:`limit`, the budget less a
-    ``headroom`` share (:data:`PLANNING_HEADROOM`, 2%) for what the planner does not model.
+    ``headroom`` share (:data:`PLANNING_HEADROOM`, 2%) for what the planner does not model
+    and less ``reserve_bytes`` (on CUDA, the cuBLAS workspaces: :func:`cuda_workspace_bytes`).
     No block when the step fits without checkpointing. Otherwise blocks are added one at a
     time until it fits, in this order: first the active
     blocks from the lowest up (they save the most for backward), then the frozen blocks
@@ -152,7 +196,9 @@ class CheckpointPolicy:
             (``state_policy="keep"``); else only the active layers'.
         headroom: share of ``budget`` left free (see :data:`PLANNING_HEADROOM`): a step
             fits when its predicted peak is within :attr:`limit` =
-            ``budget * (1 - headroom)``.
+            ``budget * (1 - headroom) - reserve_bytes``.
+        reserve_bytes: bytes of the budget that memory outside the step's tensors holds
+            (``MemoryBudget.for_model``: :func:`cuda_workspace_bytes` of the model's device).
 
     Example:
         >>> from transformers import LlamaConfig
@@ -172,16 +218,21 @@ class CheckpointPolicy:
 
     def __init__(self, planner: MemoryPlanner, budget: int, *, cut_backward: bool = True,
                  train_embeddings: bool = False, train_head: bool = False,
-                 keeps_all_state: bool = False, headroom: float = PLANNING_HEADROOM) -> None:
+                 keeps_all_state: bool = False, headroom: float = PLANNING_HEADROOM,
+                 reserve_bytes: int = 0) -> None:
         if isinstance(headroom, bool) or not isinstance(headroom, int | float) \
                 or not 0.0 <= headroom < 1.0:
             raise ValueError(f"Invalid headroom: {headroom!r}; expected a share of the budget "
                              f"in [0, 1), e.g. {PLANNING_HEADROOM}")
+        if isinstance(reserve_bytes, bool) or not isinstance(reserve_bytes, int) \
+                or reserve_bytes < 0:
+            raise ValueError(f"Invalid reserve_bytes: {reserve_bytes!r}; expected bytes >= 0")
         self.planner = planner
         self.budget = budget
         self.headroom = float(headroom)
-        #: The predicted peak a step may reach: ``budget * (1 - headroom)``.
-        self.limit = int(budget * (1.0 - self.headroom))
+        self.reserve_bytes = reserve_bytes
+        #: The predicted peak a step may reach: ``budget * (1 - headroom) - reserve_bytes``.
+        self.limit = int(budget * (1.0 - self.headroom)) - reserve_bytes
         self.cut_backward = cut_backward
         self._options: dict[str, Any] = {
             "cut_backward": cut_backward, "train_embeddings": train_embeddings,
@@ -221,8 +272,9 @@ class CheckpointPolicy:
         if not fits and not self._warned:
             self._warned = True
             warnings.warn(
-                f"memory_budget of {self.budget:,} bytes (planned to {self.limit:,}, "
-                f"{self.headroom:.0%} left free) is below the predicted peak of "
+                f"memory_budget of {self.budget:,} bytes (planned to {self.limit:,}: "
+                f"{self.headroom:.0%} left free, {self.reserve_bytes:,} bytes reserved for "
+                f"cuBLAS workspaces) is below the predicted peak of "
                 f"training layers {sorted(active)} even with checkpointing "
                 f"({peak:,} bytes); checkpointing blocks {sorted(chosen)}, the lowest "
                 f"peak found (warned once)", stacklevel=3)
@@ -272,7 +324,8 @@ class MemoryBudget:
                   planner: MemoryPlanner | None, cut_backward: bool,
                   keeps_all_state: bool) -> MemoryBudget:
         """Build the planner from ``shape`` (or take ``planner``) and the policy's options
-        from the model and the optimizer's parameters.
+        from the model and the optimizer's parameters; on CUDA the policy reserves the
+        cuBLAS workspaces (:func:`cuda_workspace_bytes` of the parameters' device).
 
         Raises:
             ValueError: when neither or both of ``shape`` and ``planner`` are given, or
@@ -295,7 +348,8 @@ class MemoryBudget:
             planner, budget, cut_backward=cut_backward,
             train_embeddings=_trains(model, "get_input_embeddings", trainable),
             train_head=_trains(model, "get_output_embeddings", trainable),
-            keeps_all_state=keeps_all_state)
+            keeps_all_state=keeps_all_state,
+            reserve_bytes=cuda_workspace_bytes(trainable[0].device) if trainable else 0)
         return cls(policy, blocks)
 
     def fits_as_is(self, active: Sequence[int]) -> bool:

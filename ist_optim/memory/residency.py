@@ -28,6 +28,7 @@ import torch
 from torch.optim import Optimizer
 
 from ..config import STATE_POLICIES, StatePolicy
+from .streams import CudaStreams
 
 __all__ = ["STATE_POLICIES", "StateResidency", "resolve_state_policy", "state_bytes"]
 
@@ -85,6 +86,16 @@ class StateResidency:
     Args:
         optimizer: the inner optimizer, whose ``state`` is keyed by parameter.
         policy: ``"keep"``, ``"offload"`` or ``"drop"``.
+        streams: the stream, event and copy calls of ``"offload"`` (default
+            :class:`~ist_optim.memory.streams.CudaStreams`, the real CUDA ones; tests pass
+            a recording fake).
+
+    Ordering (``"offload"`` on CUDA): a copy out waits for the work issued on the current
+    stream (the update that wrote the state); the update waits for the copies back
+    (:meth:`wait`); reading host copies (:meth:`offloaded_state`, so every checkpoint)
+    waits for the copies out (:meth:`synchronize`); a device buffer a side-stream copy
+    reads or fills is recorded on the stream that uses it next, so the allocator does not
+    hand it out again while the copy is in flight.
 
     Raises:
         ValueError: for an unknown policy, or ``"offload"``/``"drop"`` with a paged
@@ -101,7 +112,8 @@ class StateResidency:
         True
     """
 
-    def __init__(self, optimizer: Optimizer, policy: StatePolicy):
+    def __init__(self, optimizer: Optimizer, policy: StatePolicy, *,
+                 streams: CudaStreams | None = None):
         if policy not in STATE_POLICIES:
             raise ValueError(f"Invalid state_policy: {policy!r}; expected one of {STATE_POLICIES}")
         if policy != "keep" and getattr(optimizer, "is_paged", False):
@@ -113,14 +125,20 @@ class StateResidency:
             )
         self.optimizer = optimizer
         self.policy: StatePolicy = policy
-        # param -> {key: (value on host, device it came from or None for non-tensors)}
+        self.streams = streams if streams is not None else CudaStreams()
+        # param -> {key: (value on host, device to copy it back to, or None: give it back
+        # as it is (non-tensors, tensors that were in host memory already))}
         self._store: dict[torch.Tensor, dict[str, Any]] = {}
         # param -> the batch of one deactivate() call it was offloaded with (CUDA only):
         # {"params": set of params, "flats": [(host flat buffer, device, [(param, key,
         # offset, shape)])]}; a batch that comes back whole needs one copy per flat buffer
         self._batch_of: dict[torch.Tensor, dict[str, Any]] = {}
-        self._streams: dict[torch.device, Any] = {}
-        self._pending: list[tuple[torch.device, Any]] = []  # events of copies in flight
+        self._side: dict[torch.device, Any] = {}  # one side stream per device
+        # device -> event after the last copies issued on its side stream (the stream runs
+        # in order, so the last event covers every earlier copy); kept until the host has
+        # waited for it (synchronize), also when the current stream already did (wait)
+        self._events: dict[torch.device, Any] = {}
+        self._waited: set[torch.device] = set()  # events the current stream waits for
 
     # ------------------------------------------------------------------ transitions
     def deactivate(self, params: Iterable[torch.Tensor]) -> None:
@@ -137,27 +155,27 @@ class StateResidency:
         entries = [(p, entry) for p in params if (entry := self.optimizer.state.get(p))]
         if entries and self.policy == "offload":
             self._offload(entries)
-            self._record_streams()
+            self._record_events()
         for p in params:
             self.optimizer.state.pop(p, None)
 
     def _offload(self, entries: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
-        on_cuda: dict[tuple[torch.device, torch.dtype], list] = {}
+        on_device: dict[tuple[torch.device, torch.dtype], list] = {}
         for p, entry in entries:
             stored = self._store.setdefault(p, {})
             for key, value in entry.items():
-                if isinstance(value, torch.Tensor) and value.device.type == "cuda":
-                    on_cuda.setdefault((value.device, value.dtype), []).append((p, key, value))
-                elif isinstance(value, torch.Tensor):
-                    stored[key] = (value, value.device)  # host memory already
+                if isinstance(value, torch.Tensor) and self.streams.handles(value):
+                    on_device.setdefault((value.device, value.dtype), []).append((p, key, value))
                 else:
-                    stored[key] = (value, None)
-        if not on_cuda:
+                    stored[key] = (value, None)  # host memory already, or not a tensor
+        if not on_device:
             return
         batch: dict[str, Any] = {"params": {p for p, _ in entries}, "flats": []}
-        for device in {device for device, _ in on_cuda}:
-            self._side_stream(device).wait_stream(torch.cuda.current_stream(device))
-        for (device, dtype), items in on_cuda.items():
+        for device in {device for device, _ in on_device}:
+            # the copies read the state the update (on the current stream) just wrote
+            self.streams.wait_stream(self._side_stream(device),
+                                     self.streams.current_stream(device))
+        for (device, dtype), items in on_device.items():
             # small tensors travel together (one copy); a large one alone, so that no
             # device buffer of the layer's whole state is ever allocated for the copy
             small = [item for item in items
@@ -172,18 +190,20 @@ class StateResidency:
 
     def _copy_out(self, chunk: list, device: torch.device, dtype: torch.dtype) -> tuple:
         """One pinned host buffer and one copy for the state tensors of ``chunk``."""
-        stream = self._side_stream(device)
+        streams, stream = self.streams, self._side_stream(device)
         total = sum(value.numel() for _, _, value in chunk)
-        with torch.cuda.stream(stream):
-            host = torch.empty(total, dtype=dtype, pin_memory=True)
+        with streams.use(stream):
+            host = streams.host_buffer(total, dtype)
             if len(chunk) == 1:
                 flat = chunk[0][2].reshape(-1)
-            else:
+            else:  # allocated on the side stream, which alone uses it
                 flat = torch.cat([value.reshape(-1) for _, _, value in chunk])
-            host.copy_(flat, non_blocking=True)
+            streams.copy(host, flat)
         layout, offset = [], 0
         for p, key, value in chunk:
-            value.record_stream(stream)  # keep the device buffer alive until copied
+            # allocated on the current stream and released by the optimizer right after:
+            # not reused before the side stream's copy of it is done
+            streams.record_stream(value, stream)
             self._store[p][key] = (host[offset:offset + value.numel()].view(value.shape), device)
             layout.append((p, key, offset, value.shape))
             offset += value.numel()
@@ -214,44 +234,45 @@ class StateResidency:
                 k: done[k] if k in done else self._to_device(v) for k, v in self._store[p].items()}
             del self._store[p]
             self._batch_of.pop(p, None)
-        self._record_streams()
+        self._record_events()
 
     def _side_stream(self, device: torch.device) -> Any:
-        if device not in self._streams:
-            self._streams[device] = torch.cuda.Stream(device=device)
-        return self._streams[device]
+        if device not in self._side:
+            self._side[device] = self.streams.new_stream(device)
+        return self._side[device]
 
     def _to_device(self, stored: tuple[Any, torch.device | None]) -> Any:
         value, device = stored
-        if device is None or device == value.device:
+        if device is None:
             return value
-        if device.type != "cuda":
-            return value.to(device)
-        stream = self._side_stream(device)
-        with torch.cuda.stream(stream):
-            moved = torch.empty(value.shape, dtype=value.dtype, device=device)
-            moved.copy_(value, non_blocking=True)
-        moved.record_stream(torch.cuda.current_stream(device))
+        streams, stream = self.streams, self._side_stream(device)
+        with streams.use(stream):
+            moved = streams.device_buffer(value.shape, value.dtype, device)
+            streams.copy(moved, value)
+        # allocated on the side stream, used by the update on the current stream
+        streams.record_stream(moved, streams.current_stream(device))
         return moved
 
-    def _record_streams(self) -> None:
-        """One event per side stream used, marking the end of the copies just issued."""
-        for device, stream in self._streams.items():
-            event = torch.cuda.Event()
-            event.record(stream)
-            self._pending.append((device, event))
+    def _record_events(self) -> None:
+        """After copies were issued: one event per side stream, marking their end."""
+        for device, stream in self._side.items():
+            self._events[device] = self.streams.record_event(stream)
+            self._waited.discard(device)
 
     def wait(self) -> None:
-        """Make the current CUDA stream wait for copies in flight (before the update)."""
-        for device, event in self._pending:
-            torch.cuda.current_stream(device).wait_event(event)
-        self._pending.clear()
+        """Make the current stream wait for the copies in flight (before the update); the
+        host does not wait, and :meth:`synchronize` still can."""
+        for device, event in self._events.items():
+            if device not in self._waited:
+                self.streams.wait_event(self.streams.current_stream(device), event)
+                self._waited.add(device)
 
     def synchronize(self) -> None:
         """Block the host until every copy in flight is done (before reading state)."""
-        for _device, event in self._pending:
-            event.synchronize()
-        self._pending.clear()
+        for event in self._events.values():
+            self.streams.synchronize(event)
+        self._events.clear()
+        self._waited.clear()
 
     # ------------------------------------------------------------------ accounting / io
     @contextmanager

