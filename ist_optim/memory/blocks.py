@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from .quantized import MetaLinear4bit, QuantSpec, quantize_block_linears
 from .tracker import LiveMemory
@@ -166,6 +166,32 @@ class MetaLora4bitLinear(MetaLoraLinear):
         return result + output
 
 
+def _with_query_heads(query: Any, key: Any, value: Any) -> tuple[Any, Any, Any]:
+    """Shapes of grouped-query attention (fewer key/value heads, ``enable_gqa=True``) with
+    the key/value heads repeated to the query's: what the kernel computes."""
+    heads = query[-3]
+    return query, (*key[:-3], heads, *key[-2:]), (*value[:-3], heads, *value[-2:])
+
+
+def _sdpa_flops(query: Any, key: Any, value: Any, *_: Any, **__: Any) -> int:
+    return sdpa_flop_count(*_with_query_heads(query, key, value))
+
+
+def _sdpa_backward_flops(grad: Any, query: Any, key: Any, value: Any, *_: Any, **__: Any) -> int:
+    return sdpa_backward_flop_count(grad, *_with_query_heads(query, key, value))
+
+
+#: FLOP formulas of the fused attention kernels that accept grouped-query attention:
+#: torch 2.11's own refuse fewer key/value heads than query heads (torch 2.13's count
+#: them as these do).
+_GQA_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention: _sdpa_flops,
+    torch.ops.aten._scaled_dot_product_efficient_attention: _sdpa_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_backward: _sdpa_backward_flops,
+    torch.ops.aten._scaled_dot_product_efficient_attention_backward: _sdpa_backward_flops,
+}
+
+
 class _FlashAttention(TorchFunctionMode):
     """Route ``F.scaled_dot_product_attention`` to the fused kernel a GPU would run: flash
     attention for a causal call without a mask; with a mask (transformers 4.x builds one
@@ -254,7 +280,7 @@ def _run_piece(forward: Callable[[], torch.Tensor], existing: Sequence[torch.Ten
             saved[storage._cdata] = storage.nbytes()
         return tensor
 
-    flops = FlopCounterMode(display=False)
+    flops = FlopCounterMode(display=False, custom_mapping=_GQA_FLOPS)
     with LiveMemory("meta", existing=existing) as live:
         base = live.current_bytes
         with flops, _attention(attention), \
@@ -269,7 +295,7 @@ def _run_piece(forward: Callable[[], torch.Tensor], existing: Sequence[torch.Ten
             grad = torch.empty_like(out)
             start = live.current_bytes
             live.reset_peak()
-            with FlopCounterMode(display=False) as bflops:
+            with FlopCounterMode(display=False, custom_mapping=_GQA_FLOPS) as bflops:
                 out.backward(grad)
             backward_extra = live.peak_bytes - start
             backward_flops = bflops.get_total_flops()
