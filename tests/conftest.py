@@ -143,6 +143,7 @@ def _global_state() -> dict:
         "torch_function_modes": torch._C._len_torch_function_stack(),
         "dispatch_modes": torch._C._len_torch_dispatch_stack(),
         "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "compiling": torch.compiler.is_compiling(),
     }
     if hasattr(torch, "get_default_device"):
         state["default_device"] = str(torch.get_default_device())
@@ -165,10 +166,17 @@ def _global_state() -> dict:
 
 @pytest.fixture(autouse=True)
 def _no_leaked_global_state(request):
-    """Fail the test that leaves torch's global state changed (and put it back), so a
-    test's outcome never depends on the ones that ran before it in the same process."""
+    """Fail the test that leaves torch's global state changed (and put it back), and put
+    the environment variables back, so a test's outcome never depends on the ones that ran
+    before it in the same process. (``TrainingArguments`` writes ``ACCELERATE_*``
+    variables, ``torch_compile=True`` among them, which the next Trainer's accelerate reads:
+    a later test's model would be compiled.)"""
     before = _global_state()
+    environ = dict(os.environ)
     yield
+    if dict(os.environ) != environ:
+        os.environ.clear()
+        os.environ.update(environ)
     after = _global_state()
     changed = {k: (before[k], after.get(k)) for k in before if after.get(k) != before[k]}
     if not changed:

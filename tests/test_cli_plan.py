@@ -50,6 +50,12 @@ budget: memory_budget checkpoints the blocks each draw needs (mean count); NF4: 
 
 
 def test_golden_table_llama2_7b(capsys):
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("the golden figures are transformers 5's; 4.x passes each block a "
+                    "batch x 1 x seq x seq attention mask (+0.1 GiB here), which the "
+                    "planner models and test_qlora's accounted 4.x steps check")
     argv = ["plan", "--model", "llama-2-7b", "--batch-size", "8", "--seq-len", "512",
             "--budget", "24GiB"]
     assert main(argv) == 0

@@ -60,7 +60,10 @@ def compiled_run():
     as a growing count instead of a silent fallback to eager."""
     model, opt = _compiled_ist(update_interval=10)
     graphs = {}
-    with torch._dynamo.config.patch(recompile_limit=1000):
+    # torch 2.7 renamed cache_size_limit to recompile_limit
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") \
+        else "cache_size_limit"
+    with torch._dynamo.config.patch(**{limit: 1000}):
         _train(model, opt, STEPS, lambda s: graphs.__setitem__(s, _graphs()))
     eager = lora_model(4)
     eager.config.use_cache = False

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ist_optim import ISTOptimizer, MemoryPlanner, account_step
-from ist_optim.cli.models import keep_4bit_layout
+from ist_optim.integrations import keep_4bit_layout
 from ist_optim.memory.budget import planner_for_model
 
 bnb = pytest.importorskip("bitsandbytes")

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..integrations.quantized import keep_4bit_layout
 from .errors import CLIError
 
 __all__ = [
@@ -133,32 +134,6 @@ def resolve_model_dir(model: str) -> str:
     if model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep + os.sep in model:
         raise CLIError(f"--model {model}: no such directory")
     return model
-
-
-def keep_4bit_layout(model: Any) -> int:
-    """Stop bitsandbytes from repacking ``model``'s 4-bit weights for its CPU kernel.
-
-    bitsandbytes 0.50 (``Linear4bit.forward``) converts a 4-bit weight to a CPU-specific
-    layout the first time the layer runs in eval mode without grad on a CPU with
-    AVX512-BF16 (IST's importance rounds and every evaluation do), rounding its scales
-    (``absmax``) to bfloat16; ``state_dict()`` converts it back, but without double
-    quantization the scales stay in the transposed bfloat16 layout, so every later
-    training forward dequantizes with misplaced scales, and with double quantization the
-    scales are quantized again (docs/peft-methods.md, "QLoRA"). Setting each layer's
-    ``support_avx512bf16_for_cpu`` to False keeps the training layout: every forward
-    dequantizes the same weights and ``state_dict()`` changes nothing (eval forwards run the
-    generic dequantize-and-matmul path). Does nothing on layers of other kinds.
-
-    Returns:
-        The number of 4-bit layers changed.
-    """
-    count = 0
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu") and \
-                type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4"):
-            module.support_avx512bf16_for_cpu = False
-            count += 1
-    return count
 
 
 def _quantization_config(quantize: str, dtype: torch.dtype) -> Any:

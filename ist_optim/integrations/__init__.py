@@ -10,6 +10,8 @@ and ``import ist_optim.integrations`` work without transformers installed.
   optimizer-state bytes through the Trainer's ``on_log`` (so TensorBoard / W&B get them),
   feed importance batches from the eval or train set, write an importance plot.
 * :func:`unwrap_ist_optimizer`: the ISTOptimizer inside accelerate's wrapper.
+* :func:`keep_4bit_layout`: keep a bitsandbytes 4-bit model's weights in the layout
+  training dequantizes from on the CPU (QLoRA; the CLI and the axolotl plugin apply it).
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from typing import Any
 
 from .common import unwrap_ist_optimizer
 from .optimizer_cls import ist_optimizer_cls
+from .quantized import keep_4bit_layout
 
 __all__ = [
     "ISTCallback",
     "add_ist_callback",
     "ist_optimizer_cls",
+    "keep_4bit_layout",
     "unwrap_ist_optimizer",
 ]
 

@@ -458,6 +458,7 @@ def _plugin_class() -> type:
             "(pip install axolotl) in the environment that runs `axolotl train`") from err
 
     from .callback import add_ist_callback
+    from .quantized import keep_4bit_layout
 
     # axolotl shows INFO records of loggers named axolotl*, only warnings of the others
     plugin_log = logging.getLogger("axolotl.integrations.ist_optim")
@@ -467,8 +468,9 @@ def _plugin_class() -> type:
 
         Hooks: ``get_input_args`` (the ``ist_*`` keys, :class:`ISTArgs`, validated with
         the YAML), ``register`` (logs that IST is on; turns axolotl's fused LoRA kernels off
-        when the YAML leaves them unset), ``post_trainer_create`` (installs
-        the ISTOptimizer around the optimizer axolotl would build, and the IST callback).
+        when the YAML leaves them unset), ``post_trainer_create`` (keeps a 4-bit base's
+        layout, :func:`~ist_optim.integrations.keep_4bit_layout`; installs the ISTOptimizer
+        around the optimizer axolotl would build, and the IST callback).
         """
 
         def get_input_args(self) -> str:
@@ -484,6 +486,11 @@ def _plugin_class() -> type:
 
         def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
             check_axolotl_config(cfg)
+            kept = keep_4bit_layout(trainer.model)
+            if kept:
+                plugin_log.info("IST plugin: %d 4-bit layers keep their training layout "
+                                "(bitsandbytes repacks them for its CPU kernel in the "
+                                "importance rounds' eval forwards otherwise)", kept)
             optimizer = install_ist_optimizer(trainer, ist_options(cfg))
             plugin_log.info("%s", describe(optimizer))
             source = cfg.get("ist_importance_batches") or "last"
