@@ -211,7 +211,7 @@ def _hf_model():
 @pytest.mark.parametrize("enable_after", [False, True], ids=["before", "after"])
 @pytest.mark.parametrize("mode", list(HF_MODES))
 def test_every_hf_checkpointing_mode_cuts_and_updates_as_without_the_cut(mode, enable_after):
-    """transformers < 5.17 checkpoints ``Module.__call__``, so the blocks' hooks run inside
+    """transformers 4.x to 5.17 checkpoint ``Module.__call__``, so the blocks' hooks run inside
     the checkpoint; reentrant (4.x's default, axolotl's) crashed there at the first backward.
     The cut now happens before the checkpoint, in every mode and whenever it is enabled."""
     def enable(model):

@@ -20,13 +20,13 @@ gradient through the cut; that is the point of the cut.
 
 Where the cut happens, for each way a block can be checkpointed:
 
-* no checkpointing, transformers >= 5.17 (which checkpoints a layer's ``forward``), and
+* no checkpointing, recent transformers (5.25; it checkpoints a layer's ``forward``), and
   :class:`~ist_optim.core.recompute.BlockCheckpointer` (``memory_budget``): forward
   pre-hooks on the blocks, which run outside the checkpoint;
-* transformers < 5.17, which checkpoints ``Module.__call__`` (the block's hooks then run
-  inside the checkpoint): the ``_gradient_checkpointing_func`` that
-  ``gradient_checkpointing_enable()`` sets on the blocks (or, before transformers 4.52,
-  on the model that loops over them) is wrapped so the hidden state is cut *before* the
+* transformers 4.x and 5 up to at least 5.17, which checkpoint ``Module.__call__`` (the
+  block's hooks then run inside the checkpoint): the ``_gradient_checkpointing_func``
+  that ``gradient_checkpointing_enable()`` sets on the blocks (or, in releases before
+  ``GradientCheckpointingLayer``, on the model that loops over them) is wrapped so the hidden state is cut *before* the
   checkpoint; wrapped again whenever it is replaced (checked before every forward). Under
   reentrant checkpointing this is the only place the cut can act: the checkpoint links a
   block to the blocks below it before any hook of the block runs;
