@@ -388,3 +388,14 @@ def test_measuring_a_model_leaves_the_global_rng_alone():
     state = torch.random.get_rng_state()
     MemoryPlanner(config, batch_size=2, seq_len=16, dtype=torch.float32)
     assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_a_config_with_a_padding_token_beyond_a_tiny_vocabulary():
+    """The planner's tiny copy of the model (for the attention mask) keeps the special
+    tokens' ids valid: a pad token id 3 crashed it with "Padding_idx must be within
+    num_embeddings" (found by the axolotl integration test)."""
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=32,
+                         pad_token_id=3, bos_token_id=1, eos_token_id=[2, 30])
+    planner = MemoryPlanner(config, batch_size=2, seq_len=16, dtype=torch.float32)
+    assert planner.estimate([1]).peak_bytes > 0

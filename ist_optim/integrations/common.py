@@ -6,7 +6,14 @@ from typing import Any
 
 from ..optimizer import ISTOptimizer
 
-__all__ = ["unwrap_ist_optimizer"]
+__all__ = ["DEEPSPEED_REFUSAL", "unwrap_ist_optimizer"]
+
+#: The one line every route (the axolotl plugin, ist-llamafactory, the Trainer callback)
+#: refuses DeepSpeed with (docs/distributed.md, "DeepSpeed").
+DEEPSPEED_REFUSAL = (
+    "IST does not run under DeepSpeed: ZeRO fixes the trainable set when it builds its "
+    "partitions (frozen layers keep moving through zero-filled gradients), and IST changes "
+    "it every step; use FSDP2 (or DDP) instead (docs/distributed.md)")
 
 _MAX_DEPTH = 8
 

@@ -343,7 +343,11 @@ def _tiny_copy(config: Any) -> Any:
     tiny.num_hidden_layers = 1
     if getattr(tiny, "layer_types", None):
         tiny.layer_types = list(tiny.layer_types)[:1]
-    tiny.hidden_size, tiny.intermediate_size, tiny.vocab_size = 2 * heads, 2, 2
+    ids = [getattr(config, f"{name}_token_id", None) for name in ("pad", "bos", "eos")]
+    flat = [i for item in ids for i in (item if isinstance(item, list) else [item])
+            if isinstance(i, int)]
+    tiny.hidden_size, tiny.intermediate_size = 2 * heads, 2
+    tiny.vocab_size = max([2, *(i + 1 for i in flat)])  # the special tokens' ids stay valid
     if getattr(tiny, "head_dim", None) is not None:
         tiny.head_dim = 2
     tiny.use_cache = False
