@@ -26,8 +26,9 @@ Where the cut happens, for each way a block can be checkpointed:
 * transformers 4.x and 5 up to at least 5.17, which checkpoint ``Module.__call__`` (the
   block's hooks then run inside the checkpoint): the ``_gradient_checkpointing_func``
   that ``gradient_checkpointing_enable()`` sets on the blocks (or, in releases before
-  ``GradientCheckpointingLayer``, on the model that loops over them) is wrapped so the hidden state is cut *before* the
-  checkpoint; wrapped again whenever it is replaced (checked before every forward). Under
+  ``GradientCheckpointingLayer``, on the model that loops over them) is wrapped so the
+  hidden state is cut *before* the checkpoint; wrapped again whenever it is replaced
+  (checked before every forward). Under
   reentrant checkpointing this is the only place the cut can act: the checkpoint links a
   block to the blocks below it before any hook of the block runs;
 * ``torch.utils.checkpoint.checkpoint(block, ...)`` called by a model's own code:
