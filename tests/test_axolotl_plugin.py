@@ -78,7 +78,7 @@ def test_bad_options_name_the_yaml_key(cfg: dict[str, Any], error: type[Exceptio
       "sequence_len": 8}, "set gradient_checkpointing: false"),
     ({"lora_qkv_kernel": True, "ist_memory_budget": "1GiB"}, "set lora_qkv_kernel: false"),
     ({"torch_compile": True}, "set torch_compile: false"),
-    ({"deepspeed": "zero2.json"}, "deepspeed is set"),
+    ({"deepspeed": "zero2.json"}, "IST does not run under DeepSpeed"),
     ({"fsdp_config": {"fsdp_version": 2}}, "fsdp_config is set"),
     ({"rl": "dpo"}, "rl='dpo'"),
     ({"relora": True}, "ReLoRA"),

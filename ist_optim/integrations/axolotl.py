@@ -29,7 +29,7 @@ from torch.optim import Optimizer
 
 from ..config import ISTConfig
 from ..optimizer import ISTOptimizer
-from .common import unwrap_ist_optimizer
+from .common import DEEPSPEED_REFUSAL, unwrap_ist_optimizer
 
 __all__ = [
     "IMPORTANCE_SOURCES",
@@ -195,12 +195,14 @@ def check_axolotl_config(cfg: Mapping[str, Any]) -> None:
         raise ValueError(
             "torch_compile: true compiles the whole model, and every IST step freezes other "
             "layers, so each active set would recompile it; set torch_compile: false")
-    for key in ("deepspeed", "fsdp", "fsdp_config"):
+    if cfg.get("deepspeed"):
+        raise ValueError(f"deepspeed={cfg['deepspeed']!r}: {DEEPSPEED_REFUSAL}")
+    for key in ("fsdp", "fsdp_config"):
         if cfg.get(key):
             raise ValueError(
-                f"{key} is set: DeepSpeed and axolotl's FSDP build the optimizer inside their "
-                "engine, which the IST plugin cannot wrap; train on one device or with DDP "
-                f"(remove {key})")
+                f"{key} is set: axolotl's FSDP builds the optimizer inside accelerate's FSDP "
+                "set-up, which the IST plugin cannot wrap; train on one device or with DDP "
+                f"(remove {key}), or use FSDP2 in your own loop (docs/distributed.md)")
     if cfg.get("rl"):
         raise ValueError(
             f"rl={cfg['rl']!r}: the IST plugin supports supervised fine-tuning and "

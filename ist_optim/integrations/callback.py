@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 
 from ..optimizer import ISTOptimizer
 from ..reporting.history import ImportanceHistory
-from .common import unwrap_ist_optimizer
+from .common import DEEPSPEED_REFUSAL, unwrap_ist_optimizer
 
 __all__ = ["ISTCallback", "add_ist_callback"]
 
@@ -113,6 +113,7 @@ class ISTCallback(TrainerCallback):
     # ------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         opt = self._optimizer(kwargs)
+        check_no_deepspeed(args)
         check_no_trainer_compile(args, opt)
         if self.importance_batches is not None and self._configured is not opt:
             seen = opt.num_steps // opt.update_interval
@@ -227,6 +228,18 @@ class ISTCallback(TrainerCallback):
             ) from None
 
 
+def check_no_deepspeed(args: Any) -> None:
+    """Refuse a Trainer set up for DeepSpeed (``TrainingArguments(deepspeed=...)``).
+
+    Raises:
+        ValueError: :data:`ist_optim.integrations.common.DEEPSPEED_REFUSAL`, the one line
+            every route gives.
+    """
+    config = getattr(args, "deepspeed", None)
+    if config:
+        raise ValueError(f"deepspeed={config!r}: {DEEPSPEED_REFUSAL}")
+
+
 def check_no_trainer_compile(args: Any, opt: ISTOptimizer) -> None:
     """Refuse ``TrainingArguments(torch_compile=True)`` when IST freezes layers.
 
@@ -292,8 +305,8 @@ def add_ist_callback(
 
     Raises:
         ValueError: for an unknown source name, a missing dataset, a second ISTCallback,
-            or ``torch_compile=True`` in the Trainer's arguments (use
-            :func:`ist_optim.compile_blocks`).
+            ``torch_compile=True`` in the Trainer's arguments (use
+            :func:`ist_optim.compile_blocks`), or DeepSpeed (:func:`check_no_deepspeed`).
 
     Example:
         >>> import contextlib, io, tempfile, torch
@@ -328,6 +341,7 @@ def add_ist_callback(
     """
     if any(isinstance(cb, ISTCallback) for cb in trainer.callback_handler.callbacks):
         raise ValueError("trainer already has an ISTCallback; add one only")
+    check_no_deepspeed(trainer.args)
     if getattr(trainer.args, "torch_compile", False) and trainer.optimizer is not None:
         check_no_trainer_compile(trainer.args, unwrap_ist_optimizer(trainer.optimizer))
     batches: Iterable[Any] | None

@@ -220,11 +220,21 @@ def register_v1_optimizer() -> bool:
 
 
 def _read_config(path: str, overrides: Sequence[str]) -> dict[str, Any]:
-    """The YAML with ``key=value`` overrides, as ``llamafactory-cli train`` reads it."""
-    from omegaconf import OmegaConf
+    """The YAML with ``key=value`` overrides, as ``llamafactory-cli train`` reads it
+    (OmegaConf, which LLaMA-Factory installs; plain YAML without overrides otherwise)."""
+    try:
+        from omegaconf import OmegaConf
+    except ImportError:
+        if overrides:
+            raise ValueError("key=value overrides need omegaconf, which LLaMA-Factory "
+                             "installs: pip install llamafactory") from None
+        import yaml
 
-    merged = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_cli(list(overrides)))
-    config = OmegaConf.to_container(merged)
+        with open(path, encoding="utf-8") as file:
+            config = yaml.safe_load(file)
+    else:
+        merged = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_cli(list(overrides)))
+        config = OmegaConf.to_container(merged)
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a mapping of LLaMA-Factory keys")
     return config
@@ -248,8 +258,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, OSError) as err:
         print(f"ist-llamafactory: {err}", file=sys.stderr)
         return 2
-    from llamafactory.train.tuner import run_exp
-
+    try:
+        from llamafactory.train.tuner import run_exp
+    except ImportError as err:
+        print(f"ist-llamafactory: needs LLaMA-Factory ({err}): pip install llamafactory",
+              file=sys.stderr)
+        return 2
     register_v1_optimizer()
     source = callback.get("ist_importance_batches", "last")
     with ist_trainers(options, importance_batches=None if source == "last" else source,
