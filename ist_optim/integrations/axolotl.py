@@ -25,11 +25,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
-from torch.optim import Optimizer
 
 from ..config import ISTConfig
 from ..optimizer import ISTOptimizer
 from .common import DEEPSPEED_REFUSAL, unwrap_ist_optimizer
+from .wrap import wrap_built_optimizer
 
 __all__ = [
     "IMPORTANCE_SOURCES",
@@ -86,8 +86,6 @@ LORA_KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel",
                     "lora_embedding_kernel")
 # axolotl's schema defaults of the batch shape (0.19.0), for validating a raw YAML.
 _SHAPE_DEFAULTS = {"micro_batch_size": 1, "sequence_len": 512}
-# Keys the Trainer's optimizer construction reads from its kwargs instead of passing them on.
-_NOT_CONSTRUCTOR_KEYS = ("params", "model", "optimizer_dict")
 
 
 # ---------------------------------------------------------------------- pure parts
@@ -263,20 +261,6 @@ def default_lora_kernels_off(cfg: Any) -> list[str]:
     return unset
 
 
-def _constructor_kwargs(trainer: Any, inner_cls: type) -> dict[str, Any] | None:
-    """The kwargs the trainer built ``inner_cls`` with, or None when unknown."""
-    candidates = []
-    if getattr(trainer, "optimizer_cls_and_kwargs", None) is not None:
-        candidates.append(trainer.optimizer_cls_and_kwargs)
-    get = getattr(trainer, "get_optimizer_cls_and_kwargs", None)
-    if get is not None:
-        candidates.append(get(trainer.args, trainer.model))
-    for cls, kwargs in candidates:
-        if cls is inner_cls:
-            return {k: v for k, v in kwargs.items() if k not in _NOT_CONSTRUCTOR_KEYS}
-    return None
-
-
 def install_ist_optimizer(trainer: Any, options: Mapping[str, Any],
                           model: nn.Module | None = None) -> ISTOptimizer:
     """Replace ``trainer``'s optimizer-to-be by an ``ISTOptimizer`` around the same optimizer.
@@ -332,24 +316,7 @@ def install_ist_optimizer(trainer: Any, options: Mapping[str, Any],
                 "ISTOptimizer before training starts")
         trainer.optimizer = None  # built again below, as the trainer would build it
     built = trainer.create_optimizer()
-    if not isinstance(built, Optimizer):
-        raise RuntimeError(
-            f"the trainer built a {type(built).__name__}, not a torch.optim.Optimizer; the "
-            "IST plugin wraps torch optimizers (e.g. adamw_torch, adamw_bnb_8bit)")
-    inner_cls = type(built)
-    kwargs = _constructor_kwargs(trainer, inner_cls)
-    if kwargs is None:
-        raise RuntimeError(
-            f"cannot rebuild {inner_cls.__name__}: the trainer did not build it from an "
-            "optimizer class and kwargs (an optimizer factory?); use an optimizer of "
-            "transformers' optim names, e.g. adamw_torch or adamw_bnb_8bit")
-    clash = sorted(set(kwargs) & set(options))
-    if clash:
-        raise RuntimeError(f"{inner_cls.__name__}'s kwargs {clash} collide with IST options")
-    groups = [dict(group) for group in built.param_groups]
-    trainer.optimizer = None
-    optimizer = ISTOptimizer(inner_cls, model, params=groups, **options, **kwargs)
-    trainer.optimizer = optimizer
+    optimizer = wrap_built_optimizer(trainer, built, options, model)
     logger.info("%s", describe(optimizer))
     return optimizer
 

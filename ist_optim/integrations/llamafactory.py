@@ -26,8 +26,9 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from .axolotl import OPTION_KEYS, install_ist_optimizer
+from .axolotl import OPTION_KEYS, describe
 from .common import DEEPSPEED_REFUSAL
+from .wrap import wrap_built_optimizer
 
 __all__ = [
     "CALLBACK_KEYS",
@@ -167,7 +168,7 @@ def ist_trainers(options: Mapping[str, Any], *, importance_batches: str | None =
                  log_layers: bool = True) -> Iterator[list[type]]:
     """While inside, LLaMA-Factory's trainers train with IST: their ``create_optimizer``
     lets LLaMA-Factory build its optimizer, then puts an ``ISTOptimizer`` around it
-    (:func:`ist_optim.integrations.axolotl.install_ist_optimizer`) and attaches the IST
+    (:func:`ist_optim.integrations.wrap.wrap_built_optimizer`) and attaches the IST
     callback. Restored on exit. Yields the patched classes."""
     from .callback import add_ist_callback
 
@@ -177,8 +178,9 @@ def ist_trainers(options: Mapping[str, Any], *, importance_batches: str | None =
     def wrap(original: Any) -> Any:
         def create_optimizer(self: Any, *args: Any, **kwargs: Any) -> Any:
             if self.optimizer is None:
-                original(self, *args, **kwargs)  # LLaMA-Factory's own choice
-                install_ist_optimizer(self, options)
+                built = original(self, *args, **kwargs)  # LLaMA-Factory's own choice
+                optimizer = wrap_built_optimizer(self, built, options)
+                logger.info("%s", describe(optimizer))
                 add_ist_callback(self, importance_batches=importance_batches,
                                  log_layers=log_layers)
             return self.optimizer
@@ -265,6 +267,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     register_v1_optimizer()
+    package_log = logging.getLogger("ist_optim")
+    if not package_log.handlers:  # LLaMA-Factory shows its own loggers' INFO lines only
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[ist_optim] %(message)s"))
+        package_log.addHandler(handler)
+        package_log.setLevel(logging.INFO)
     source = callback.get("ist_importance_batches", "last")
     with ist_trainers(options, importance_batches=None if source == "last" else source,
                       log_layers=bool(callback.get("ist_log_layers", True))):
