@@ -74,16 +74,24 @@ def test_a_help_that_breaks_a_table_row_is_refused(help_text):
 
 
 # ---------------------------------------------------------------------- the walk-through
-@dataclasses.dataclass(frozen=True)
-class WithFlavour(ISTConfig):
-    """docs/extending.md, "A new option": one field, nothing else."""
+def _walkthrough_config() -> type:
+    """``ISTConfig`` plus the field of docs/extending.md's "A new option", as written there."""
+    section = (ROOT / "docs" / "extending.md").read_text().split("## A new option", 1)[1]
+    field_code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace = {"dataclasses": dataclasses, "ISTConfig": ISTConfig, "option": option,
+                 "at_least": at_least, "__name__": __name__}
+    exec("@dataclasses.dataclass(frozen=True)\nclass WithFlavour(ISTConfig):\n" + field_code,
+         namespace)
+    return namespace["WithFlavour"]
 
-    flavours: int = option(3, "flavours per step `F`", check=at_least(1), cli=True)
+
+WithFlavour = _walkthrough_config()
 
 
 def test_adding_an_option_is_one_field(capsys):
-    """The walk-through of docs/extending.md: the new field is checked, has a CLI flag that
-    reaches the optimizer's keywords, a YAML key in the schema, and a row in each table."""
+    """The walk-through of docs/extending.md, its code run as written: the new field is
+    checked, has a CLI flag that reaches the optimizer's keywords, a YAML key in the schema,
+    and a row in each table."""
     assert WithFlavour().flavours == 3 and WithFlavour(flavours=5).flavours == 5
     with pytest.raises(ValueError, match="Invalid flavours: 0; expected an int >= 1"):
         WithFlavour(flavours=0)
