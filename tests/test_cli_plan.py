@@ -92,7 +92,8 @@ def test_model_from_a_config_file(tmp_path, capsys):
 @pytest.mark.parametrize("argv,fragment", [
     (["--model", "gpt-9"], "unknown model 'gpt-9'"),
     (["--model", "llama-2-7b", "--budget", "lots"], "Invalid --budget: 'lots'; expected a number"),
-    (["--model", "llama-2-7b", "--budget", "24"], "Invalid --budget: '24' has no unit; write '24GiB'"),
+    (["--model", "llama-2-7b", "--budget", "24"],
+     "Invalid --budget: '24' has no unit; write '24GiB'"),
     (["--model", "llama-2-7b", "--budget", "24G"], "'G' is ambiguous: write '24GiB'"),
     (["--model", "smollm2-135m", "--target-modules", "q_proj,nope"], "name no linear layer"),
     (["--model", "smollm2-135m", "--active-layers", "99"], "more than the model's 30"),

@@ -213,7 +213,8 @@ def ist_flags_table(config_cls: type = ISTConfig) -> str:
         if opt.cli:
             recipe = RECIPE_DEFAULTS.get(opt.name)
             default = f"{recipe} (library: {opt.default_doc()})" if recipe else opt.default_doc()
-            rows.append(f"| `{opt.cli_flag}` | {default} | {opt.describe(builtin_only=True)} |")
+            rows.append(f"| `{opt.cli_flag}` | {default} | "
+                        f"{opt.describe(builtin_only=True, link_prefix='')} |")
     return "\n".join(rows)
 
 
