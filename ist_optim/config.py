@@ -2,36 +2,57 @@
 
 ``ISTOptimizer(..., **options)`` builds one from its keywords (or takes ``config=``); the
 pieces it composes (sampler, importance rounds, layer activator) read their settings from
-it. This module is a leaf of the package: it holds the option names, their validators and
-the name lists (sampling rules and estimators come from :mod:`ist_optim.registry`), and
-imports nothing else of the package.
+it. Each option is declared once, as a field with :func:`ist_optim.options.option`: its
+default, help, check, CLI flag and YAML key; the CLI, the axolotl schema and the README's
+table are built from those fields (docs/extending.md, "A new option").
+
+This module also holds the one parser of sizes in bytes (:func:`parse_bytes`). It is a
+leaf of the package: it imports only :mod:`ist_optim.options` and :mod:`ist_optim.registry`
+(the names of sampling rules and estimators, read at run time).
 """
 
 from __future__ import annotations
 
-import math
 import re
+import textwrap
 from collections.abc import Callable, Sized
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from torch import nn
 from torch.optim import Optimizer
 
+from .options import (
+    Choices,
+    at_least,
+    check_count,
+    check_int,
+    check_number,
+    is_bool,
+    markdown_table,
+    number_in,
+    one_of,
+    option,
+    optional,
+    options,
+)
 from .registry import estimator, estimator_names, sampling_rule, sampling_rule_names
 
 __all__ = [
+    "BYTE_UNITS",
     "ISTConfig",
-    "check_adalora",
-    "check_count",
     "STATE_POLICIES",
     "SUPPRESSION_MODES",
     "StatePolicy",
     "SuppressionMode",
+    "check_adalora",
+    "check_count",
     "check_importance_batches",
     "check_int",
     "check_number",
     "check_optimizer_and_model",
+    "options_table",
+    "parse_bytes",
     "parse_memory_budget",
     "split_options",
 ]
@@ -43,120 +64,125 @@ SuppressionMode = Literal["auto", "adapters", "residual"]
 SUPPRESSION_MODES: tuple[str, ...] = ("auto", "adapters", "residual")
 
 
-_UNITS = {"B": 1, "kB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
-_PATTERN = re.compile(r"(\d+(?:\.\d+)?)\s*([A-Za-z]+)")
+# ---------------------------------------------------------------------- sizes in bytes
+#: The units of a size, spelled exactly so: decimal (powers of 10) and binary (of 2).
+BYTE_UNITS: dict[str, int] = {"B": 1, "kB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                              "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([A-Za-z]*)")
+_UNIT_BY_LOWER = {unit.lower(): unit for unit in BYTE_UNITS}
 
 
-def _budget_error(value: Any) -> ValueError:
-    return ValueError(f"Invalid memory_budget: {value!r}; expected a positive number of bytes "
-                      f"(int) or a string like '24GiB' or '512MiB' (units: "
-                      f"{', '.join(_UNITS)})")
+def _unit_fix(number: str, unit: str) -> str:
+    """What to write instead of an unknown ``unit``."""
+    if unit.lower() in _UNIT_BY_LOWER:
+        return f"units are case-sensitive: write '{number}{_UNIT_BY_LOWER[unit.lower()]}'"
+    if unit.lower() in ("k", "m", "g", "t"):
+        prefix = unit.upper()
+        return (f"'{unit}' is ambiguous: write '{number}{prefix}iB' (binary) or "
+                f"'{number}{'k' if prefix == 'K' else prefix}B' (decimal)")
+    return f"unknown unit {unit!r}; use one of {', '.join(BYTE_UNITS)}"
 
 
-def parse_memory_budget(value: int | str) -> int:
-    """Bytes of a memory budget: an int, or a number with a unit (``"24GiB"``, ``"1.5 GB"``).
+def _bytes_of_text(text: str, name: str) -> int:
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"Invalid {name}: {text!r}; expected a number and a unit like "
+                         f"'24GiB' or '1.5 GB' (units: {', '.join(BYTE_UNITS)})")
+    number, unit = match.groups()
+    if not unit:
+        raise ValueError(f"Invalid {name}: {text!r} has no unit; write '{number}GiB' "
+                         f"(2**30 bytes each) or '{number}GB' (10**9), or '{number}B' for bytes")
+    if unit not in BYTE_UNITS:
+        raise ValueError(f"Invalid {name}: {text!r}; {_unit_fix(number, unit)}")
+    if "." in number:
+        whole, frac = number.split(".")
+        return (int(whole + frac) * BYTE_UNITS[unit]) // 10 ** len(frac)  # exact
+    return int(number) * BYTE_UNITS[unit]
 
-    Units are ``B``, decimal ``kB MB GB TB`` and binary ``KiB MiB GiB TiB``, spelled
-    exactly so; fractions of a byte are rounded down.
+
+def parse_bytes(value: int | str, name: str = "size") -> int:
+    """A size in bytes, by the one rule of every place that reads one.
+
+    The rule: an ``int`` is a number of bytes; a string is a number and a unit, ``B``,
+    decimal ``kB MB GB TB`` or binary ``KiB MiB GiB TiB``, spelled exactly so, with an
+    optional space (``"24GiB"``, ``"1.5 GB"``). A string without a unit (``"24"``) is
+    refused, never guessed: written sizes are gigabytes as often as bytes. Fractions of a
+    byte are rounded down; a size is at least 1 byte. ``ISTConfig(memory_budget=...)``,
+    ``ist-finetune plan --budget`` and the axolotl key ``ist_memory_budget`` read sizes
+    with it.
+
+    Args:
+        value: the size.
+        name: what the size is, for the error (``"memory_budget"``, ``"--budget"``).
 
     Raises:
-        TypeError: for anything but an int or a str (bools included).
-        ValueError: for a malformed string, an unknown unit, or a budget below 1 byte.
+        TypeError: for anything but an int or a str (bools and floats included).
+        ValueError: one line naming the value and what to write instead.
 
     Example:
-        >>> parse_memory_budget("24GiB"), parse_memory_budget("1.5 kB"), parse_memory_budget(512)
+        >>> parse_bytes("24GiB"), parse_bytes("1.5 kB"), parse_bytes(512)
         (25769803776, 1500, 512)
+        >>> parse_bytes("24", "--budget")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: Invalid --budget: '24' has no unit; write '24GiB' (2**30 bytes each) or ...
     """
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise TypeError(f"memory_budget must be an int (bytes) or a string like '24GiB', got "
-                        f"{value!r}")
-    if isinstance(value, int):
-        nbytes = value
-    else:
-        match = _PATTERN.fullmatch(value.strip())
-        if match is None or match.group(2) not in _UNITS:
-            raise _budget_error(value)
-        number, unit = match.groups()
-        if "." in number:
-            whole, frac = number.split(".")
-            nbytes = (int(whole + frac) * _UNITS[unit]) // 10 ** len(frac)  # exact
-        else:
-            nbytes = int(number) * _UNITS[unit]
+        raise TypeError(f"{name} must be an int (bytes) or a string with a unit like "
+                        f"'24GiB', got {value!r}")
+    nbytes = value if isinstance(value, int) else _bytes_of_text(value, name)
     if nbytes < 1:
-        raise _budget_error(value)
+        raise ValueError(f"Invalid {name}: {value!r}; expected a size of at least 1 byte")
     return nbytes
 
 
-
-
-def check_number(name: str, value: Any, low: float, high: float, *, closed_high: bool) -> float:
-    """``value`` as a float in ``[low, high]`` (or ``[low, high)``), else a named error.
-
-    Raises:
-        TypeError: for a bool or a non-number.
-        ValueError: for NaN or a value outside the range, naming both.
+def parse_memory_budget(value: int | str) -> int:
+    """Bytes of a ``memory_budget``: :func:`parse_bytes` naming ``memory_budget``.
 
     Example:
-        >>> check_number("suppression", 0.25, 0.0, 1.0, closed_high=False)
-        0.25
+        >>> parse_memory_budget("24GiB"), parse_memory_budget(512)
+        (25769803776, 512)
     """
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    bracket = "]" if closed_high else ")"
-    ok = low <= value <= high if closed_high else low <= value < high
-    if math.isnan(value) or not ok:
-        raise ValueError(f"Invalid {name}: {value}; expected a number in [{low}, {high}{bracket}")
-    return float(value)
+    return parse_bytes(value, "memory_budget")
 
 
-def check_int(name: str, value: Any, low: int) -> int:
-    """``value`` as an int ``>= low``, else a named error.
-
-    Example:
-        >>> check_int("update_interval", 10, 1)
-        10
-    """
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < low:
-        raise ValueError(f"Invalid {name}: {value}; expected an int >= {low}")
-    return value
+# ---------------------------------------------------------------------- option checks
+def _check_state_policy(name: str, value: Any) -> None:
+    if value is not None and value not in STATE_POLICIES:
+        raise ValueError(f"Invalid {name}: {value!r}; expected one of {STATE_POLICIES} or "
+                         "None for the device default")
 
 
-def check_count(name: str, value: Any, num_layers: int | None = None) -> None:
-    """An int count in ``[1, num_layers]`` (``>= 1`` while the layer count is unknown) or a
-    float fraction in ``(0, 1]``; the one check behind ``active_layers``,
-    ``suppressed_layers`` and :func:`ist_optim.resolve_count`.
-
-    Example:
-        >>> check_count("active_layers", 0.25), check_count("active_layers", 3, 32)
-        (None, None)
-    """
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be an int count or a float fraction, got {value!r}")
-    if isinstance(value, int):
-        if num_layers is None and value < 1:
-            raise ValueError(f"{name}={value} is below 1; pass a layer count >= 1 or a "
-                             "fraction in (0, 1]")
-        if num_layers is not None and not 1 <= value <= num_layers:
-            raise ValueError(
-                f"{name}={value} is outside [1, {num_layers}] for a model with {num_layers} "
-                "layers; pass a count in that range or a fraction in (0, 1]")
-    elif math.isnan(value) or not 0.0 < value <= 1.0:
-        raise ValueError(
-            f"{name}={value} is not a fraction in (0, 1]; pass e.g. 0.25, or an int count"
-        )
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"Invalid {name}: {value!r}; expected one of {choices}")
+def _check_seed(name: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise TypeError(f"{name} must be an int or None, got {value!r}")
 
 
 def _check_optional_bool(name: str, value: Any) -> None:
     if value is not None and not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool or None, got {value!r}")
+
+
+def _check_shape(name: str, shape: Any) -> None:
+    if shape is not None and (
+            not isinstance(shape, tuple | list) or len(shape) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in shape)):
+        raise ValueError(f"Invalid {name}: {shape!r}; expected (batch_size, seq_len), two "
+                         "ints >= 1: the largest batch a step trains on")
+
+
+def _check_schedule_rule(name: str, rule: Any) -> None:
+    if rule is not None and not callable(rule):
+        raise TypeError(f"{name} must be callable(step) -> layer count, got {rule!r}")
+
+
+_SAMPLING = Choices(sampling_rule_names, "sampling rule",
+                    lambda name: sampling_rule(name).__module__)
+_ESTIMATORS = Choices(estimator_names, "estimator", lambda name: estimator(name).__module__)
+_SUPPRESSION_MODES = Choices(lambda: SUPPRESSION_MODES, "suppression mode")
+_STATE_POLICIES = Choices(lambda: STATE_POLICIES, "state policy")
+_FRACTION = number_in(0.0, 1.0, closed_high=False)
+_NON_NEGATIVE = number_in(0.0, float("inf"), closed_high=False)
 
 
 def check_optimizer_and_model(optimizer_cls: Any, model: Any, loss_fn: Any) -> None:
@@ -234,64 +260,11 @@ class ISTConfig:
     ``ISTOptimizer(AdamW, model, lr=..., active_layers=0.5)`` and
     ``ISTOptimizer(AdamW, model, config=ISTConfig(active_layers=0.5), lr=...)`` are the
     same. Every field is checked when the object is built; a bad value raises a one-line
-    ``TypeError``/``ValueError`` naming it and the accepted range.
+    ``TypeError``/``ValueError`` naming it and the accepted range. Each field is declared
+    with :func:`ist_optim.options.option` (help, check, CLI flag, YAML key); the list
+    below is written from those declarations.
 
-    Attributes:
-        active_layers: layers trained per step ``N_u``, an int or a fraction of the
-            layers (``max(1, int(f L))``); 0.25.
-        suppressed_layers: layers damped per candidate set ``N_s``, int or fraction; 0.5.
-        num_candidates: candidate sets ``K`` per importance round (distinct, >= 2); 3.
-        score_lr: step size ``eta`` of the score update; 10.0.
-        suppression: factor ``lambda`` on the suppressed responses, in [0, 1); 0.25.
-        update_interval: steps ``T`` between importance rounds (first after step ``T``); 10.
-        sampling: the sampling rule (:mod:`ist_optim.sampling.rules`): ``"importance"``
-            (weights ``sigmoid(-s)``, the paper), ``"uniform"`` (LISA-style, no rounds),
-            ``"depth-aware"`` (importance weights, drawn clustered in depth so the
-            backward stops higher), or any registered rule (docs/extending.md).
-        estimator: how a round measures importance: ``"paper"``, ``"normalized"`` or
-            ``"first-order"`` (see :mod:`ist_optim.importance.estimators`), or a registered one.
-        suppression_mode: ``"auto"``, ``"adapters"`` (peft adapters damped) or
-            ``"residual"`` (block outputs ``x + lambda (f(x) - x)``), see
-            :class:`ist_optim.Suppressor`.
-        freeze_inactive: ``True``: ``requires_grad=False`` on inactive layers, so backward
-            skips their weight gradients; ``False``: static ``requires_grad``, inactive
-            gradients computed but kept out of the update (needed by AdaLoRA).
-        state_policy: where the optimizer state of inactive layers lives: ``"keep"``,
-            ``"offload"`` (host memory, bit-exact) or ``"drop"``; ``None``: ``"offload"``
-            on CUDA, else ``"keep"`` (see
-            :func:`ist_optim.memory.residency.resolve_state_policy`).
-        skip_backward: cut the autograd graph at the input of the lowest active layer
-            (:class:`ist_optim.BackwardCut`); ``None``: ``freeze_inactive``.
-        seed: seed of the private ``torch.Generator``; ``None``: OS entropy (rank 0's
-            under ``torch.distributed``). Global RNGs are never used.
-        advantage_scale: ``tau`` of the ``"normalized"``/``"first-order"`` estimators
-            (0.1): standardized advantages are multiplied by it.
-        score_retention: ``rho`` (0.9): scores keep this fraction at each such round.
-        scale_decay: ``beta`` (0.9): weight of the past in the running loss spread.
-        depth_window: width of the ``"depth-aware"`` window, ``None`` for
-            ``min(2 * active, layers)``.
-        memory_budget: device memory a step may use, bytes or a string like ``"24GiB"``
-            (see :func:`parse_memory_budget`); ``None``: no budget. Each step then
-            checkpoints the fewest blocks that make its predicted peak fit (see
-            :class:`ist_optim.memory.budget.CheckpointPolicy`); needs ``memory_shape`` or a
-            ``memory_planner``.
-        memory_shape: ``(batch_size, seq_len)`` of the largest training batch, for the
-            memory prediction of ``memory_budget``.
-        budget_redraws: draws made again, at most, while the drawn set does not fit
-            ``memory_budget`` without checkpointing (0: every draw is taken).
-        dense_steps: every layer trains in the first ``dense_steps`` steps, then
-            ``active_layers`` (see :class:`ist_optim.ActiveSchedule`); 0.
-        ramp_steps: after the dense steps, the count falls linearly from every layer to
-            ``active_layers`` over ``ramp_steps`` steps; 0.
-        active_schedule: any ``callable(step) -> count or fraction`` instead of
-            ``dense_steps``/``ramp_steps`` (``step``: optimizer steps taken so far).
-        skip_nonfinite: skip the whole step when a gradient the update would apply (active
-            layers and the outside group) holds a NaN or an infinity, as
-            ``torch.amp.GradScaler`` does: parameters, optimizer state, the step count and
-            the active set stay as they were, on every rank together; skipped steps are
-            counted (:attr:`ist_optim.ISTOptimizer.skipped_steps`, the checkpoint, the
-            Trainer logs). ``False`` (default): every step is taken, as by the inner
-            optimizer. Not with a closure (the closure computes the gradients inside).
+    Attributes: (written from the fields)
 
     Example:
         >>> ISTConfig(active_layers=2, sampling="uniform").runs_rounds
@@ -302,109 +275,136 @@ class ISTConfig:
         ValueError: Invalid score_lr: nan; expected a number in [0.0, inf)
     """
 
-    active_layers: int | float = 0.25
-    suppressed_layers: int | float = 0.5
-    num_candidates: int = 3
-    score_lr: float = 10.0
-    suppression: float = 0.25
-    update_interval: int = 10
-    sampling: str = "importance"
-    estimator: str = "paper"
-    suppression_mode: SuppressionMode = "auto"
-    freeze_inactive: bool = True
-    state_policy: StatePolicy | None = None
-    skip_backward: bool | None = None
-    seed: int | None = None
-    advantage_scale: float = 0.1
-    score_retention: float = 0.9
-    scale_decay: float = 0.9
-    depth_window: int | None = None
-    memory_budget: int | str | None = None
-    memory_shape: tuple[int, int] | None = None
-    budget_redraws: int = 0
-    dense_steps: int = 0
-    ramp_steps: int = 0
-    active_schedule: Callable[[int], int | float] | None = None
-    skip_nonfinite: bool = False
+    active_layers: int | float = option(
+        0.25, "layers trained per step `N_u`: an int count, or a fraction of the layers "
+        "(`max(1, int(f L))`)", check=check_count, cli=True)
+    suppressed_layers: int | float = option(
+        0.5, "layers damped per candidate set `N_s` of an importance round: an int count "
+        "or a fraction", check=check_count, cli=True)
+    num_candidates: int = option(
+        3, "candidate sets `K` per importance round (distinct; re-drawn if equal)",
+        check=at_least(2), cli=True)
+    score_lr: float = option(
+        10.0, "step size `eta` of the score update", check=_NON_NEGATIVE, cli=True)
+    suppression: float = option(
+        0.25, "damping factor `lambda` on the suppressed responses, in [0, 1)",
+        check=_FRACTION, cli=True)
+    update_interval: int = option(
+        10, "steps `T` between importance rounds (the first after step `T`)",
+        check=at_least(1), cli=True)
+    sampling: str = option(
+        "importance", "the rule that draws each step's layers, by name: {choices} "
+        "(docs/extending.md registers more). `importance`: weights `sigmoid(-s)` (the paper); "
+        "`uniform`: LISA-style, no importance rounds; `depth-aware`: importance weights, "
+        "drawn clustered in depth so the backward stops higher",
+        check=one_of(_SAMPLING), choices=_SAMPLING, cli=True)
+    estimator: str = option(
+        "paper", "how an importance round measures importance, by name: {choices} "
+        "(docs/extending.md registers more). `normalized`: loss-scale-free, bounded "
+        "scores; `first-order`: no extra forwards, read from the training backward; see "
+        "docs/importance.md",
+        check=one_of(_ESTIMATORS), choices=_ESTIMATORS)
+    suppression_mode: SuppressionMode = option(
+        "auto", "what a round damps: {choices}. `adapters`: the peft adapters' outputs; "
+        "`residual`: block outputs `x + lambda (f(x) - x)`; `auto`: adapters when peft "
+        "adapters are present, else residual", check=one_of(_SUPPRESSION_MODES),
+        choices=_SUPPRESSION_MODES)
+    freeze_inactive: bool = option(
+        True, "`True`: `requires_grad=False` on inactive layers, so backward skips their "
+        "weight gradients; `False`: static `requires_grad`, inactive gradients computed but "
+        "kept out of the update (gated updates; needed by AdaLoRA)", check=is_bool)
+    state_policy: StatePolicy | None = option(
+        None, "where the optimizer state of inactive layers lives: {choices} (`offload`: "
+        "host memory, bit-exact; `drop`: freed); `None`: the device default; see "
+        "docs/memory.md", check=_check_state_policy, choices=_STATE_POLICIES,
+        default_text='`"offload"` on CUDA, else `"keep"`')
+    skip_backward: bool | None = option(
+        None, "cut the autograd graph at the input of the lowest active layer "
+        "(`BackwardCut`), so no backward runs below it", check=_check_optional_bool,
+        default_text="`None` (= `freeze_inactive`)")
+    seed: int | None = option(
+        None, "seed of the private `torch.Generator` (rank 0's under `torch.distributed`); "
+        "global RNGs are never used. Not an ist-finetune flag: its `--seed` seeds the run "
+        "and IST", check=_check_seed, default_text="OS entropy")
+    advantage_scale: float = option(
+        0.1, "`tau` of the `normalized`/`first-order` estimators: standardized advantages "
+        "are multiplied by it", check=_NON_NEGATIVE)
+    score_retention: float = option(
+        0.9, "`rho`: share of the scores kept at each round of those estimators",
+        check=number_in(0.0, 1.0, closed_high=True))
+    scale_decay: float = option(
+        0.9, "`beta`: weight of the past in their running loss spread", check=_FRACTION)
+    depth_window: int | None = option(
+        None, "window width of `sampling=\"depth-aware\"`", check=optional(at_least(1)),
+        default_text="`min(2 N_u, L)`")
+    memory_budget: int | str | None = option(
+        None, "device memory per step, an int number of bytes or a string with a unit "
+        "(`\"24GiB\"`, `\"512MiB\"`; a string without one is refused): each step "
+        "checkpoints only the blocks it needs to fit (none when its active set fits); "
+        "needs `memory_shape` (transformers Llama-style models) or `memory_planner=`; see "
+        "docs/memory.md#training-inside-a-memory-budget-memory_budget",
+        check=optional(lambda name, value: parse_bytes(value, name)),
+        default_text="`None` (no budget)")
+    memory_shape: tuple[int, int] | None = option(
+        None, "`(batch_size, seq_len)` of the largest training batch, for the memory "
+        "prediction of `memory_budget` (the axolotl plugin sets it from `micro_batch_size` "
+        "and `sequence_len`)", check=_check_shape, yaml=False)
+    budget_redraws: int = option(
+        0, "with `memory_budget`: draw the active set again, up to this many times, while "
+        "it does not fit without checkpointing (first fitting set taken, else the last "
+        "draw); meant for `sampling=\"depth-aware\"`, every layer keeps a chance to train",
+        check=at_least(0))
+    dense_steps: int = option(
+        0, "every layer trains in the first `dense_steps` steps, then `active_layers` (an "
+        "active-set schedule, like an LR warm-up; under `memory_budget` the dense steps "
+        "checkpoint what they need)", check=at_least(0), cli=True)
+    ramp_steps: int = option(
+        0, "after the dense steps, the count falls linearly from every layer to "
+        "`active_layers` over `ramp_steps` steps", check=at_least(0))
+    active_schedule: Callable[[int], int | float] | None = option(
+        None, "any `callable(step) -> count or fraction` instead of `dense_steps`/"
+        "`ramp_steps` (`step`: optimizer steps taken so far)", check=_check_schedule_rule,
+        yaml=False)
+    skip_nonfinite: bool = option(
+        False, "skip the whole step, on every rank, when a gradient it would apply (active "
+        "layers and the outside group) holds a NaN or an infinity, as `torch.amp.GradScaler` "
+        "does: parameters, optimizer state, step count and active set unchanged; counted in "
+        "`opt.skipped_steps`, the checkpoint and the Trainer logs. Not with a closure",
+        check=is_bool)
 
     def __post_init__(self) -> None:
-        check_count("active_layers", self.active_layers)
-        check_count("suppressed_layers", self.suppressed_layers)
-        check_int("num_candidates", self.num_candidates, 2)
-        check_number("score_lr", self.score_lr, 0.0, math.inf, closed_high=False)
-        check_number("suppression", self.suppression, 0.0, 1.0, closed_high=False)
-        check_int("update_interval", self.update_interval, 1)
-        _check_choice("sampling", self.sampling, sampling_rule_names())
-        _check_choice("estimator", self.estimator, estimator_names())
-        _check_choice("suppression_mode", self.suppression_mode, SUPPRESSION_MODES)
+        for declared in options(type(self)):
+            declared.check(declared.name, getattr(self, declared.name))
         if not self.runs_rounds and self.estimator != "paper":
             raise ValueError(
                 f"estimator={self.estimator!r} has no effect with sampling="
                 f"{self.sampling!r}, which runs no importance rounds; use "
                 "sampling='importance' or 'depth-aware'"
             )
-        for flag in ("freeze_inactive", "skip_nonfinite"):
-            if not isinstance(getattr(self, flag), bool):
-                raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
-        if self.state_policy is not None and self.state_policy not in STATE_POLICIES:
-            raise ValueError(
-                f"Invalid state_policy: {self.state_policy!r}; expected one of "
-                f"{STATE_POLICIES} or None for the device default"
-            )
-        _check_optional_bool("skip_backward", self.skip_backward)
         if self.skip_backward and not self.freeze_inactive:
             raise ValueError(
                 "skip_backward=True needs freeze_inactive=True: with every layer requiring "
                 "grad there is nothing below the lowest active layer to cut"
             )
-        if self.seed is not None and (isinstance(self.seed, bool)
-                                      or not isinstance(self.seed, int)):
-            raise TypeError(f"seed must be an int or None, got {self.seed!r}")
-        check_number("advantage_scale", self.advantage_scale, 0.0, math.inf, closed_high=False)
-        check_number("score_retention", self.score_retention, 0.0, 1.0, closed_high=True)
-        check_number("scale_decay", self.scale_decay, 0.0, 1.0, closed_high=False)
-        if self.depth_window is not None:
-            check_int("depth_window", self.depth_window, 1)
         self._check_memory_options()
-        self._check_schedule()
-
-    def _check_schedule(self) -> None:
-        check_int("dense_steps", self.dense_steps, 0)
-        check_int("ramp_steps", self.ramp_steps, 0)
-        rule = self.active_schedule
-        if rule is None:
-            return
-        if not callable(rule):
-            raise TypeError(f"active_schedule must be callable(step) -> layer count, got "
-                            f"{rule!r}")
-        if self.dense_steps or self.ramp_steps:
+        if self.active_schedule is not None and (self.dense_steps or self.ramp_steps):
             raise ValueError(
                 f"active_schedule is set together with dense_steps={self.dense_steps} / "
                 f"ramp_steps={self.ramp_steps}; write the dense phase into the rule, or "
                 "drop active_schedule")
 
     def _check_memory_options(self) -> None:
-        check_int("budget_redraws", self.budget_redraws, 0)
         if self.budget_redraws and self.memory_budget is None:
             raise ValueError(
                 f"budget_redraws={self.budget_redraws} is set but memory_budget is not; "
                 "pass memory_budget= (and memory_shape=) too, or drop budget_redraws")
-        if self.memory_budget is not None:
-            parse_memory_budget(self.memory_budget)
-            if not self.freeze_inactive:
-                raise ValueError(
-                    "memory_budget needs freeze_inactive=True: with every layer computing "
-                    "gradients, the active set does not change the memory of a step")
-        shape = self.memory_shape
-        if shape is None:
-            return
-        if self.memory_budget is None:
+        if self.memory_budget is not None and not self.freeze_inactive:
+            raise ValueError(
+                "memory_budget needs freeze_inactive=True: with every layer computing "
+                "gradients, the active set does not change the memory of a step")
+        if self.memory_shape is not None and self.memory_budget is None:
             raise ValueError("memory_shape is set but memory_budget is not; pass "
                              "memory_budget= too, or drop memory_shape")
-        if (not isinstance(shape, tuple | list) or len(shape) != 2
-                or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in shape)):
-            raise ValueError(f"Invalid memory_shape: {shape!r}; expected (batch_size, seq_len), "
-                             "two ints >= 1: the largest batch a step trains on")
 
     @property
     def memory_budget_bytes(self) -> int | None:
@@ -435,7 +435,7 @@ class ISTConfig:
             >>> "active_layers" in ISTConfig.option_names()
             True
         """
-        return tuple(f.name for f in fields(cls))
+        return tuple(declared.name for declared in options(cls))
 
 
 def split_options(config: ISTConfig | None, kwargs: dict[str, Any]) -> ISTConfig:
@@ -458,3 +458,30 @@ def split_options(config: ISTConfig | None, kwargs: dict[str, Any]) -> ISTConfig
             f"the config (dataclasses.replace(config, {next(iter(options))}=...)) or drop "
             "config=")
     return config
+
+
+def _attributes_doc(config_cls: type) -> str:
+    """The ``Attributes:`` section of ``config_cls``'s docstring, from its declarations."""
+    lines = ["    Attributes:"]
+    for declared in options(config_cls):
+        text = (f"{declared.name}: {declared.describe()}. Default "
+                f"{declared.default_doc()}.")
+        lines += textwrap.wrap(text, 92, initial_indent=" " * 8, subsequent_indent=" " * 12,
+                               break_on_hyphens=False)
+    return "\n".join(lines)
+
+
+def options_table(config_cls: type = ISTConfig, *, link_prefix: str | None = "docs/") -> str:
+    """The README's table of the options (option, default, meaning), from the fields.
+
+    ``tests/test_options.py`` fails when README.md's table is not this one.
+
+    Example:
+        >>> print(options_table().splitlines()[0])
+        | option | default | meaning |
+    """
+    return markdown_table(config_cls, link_prefix=link_prefix)
+
+
+ISTConfig.__doc__ = (ISTConfig.__doc__ or "").replace(
+    "    Attributes: (written from the fields)", _attributes_doc(ISTConfig))

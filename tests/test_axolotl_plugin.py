@@ -60,6 +60,9 @@ def test_memory_budget_takes_its_shape_from_the_batch_settings() -> None:
     ({"ist_state_policy": "elsewhere"}, ValueError, "^ist_state_policy: Invalid state_policy"),
     ({"ist_memory_budget": "lots", "micro_batch_size": 1, "sequence_len": 8}, ValueError,
      "^ist_memory_budget: "),
+    # one rule for sizes (issue 33): as memory_budget="24" and `plan --budget 24`
+    ({"ist_memory_budget": "24", "micro_batch_size": 1, "sequence_len": 8}, ValueError,
+     "^ist_memory_budget: Invalid memory_budget: '24' has no unit; write '24GiB'"),
     ({"ist_budget_redraws": 2}, ValueError, "^ist_budget_redraws: budget_redraws=2"),
     ({"ist_freeze_inactive": "yes"}, TypeError, "^ist_freeze_inactive: freeze_inactive"),
     ({"ist_dense_steps": -3}, ValueError, "^ist_dense_steps: Invalid dense_steps: -3"),

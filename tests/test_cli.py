@@ -73,6 +73,9 @@ def test_parse_defaults_and_ist_options():
     (["--peft", "lorax"], "invalid choice: 'lorax'"),
     (["--steps", "0"], "expected an integer >= 1, got 0"),
     (["--active-layers", "many"], "expected a layer count"),
+    # an IST flag is checked as ISTConfig checks the option, when parsed (issue 33)
+    (["--sampling", "sideways"], "argument --sampling: Invalid sampling: 'sideways'"),
+    (["--update-interval", "0"], "Invalid update_interval: 0; expected an int >= 1"),
     (["--ist-kwarg", "novalue"], "expected KEY=VALUE"),
 ])
 def test_parse_errors_are_one_line(argv, fragment, capsys):
@@ -212,7 +215,7 @@ def _run_main(argv, capsys):
     (["--model", "nobody-org/no-such-model"], "--model nobody-org/no-such-model: cannot load"),
     (["--seq-len", "64", "--batch-size", "500"], "fewer than one batch of --batch-size 500"),
     (["--optimizer", "adamw", "--active-layers", "2"], "need --optimizer ist"),
-    (["--sampling", "sideways"], "IST option rejected: Invalid sampling"),
+    (["--ist-kwarg", "sampling=sideways"], "IST option rejected: Invalid sampling"),
 ])
 def test_bad_input_one_line_exit_2(tiny_model_dir, corpus, tmp_path, capsys, extra, fragment):
     argv = ["--model", str(tiny_model_dir), "--data", str(corpus), "--steps", "1",

@@ -8,8 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ist_optim import ISTConfig
 from ist_optim.cli import CLIError, main
 from ist_optim.cli.plan import PLAN_ROWS, parse_budget
+from ist_optim.config import BYTE_UNITS
 
 # `ist-finetune plan --model llama-2-7b --batch-size 8 --seq-len 512 --budget 24GiB`
 # (the H200 anchors of shared/bench/README.md for comparison: LoRA all 44.5 GiB, LoRA all
@@ -89,7 +91,10 @@ def test_model_from_a_config_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,fragment", [
     (["--model", "gpt-9"], "unknown model 'gpt-9'"),
-    (["--model", "llama-2-7b", "--budget", "lots"], "--budget 'lots' is not a memory size"),
+    (["--model", "llama-2-7b", "--budget", "lots"], "Invalid --budget: 'lots'; expected a number"),
+    (["--model", "llama-2-7b", "--budget", "24"],
+     "Invalid --budget: '24' has no unit; write '24GiB'"),
+    (["--model", "llama-2-7b", "--budget", "24G"], "'G' is ambiguous: write '24GiB'"),
     (["--model", "smollm2-135m", "--target-modules", "q_proj,nope"], "name no linear layer"),
     (["--model", "smollm2-135m", "--active-layers", "99"], "more than the model's 30"),
 ])
@@ -107,17 +112,37 @@ def test_usage_error_is_one_line_exit_2(capsys):
     assert "expected an integer >= 1" in err and "\n" not in err
 
 
-@given(st.floats(min_value=0.01, max_value=1e4, allow_nan=False),
-       st.sampled_from(["GiB", "GB", "MiB", "MB", "gib", ""]))
-def test_parse_budget_units(value, unit):
-    scale = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6, "": 2**30}[unit.lower()]
-    assert parse_budget(f"{value!r}{unit}") == int(value * scale)
+@given(st.integers(1, 10**6), st.sampled_from(sorted(BYTE_UNITS)), st.sampled_from(["", " "]))
+def test_parse_budget_units(value, unit, space):
+    assert parse_budget(f"{value}{space}{unit}") == value * BYTE_UNITS[unit]
 
 
-@pytest.mark.parametrize("text", ["", "-1GiB", "0", "24 parsecs", "GiB"])
+@pytest.mark.parametrize("text", ["", "-1GiB", "0GiB", "24 parsecs", "GiB", "24", "24gib", "8G"])
 def test_parse_budget_rejects(text):
-    with pytest.raises(CLIError, match="not a memory size"):
+    with pytest.raises(CLIError, match=f"Invalid --budget: {text!r}"):
         parse_budget(text)
+
+
+_SIZES = st.one_of(
+    st.text(alphabet="0123456789.", min_size=1, max_size=6),  # bare numbers, malformed ones
+    st.builds("{}{}{}".format, st.integers(0, 5000), st.sampled_from(["", " "]),
+              st.sampled_from([*BYTE_UNITS, "gib", "G", "g", "M", "k", "Gb", "bytes", ""])),
+    st.text(max_size=8))
+
+
+@given(_SIZES)
+def test_budget_flag_and_memory_budget_read_a_size_alike(text):
+    """Issue 33: `plan --budget X` and `ISTConfig(memory_budget=X)` (and the YAML key) read
+    a size by one rule: both give the same bytes, or both refuse with the same reason."""
+    try:
+        flag = parse_budget(text)
+    except CLIError as err:
+        flag = str(err).replace("--budget", "memory_budget")
+    try:
+        option = ISTConfig(memory_budget=text).memory_budget_bytes
+    except ValueError as err:
+        option = str(err)
+    assert flag == option
 
 
 def test_llama3_8b_at_24gib_lists_the_alternatives_and_names_the_cheapest(capsys):

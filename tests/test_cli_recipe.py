@@ -89,4 +89,4 @@ def test_bad_dense_steps_is_a_one_line_usage_error(capsys):
         parse_args(["--dense-steps", "-1"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "expected an integer >= 0, got -1" in err
+    assert err.count("\n") == 1 and "Invalid dense_steps: -1; expected an int >= 0" in err

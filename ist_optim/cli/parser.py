@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import json
+import typing
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from ..config import ISTConfig
+from ..options import Option, options, plain
 from .data import DEFAULT_DATA
 from .models import DEFAULT_MODEL, PEFT_METHODS, QUANTIZE_CHOICES
+from .recipe import RECIPE_DEFAULTS
 from .train import LR_SCHEDULES, OPTIMIZER_KINDS
 
-__all__ = ["OneLineParser", "build_parser", "ist_kwargs_from_args", "parse_args", "positive_float",
-           "positive_int"]
+__all__ = ["OneLineParser", "add_ist_flags", "argparse_type", "build_parser", "ist_flags_table",
+           "ist_kwargs_from_args", "parse_args", "positive_float", "positive_int"]
 
 PROG = "ist-finetune"
 DESCRIPTION = """\
@@ -57,20 +62,6 @@ def positive_float(text: str) -> float:
     return value
 
 
-def _count_or_fraction(text: str) -> int | float:
-    """``"2"`` -> 2 layers, ``"0.25"`` -> a quarter of the layers."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a layer count (2) or a fraction of the layers (0.25), got {text!r}"
-        ) from None
-
-
 def _key_value(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.isidentifier():
@@ -81,8 +72,9 @@ def _key_value(text: str) -> tuple[str, Any]:
         return key, raw
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (see ``ist-finetune --help``)."""
+def build_parser(config_cls: type = ISTConfig) -> argparse.ArgumentParser:
+    """The argument parser (see ``ist-finetune --help``); its IST flags are written from
+    the fields of ``config_cls`` (:func:`add_ist_flags`)."""
     p = OneLineParser(prog=PROG, description=DESCRIPTION,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model and data")
@@ -148,38 +140,86 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-checkpoints", type=positive_int, default=1, metavar="K",
                    help="how many of the newest checkpoints to keep")
 
-    g = p.add_argument_group("IST (see ist_optim.ISTOptimizer)")
-    g.add_argument("--active-layers", type=_count_or_fraction, default=None,
-                   help="layers trained per step, count or fraction (library default 0.25)")
-    g.add_argument("--update-interval", type=int, default=None,
-                   help="steps between importance rounds (library default 10)")
-    g.add_argument("--suppressed-layers", type=_count_or_fraction, default=None,
-                   help="layers damped per candidate set (library default 0.5)")
-    g.add_argument("--num-candidates", type=int, default=None,
-                   help="candidate sets per importance round (library default 3)")
-    g.add_argument("--score-lr", type=float, default=None,
-                   help="step size of the score update (library default 10)")
-    g.add_argument("--suppression", type=float, default=None,
-                   help="factor on suppressed responses (library default 0.25)")
-    g.add_argument("--sampling", default=None,
-                   help="importance (the paper, the library default) or uniform (LISA-style); "
-                        "default: uniform, with --paper importance")
-    g.add_argument("--dense-steps", type=_non_negative_int, default=None, metavar="N",
-                   help="every layer trains in the first N steps, then IST's draws "
-                        "(ISTOptimizer dense_steps; default: half of --steps, with "
-                        "--paper 0)")
+    g = p.add_argument_group("IST (see ist_optim.ISTConfig; written from its fields)")
+    taken = {action.dest for action in p._actions}  # --seed seeds IST too
+    add_ist_flags(g, config_cls)
+    others = ", ".join(o.name for o in options(config_cls)
+                       if not o.cli and o.name not in taken and _json_expressible(o))
     g.add_argument("--ist-kwarg", type=_key_value, action="append", default=[],
                    metavar="KEY=VALUE",
-                   help="any other ISTOptimizer keyword (VALUE parsed as JSON, else a string), "
-                        "repeatable")
+                   help=f"any other ISTOptimizer keyword ({others}); VALUE parsed as JSON, "
+                        "else a string; repeatable")
     return p
 
 
-_IST_FLAGS = ("active_layers", "update_interval", "suppressed_layers", "num_candidates",
-              "score_lr", "suppression", "sampling", "dense_steps")
+def argparse_type(opt: Option) -> Callable[[str], Any]:
+    """An argparse ``type=`` for an option's flag: the value parsed by the option's type and
+    checked by its declaration, a bad one a one-line usage error.
+
+    Example:
+        >>> from ist_optim.options import options
+        >>> parse = argparse_type(options(ISTConfig)[0])  # active_layers
+        >>> parse("2"), parse("0.5")
+        (2, 0.5)
+    """
+    def parse(text: str) -> Any:
+        try:
+            return opt.from_text(text)
+        except (TypeError, ValueError) as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    parse.__name__ = opt.name
+    return parse
 
 
-def ist_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
+def _json_expressible(opt: Option) -> bool:
+    """Whether ``--ist-kwarg`` can give the option (JSON holds no function)."""
+    kinds = typing.get_args(opt.annotation) or (opt.annotation,)
+    return not any(typing.get_origin(k) is collections.abc.Callable for k in kinds)
+
+
+def _library_default(opt: Option) -> str:
+    return plain(opt.default_doc())
+
+
+def add_ist_flags(group: Any, config_cls: type = ISTConfig) -> None:
+    """Add a flag ``--<name>`` for each option declared with ``cli=True`` (default None:
+    unset, the library's default or the recipe's, :mod:`ist_optim.cli.recipe`).
+
+    Example:
+        >>> p = argparse.ArgumentParser()
+        >>> add_ist_flags(p)
+        >>> p.parse_args(["--active-layers", "2"]).active_layers
+        2
+    """
+    for opt in options(config_cls):
+        if not opt.cli:
+            continue
+        recipe = RECIPE_DEFAULTS.get(opt.name)
+        default = (f"unset: {plain(recipe)}; library default {_library_default(opt)}"
+                   if recipe else f"library default {_library_default(opt)}")
+        group.add_argument(opt.cli_flag, type=argparse_type(opt), default=None,
+                           help=f"{opt.describe(style='plain')} ({default})".replace("%", "%%"))
+
+
+def ist_flags_table(config_cls: type = ISTConfig) -> str:
+    """The markdown table of the IST flags (docs/cli.md), from the option declarations.
+
+    Example:
+        >>> print(ist_flags_table().splitlines()[2])  # doctest: +ELLIPSIS
+        | `--active-layers` | `0.25` | layers trained per step `N_u`: an int count, or a ... |
+    """
+    rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
+    for opt in options(config_cls):
+        if opt.cli:
+            recipe = RECIPE_DEFAULTS.get(opt.name)
+            default = f"{recipe} (library: {opt.default_doc()})" if recipe else opt.default_doc()
+            rows.append(f"| `{opt.cli_flag}` | {default} | "
+                        f"{opt.describe(builtin_only=True, link_prefix='')} |")
+    return "\n".join(rows)
+
+
+def ist_kwargs_from_args(args: argparse.Namespace,
+                         config_cls: type = ISTConfig) -> dict[str, Any]:
     """The ISTOptimizer keywords the user set (unset ones keep the library defaults).
 
     Example:
@@ -187,13 +227,13 @@ def ist_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
         >>> ist_kwargs_from_args(args)
         {'active_layers': 2, 'seed_extra': 1}
     """
-    kwargs = {name: getattr(args, name) for name in _IST_FLAGS
-              if getattr(args, name) is not None}
+    kwargs = {o.name: getattr(args, o.name) for o in options(config_cls)
+              if o.cli and getattr(args, o.name) is not None}
     for key, value in args.ist_kwarg:
         kwargs[key] = value
     return kwargs
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, config_cls: type = ISTConfig) -> argparse.Namespace:
     """Parse ``argv`` (default ``sys.argv[1:]``)."""
-    return build_parser().parse_args(argv)
+    return build_parser(config_cls).parse_args(argv)

@@ -28,20 +28,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import parse_bytes
 from .errors import CLIError
 from .parser import OneLineParser, positive_float, positive_int
 
 __all__ = ["PLAN_ROWS", "PlanRow", "build_plan_parser", "parse_budget", "plan", "plan_main"]
 
-_UNITS = {"": 2**30, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
-          "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
-          "tib": 2**40}
 _DTYPES = ("bfloat16", "float16", "float32")
 _DRAWS = 200
 
@@ -55,18 +52,18 @@ PLAN_ROWS: tuple[str, ...] = (
 
 
 def parse_budget(text: str) -> int:
-    """``"24GiB"`` -> bytes. A bare number is GiB; GB/MB are powers of 10.
+    """``--budget`` in bytes: :func:`ist_optim.config.parse_bytes`, the rule of every size
+    (a unit is required: ``24GiB``, ``80GB``; a bare ``24`` is refused, as
+    ``memory_budget="24"`` is), its error as a one-line usage error.
 
     Example:
-        >>> parse_budget("24GiB"), parse_budget("24"), parse_budget("1.5 GB")
-        (25769803776, 25769803776, 1500000000)
+        >>> parse_budget("24GiB"), parse_budget("1.5 GB")
+        (25769803776, 1500000000)
     """
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    unit = match.group(2).lower() if match else ""
-    if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
-        raise CLIError(f"--budget {text!r} is not a memory size; write e.g. 24GiB, 80GB, "
-                       f"16000MiB or 24 (GiB)")
-    return int(float(match.group(1)) * _UNITS[unit])
+    try:
+        return parse_bytes(text, "--budget")
+    except ValueError as err:
+        raise CLIError(str(err)) from None
 
 
 @dataclass(frozen=True)
@@ -102,7 +99,8 @@ def build_plan_parser() -> argparse.ArgumentParser:
                    help=f"model directory, config.json, or a named shape: {sorted(SHAPES)}")
     p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per step")
     p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per sequence")
-    p.add_argument("--budget", default="24GiB", help="device memory available, e.g. 24GiB")
+    p.add_argument("--budget", default="24GiB",
+                   help="device memory available: a number and a unit, e.g. 24GiB or 80GB")
     p.add_argument("--rank", type=positive_int, default=32, help="LoRA rank")
     p.add_argument("--alpha", type=positive_float, default=None,
                    help="LoRA alpha (default: 2 x rank)")

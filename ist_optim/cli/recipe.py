@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 from .runner import DEFAULT_LR
 
-__all__ = ["DENSE_FRACTION", "MEASURED_LR", "WARMUP_FRACTION", "Recipe", "apply_recipe"]
+__all__ = ["DENSE_FRACTION", "MEASURED_LR", "RECIPE_DEFAULTS", "WARMUP_FRACTION", "Recipe",
+           "apply_recipe"]
 
 #: Share of ``--steps`` with every layer active: N = 100 of 200 steps was chosen on the
 #: validation plays from {25, 50, 100} dense steps and a 100-step ramp.
@@ -31,6 +32,14 @@ WARMUP_FRACTION = 0.1
 MEASURED_LR: dict[tuple[str, str], float] = {
     ("lora", "ist"): 4e-3, ("dora", "ist"): 4e-3,
     ("lora", "adamw"): 2e-3, ("dora", "adamw"): 2e-3,
+}
+
+#: What the measured recipe gives the IST flags it fills (markdown; ``--help`` and
+#: docs/cli.md show it): exactly the IST flags :func:`apply_recipe` sets.
+RECIPE_DEFAULTS: dict[str, str] = {
+    "sampling": "`uniform`; with `--paper` the library's",
+    "dense_steps": f"{DENSE_FRACTION:.0%} of `--steps` (not where `--ist-kwarg` sets "
+                   "`dense_steps` or `ramp_steps`); with `--paper` the library's",
 }
 
 

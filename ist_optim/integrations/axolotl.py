@@ -28,6 +28,18 @@ from torch import nn
 
 from ..config import ISTConfig
 from ..optimizer import ISTOptimizer
+from ..options import plain
+from .axolotl_keys import (
+    IMPORTANCE_SOURCES,
+    OPTION_KEYS,
+    PLUGIN_KEYS,
+    YAML_DEFAULTS,
+    YAML_NOTES,
+    PluginKey,
+    yaml_keys_table,
+    yaml_option_keys,
+    yaml_rows,
+)
 from .common import DEEPSPEED_REFUSAL, unwrap_ist_optimizer
 from .wrap import wrap_built_optimizer
 
@@ -36,40 +48,23 @@ __all__ = [
     "LORA_KERNEL_KEYS",
     "OPTIMIZER_ALIAS_PREFIX",
     "OPTION_KEYS",
+    "PLUGIN_KEYS",
+    "PluginKey",
+    "YAML_DEFAULTS",
+    "YAML_NOTES",
     "check_axolotl_config",
     "default_lora_kernels_off",
     "describe",
     "install_ist_optimizer",
+    "ist_args_model",
     "ist_options",
     "resolve_optimizer_alias",
+    "yaml_keys_table",
+    "yaml_option_keys",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: YAML key -> ``ISTOptimizer`` keyword (meaning and default: ``ist_optim.ISTConfig``).
-OPTION_KEYS: dict[str, str] = {
-    "ist_active_layers": "active_layers",
-    "ist_update_interval": "update_interval",
-    "ist_estimator": "estimator",
-    "ist_sampling": "sampling",
-    "ist_state_policy": "state_policy",
-    "ist_memory_budget": "memory_budget",
-    "ist_budget_redraws": "budget_redraws",
-    "ist_seed": "seed",
-    "ist_suppressed_layers": "suppressed_layers",
-    "ist_num_candidates": "num_candidates",
-    "ist_score_lr": "score_lr",
-    "ist_suppression": "suppression",
-    "ist_freeze_inactive": "freeze_inactive",
-    "ist_depth_window": "depth_window",
-    "ist_dense_steps": "dense_steps",
-    "ist_ramp_steps": "ramp_steps",
-    "ist_skip_nonfinite": "skip_nonfinite",
-}
-
-#: Values of ``ist_importance_batches``: ``last`` measures the rounds on the latest training
-#: batch (the optimizer's default), ``eval`` / ``train`` as in ``add_ist_callback``.
-IMPORTANCE_SOURCES = ("last", "eval", "train")
 
 #: ``optimizer: ist_adamw_torch`` means ``adamw_torch`` wrapped by IST; without the plugin
 #: axolotl passes the name to transformers, which refuses it, so the run stops instead of
@@ -104,7 +99,7 @@ def resolve_optimizer_alias(optimizer: Any) -> tuple[Any, bool]:
     return optimizer, False
 
 
-def ist_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
+def ist_options(cfg: Mapping[str, Any], *, config_cls: type = ISTConfig) -> dict[str, Any]:
     """The ``ISTOptimizer`` keywords an axolotl config asks for, validated by ``ISTConfig``.
 
     Only the ``ist_*`` keys that are set (not None) are passed; the rest keep the
@@ -114,6 +109,7 @@ def ist_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     Args:
         cfg: the axolotl config (a dict or axolotl's ``DictDefault``).
+        config_cls: the options' declaration (``ISTConfig``; a subclass in tests).
 
     Raises:
         ValueError, TypeError: one line naming the YAML key, the value and the range.
@@ -126,7 +122,8 @@ def ist_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
         ...
         ValueError: ist_update_interval: Invalid update_interval: 0; expected an int >= 1
     """
-    options = {OPTION_KEYS[key]: cfg[key] for key in OPTION_KEYS if cfg.get(key) is not None}
+    keys = yaml_option_keys(config_cls)
+    options = {keys[key]: cfg[key] for key in keys if cfg.get(key) is not None}
     if "seed" not in options and cfg.get("seed") is not None:
         options["seed"] = cfg["seed"]
     if options.get("memory_budget") is not None:
@@ -137,20 +134,20 @@ def ist_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
                 f"sequence_len (got {batch!r}, {seq!r}); set both in the YAML")
         options["memory_shape"] = (int(batch), int(seq))
     try:
-        ISTConfig(**options)
+        config_cls(**options)
     except (TypeError, ValueError) as err:
-        raise type(err)(f"{_yaml_key_of(str(err))}: {err}") from None
+        raise type(err)(f"{_yaml_key_of(str(err), keys)}: {err}") from None
     return options
 
 
-def _yaml_key_of(message: str) -> str:
+def _yaml_key_of(message: str, keys: Mapping[str, str]) -> str:
     """The ``ist_*`` key whose option the message names first (``ist_*`` if none)."""
-    found = [(m.start(), key) for key, option in OPTION_KEYS.items()
+    found = [(m.start(), key) for key, option in keys.items()
              if (m := re.search(rf"\b{option}\b", message))]
     return min(found)[1] if found else "ist_*"
 
 
-def check_axolotl_config(cfg: Mapping[str, Any]) -> None:
+def check_axolotl_config(cfg: Mapping[str, Any], *, config_cls: type = ISTConfig) -> None:
     """Refuse, with one line each, the axolotl settings that cannot work with the plugin.
 
     Refused: ``lisa_n_layers`` (axolotl's LISA flips ``requires_grad`` under the plugin's
@@ -233,7 +230,7 @@ def check_axolotl_config(cfg: Mapping[str, Any]) -> None:
         raise ValueError(
             f"ist_importance_batches: {source} is set but ist_sampling: uniform runs no "
             "importance rounds; drop ist_importance_batches")
-    ist_options(cfg)
+    ist_options(cfg, config_cls=config_cls)
 
 
 def default_lora_kernels_off(cfg: Any) -> list[str]:
@@ -341,62 +338,20 @@ def describe(optimizer: ISTOptimizer) -> str:
 
 # ---------------------------------------------------------------------- axolotl classes
 @functools.cache
-def _args_model() -> type:
-    """``ISTArgs``: the pydantic model axolotl merges into its config schema."""
+def ist_args_model(config_cls: type = ISTConfig) -> type:
+    """``ISTArgs``: the pydantic model of the ``ist_*`` keys that axolotl merges into its
+    config schema, one field per key of :func:`yaml_keys_table` (None: IST's default), and
+    a validator that runs :func:`check_axolotl_config` on the whole config.
+
+    Raises:
+        RuntimeError: without pydantic.
+    """
     try:
-        from pydantic import BaseModel, Field, model_validator
+        from pydantic import BaseModel, Field, create_model, model_validator
     except ImportError as err:  # a RuntimeError: axolotl only logs an ImportError, trains on
         raise RuntimeError(f"the IST axolotl plugin needs pydantic ({err})") from err
 
-    class ISTArgs(BaseModel):
-        """The ``ist_*`` YAML keys of the IST axolotl plugin (None: IST's default)."""
-
-        ist_active_layers: int | float | None = Field(
-            default=None, json_schema_extra={"description": "layers trained per step: a "
-                                             "count or a fraction of the layers (0.25)"})
-        ist_update_interval: int | None = Field(
-            default=None, json_schema_extra={"description": "steps between importance "
-                                             "rounds (10)"})
-        ist_estimator: str | None = Field(
-            default=None, json_schema_extra={"description": "paper | normalized | "
-                                             "first-order (paper)"})
-        ist_sampling: str | None = Field(
-            default=None, json_schema_extra={"description": "importance | uniform | "
-                                             "depth-aware (importance)"})
-        ist_state_policy: str | None = Field(
-            default=None, json_schema_extra={"description": "keep | offload | drop: where "
-                                             "inactive layers' optimizer state lives "
-                                             "(offload on CUDA, else keep)"})
-        ist_memory_budget: int | str | None = Field(
-            default=None, json_schema_extra={"description": "device memory per step, bytes "
-                                             "or e.g. 24GiB: checkpoint only the blocks a "
-                                             "step needs to fit"})
-        ist_budget_redraws: int | None = None
-        ist_seed: int | None = Field(
-            default=None, json_schema_extra={"description": "seed of IST's own generator "
-                                             "(default: seed)"})
-        ist_suppressed_layers: int | float | None = None
-        ist_num_candidates: int | None = None
-        ist_score_lr: float | None = None
-        ist_suppression: float | None = None
-        ist_freeze_inactive: bool | None = None
-        ist_depth_window: int | None = None
-        ist_dense_steps: int | None = Field(
-            default=None, json_schema_extra={"description": "every layer trains in the "
-                                             "first N steps, then ist_active_layers"})
-        ist_ramp_steps: int | None = Field(
-            default=None, json_schema_extra={"description": "then the count falls "
-                                             "linearly to ist_active_layers over N steps"})
-        ist_skip_nonfinite: bool | None = Field(
-            default=None, json_schema_extra={"description": "skip a step whose gradients "
-                                             "hold NaN/Inf (counted in ist/skipped_steps)"})
-        ist_importance_batches: str | None = Field(
-            default=None, json_schema_extra={"description": "last | eval | train: batches "
-                                             "of the importance rounds (last)"})
-        ist_log_layers: bool | None = Field(
-            default=None, json_schema_extra={"description": "log per-layer ist/* keys "
-                                             "(true)"})
-
+    class Checked(BaseModel):
         @model_validator(mode="before")
         @classmethod
         def check_ist(cls, data: Any) -> Any:
@@ -407,13 +362,18 @@ def _args_model() -> type:
                 data = {**data, "optimizer": name}
             try:  # axolotl fills these defaults after this validator; the real values
                 # reach ist_options when the plugin builds the optimizer
-                check_axolotl_config({**_SHAPE_DEFAULTS, **data})
+                check_axolotl_config({**_SHAPE_DEFAULTS, **data}, config_cls=config_cls)
             except TypeError as err:  # pydantic reports ValueErrors as validation errors
                 raise ValueError(str(err)) from None
             return data
 
-    ISTArgs.__module__ = __name__
-    return ISTArgs
+    fields = {key: (kind, Field(default=None, description=plain(f"{meaning} (unset: "
+                                                                f"{default})")))
+              for key, kind, default, meaning in yaml_rows(config_cls, for_docs=False)}
+    model: type = create_model("ISTArgs", __base__=Checked, __module__=__name__,
+                               **fields)  # type: ignore[call-overload]
+    model.__doc__ = "The ``ist_*`` YAML keys of the IST axolotl plugin (None: IST's default)."
+    return model
 
 
 @functools.cache
@@ -472,7 +432,7 @@ def _plugin_class() -> type:
     return ISTPlugin
 
 
-_LAZY = {"ISTArgs": _args_model, "ISTPlugin": _plugin_class}
+_LAZY = {"ISTArgs": ist_args_model, "ISTPlugin": _plugin_class}
 
 
 def __getattr__(name: str) -> Any:
