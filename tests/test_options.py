@@ -21,7 +21,7 @@ from ist_optim.cli.parser import build_parser, ist_flags_table, ist_kwargs_from_
 from ist_optim.cli.recipe import RECIPE_DEFAULTS, apply_recipe
 from ist_optim.config import options_table
 from ist_optim.integrations import axolotl as plugin
-from ist_optim.integrations.axolotl_keys import (
+from ist_optim.integrations.yaml_keys import (
     OPTION_KEYS,
     PLUGIN_KEYS,
     YAML_DEFAULTS,
@@ -192,7 +192,7 @@ def test_choices_are_read_from_the_registry_when_asked():
 TABLES = [
     ("README.md", "options table", "ist_optim.config.options_table()", options_table),
     ("docs/axolotl.md", "ist_* keys table",
-     "ist_optim.integrations.axolotl_keys.yaml_keys_table()", yaml_keys_table),
+     "ist_optim.integrations.yaml_keys.yaml_keys_table()", yaml_keys_table),
     ("docs/cli.md", "IST flags table", "ist_optim.cli.parser.ist_flags_table()",
      ist_flags_table),
 ]

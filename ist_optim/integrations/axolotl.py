@@ -29,7 +29,9 @@ from torch import nn
 from ..config import ISTConfig
 from ..optimizer import ISTOptimizer
 from ..options import plain
-from .axolotl_keys import (
+from .common import DEEPSPEED_REFUSAL, unwrap_ist_optimizer
+from .wrap import wrap_built_optimizer
+from .yaml_keys import (
     IMPORTANCE_SOURCES,
     OPTION_KEYS,
     PLUGIN_KEYS,
@@ -40,8 +42,6 @@ from .axolotl_keys import (
     yaml_option_keys,
     yaml_rows,
 )
-from .common import DEEPSPEED_REFUSAL, unwrap_ist_optimizer
-from .wrap import wrap_built_optimizer
 
 __all__ = [
     "IMPORTANCE_SOURCES",

@@ -26,12 +26,12 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from .axolotl import OPTION_KEYS, describe
+from .axolotl import describe
 from .common import DEEPSPEED_REFUSAL
 from .wrap import wrap_built_optimizer
+from .yaml_keys import IMPORTANCE_SOURCES, OPTION_KEYS, PLUGIN_KEYS
 
 __all__ = [
-    "CALLBACK_KEYS",
     "REFUSED_KEYS",
     "STAGES",
     "check_llamafactory_config",
@@ -62,14 +62,12 @@ REFUSED_KEYS: dict[str, str] = {
 
 # The batch shape of ``ist_memory_budget``'s prediction, LLaMA-Factory's names.
 _SHAPE_KEYS = ("per_device_train_batch_size", "cutoff_len")
-#: Keys of the IST callback (not optimizer options): the rounds' batches, per-layer logs.
-CALLBACK_KEYS = ("ist_importance_batches", "ist_log_layers")
 
 
 def split_config(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any],
                                                  dict[str, Any]]:
     """Split a LLaMA-Factory config into its own keys, the ``ISTOptimizer`` keywords and
-    the callback's keys (``ist_importance_batches``, ``ist_log_layers``).
+    the callback's keys (:data:`ist_optim.integrations.yaml_keys.PLUGIN_KEYS`).
 
     ``ist_seed`` defaults to LLaMA-Factory's ``seed`` (42 when unset, as there); with
     ``ist_memory_budget`` the batch shape of the memory prediction is
@@ -83,15 +81,15 @@ def split_config(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
         >>> split_config({"stage": "sft", "ist_active_layers": 2, "seed": 3})
         ({'stage': 'sft', 'seed': 3}, {'active_layers': 2, 'seed': 3}, {})
     """
-    from .axolotl import IMPORTANCE_SOURCES, ist_options
+    from .axolotl import ist_options
 
-    known = {*OPTION_KEYS, *CALLBACK_KEYS}
+    known = {*OPTION_KEYS, *PLUGIN_KEYS}
     unknown = sorted(k for k in cfg if k.startswith("ist_") and k not in known)
     if unknown:
         raise ValueError(f"unknown IST keys {unknown}; the ist_* keys are "
                          f"{', '.join(sorted(known))}")
     theirs = {k: v for k, v in cfg.items() if k not in known}
-    callback = {k: cfg[k] for k in CALLBACK_KEYS if cfg.get(k) is not None}
+    callback = {k: cfg[k] for k in PLUGIN_KEYS if cfg.get(k) is not None}
     source = callback.get("ist_importance_batches")
     if source is not None and source not in IMPORTANCE_SOURCES:
         raise ValueError(f"Invalid ist_importance_batches: {source!r}; expected one of "

@@ -1,9 +1,12 @@
-"""The ``ist_*`` YAML keys of the axolotl plugin, written from ``ISTConfig``'s declarations.
+"""The ``ist_*`` YAML keys of the axolotl plugin and of ``ist-llamafactory``, written from
+``ISTConfig``'s declarations.
 
 Every option declared with a YAML key (:func:`ist_optim.options.option`) is the key
-``ist_<name>``; the plugin's own keys (:data:`PLUGIN_KEYS`) are declared here. The pydantic
-schema (:func:`ist_optim.integrations.axolotl.ist_args_model`) and docs/axolotl.md's table
-(:func:`yaml_keys_table`) are written from these; nothing here needs axolotl or pydantic.
+``ist_<name>``; the keys of the IST callback (:data:`PLUGIN_KEYS`) are declared here. The
+axolotl pydantic schema (:func:`ist_optim.integrations.axolotl.ist_args_model`), the LLaMA-
+Factory route's validation and the tables of docs/axolotl.md and docs/llamafactory.md
+(:func:`yaml_keys_table`) are written from these; nothing here needs axolotl, LLaMA-Factory
+or pydantic.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from ..options import options
 
 __all__ = [
     "IMPORTANCE_SOURCES",
+    "LLAMAFACTORY_DEFAULTS",
+    "LLAMAFACTORY_NOTES",
     "OPTION_KEYS",
     "PLUGIN_KEYS",
     "PluginKey",
@@ -76,12 +81,19 @@ PLUGIN_KEYS: dict[str, PluginKey] = {
     "ist_log_layers": PluginKey(
         bool, "`true`", "log the per-layer `ist/*` keys, not only the scalar ones"),
 }
-#: What an unset option key means where the plugin fills it (else ``ISTConfig``'s default).
+#: What an unset option key means where the axolotl plugin fills it (else ``ISTConfig``'s
+#: default).
 YAML_DEFAULTS: dict[str, str] = {"seed": "axolotl's `seed`"}
-#: What the plugin adds to an option's meaning.
+#: What the axolotl plugin adds to an option's meaning.
 YAML_NOTES: dict[str, str] = {
     "memory_budget": "the prediction's batch is `micro_batch_size` x `sequence_len`; "
                      "refused with `gradient_checkpointing`",
+}
+#: The same for ``ist-llamafactory`` (LLaMA-Factory's keys and defaults).
+LLAMAFACTORY_DEFAULTS: dict[str, str] = {"seed": "LLaMA-Factory's `seed` (42)"}
+LLAMAFACTORY_NOTES: dict[str, str] = {
+    "memory_budget": "the prediction's batch is `per_device_train_batch_size` x `cutoff_len` "
+                     "(LLaMA-Factory's defaults 8 and 2048)",
 }
 
 
@@ -100,40 +112,51 @@ def schema_type(annotation: Any) -> Any:
     return functools.reduce(operator.or_, [*dict.fromkeys(kinds), type(None)])
 
 
-def yaml_rows(config_cls: type = ISTConfig, *,
-              for_docs: bool = True) -> list[tuple[str, Any, str, str]]:
+def yaml_rows(config_cls: type = ISTConfig, *, for_docs: bool = True,
+              defaults: dict[str, str] | None = None, notes: dict[str, str] | None = None
+              ) -> list[tuple[str, Any, str, str]]:
     """(key, schema type, default in markdown, meaning in markdown) of every YAML key.
 
     Args:
         config_cls: the options' declaration.
         for_docs: a page in docs/ (the package's own names, links relative to docs/);
             False: the schema's descriptions (every name registered now, no links).
+        defaults, notes: the route's words on an option (default :data:`YAML_DEFAULTS`
+            and :data:`YAML_NOTES`, axolotl's).
 
     Example:
         >>> yaml_rows()[-1][:3]
         ('ist_log_layers', bool | None, '`true`')
     """
+    defaults = YAML_DEFAULTS if defaults is None else defaults
+    notes = YAML_NOTES if notes is None else notes
     rows = []
     for o in options(config_cls):
         if o.yaml_key:
             meaning = o.describe(builtin_only=for_docs, link_prefix="" if for_docs else None)
-            if o.name in YAML_NOTES:
-                meaning = f"{meaning}; {YAML_NOTES[o.name]}"
+            if o.name in notes:
+                meaning = f"{meaning}; {notes[o.name]}"
             rows.append((o.yaml_key, schema_type(o.annotation),
-                         YAML_DEFAULTS.get(o.name, o.default_doc()), meaning))
+                         defaults.get(o.name, o.default_doc()), meaning))
     rows += [(key, schema_type(k.annotation), k.default_text, k.help)
              for key, k in PLUGIN_KEYS.items()]
     return rows
 
 
-def yaml_keys_table(config_cls: type = ISTConfig) -> str:
-    """The markdown table of the ``ist_*`` keys (docs/axolotl.md), from the declarations.
+def yaml_keys_table(config_cls: type = ISTConfig, *, route: str = "axolotl") -> str:
+    """The markdown table of the ``ist_*`` keys (docs/axolotl.md; ``route="llamafactory"``:
+    docs/llamafactory.md), from the declarations.
 
     Example:
         >>> print(yaml_keys_table().splitlines()[2])  # doctest: +ELLIPSIS
         | `ist_active_layers` | `0.25` | layers trained per step `N_u`: an int count, or ... |
     """
+    words = {"axolotl": (YAML_DEFAULTS, YAML_NOTES),
+             "llamafactory": (LLAMAFACTORY_DEFAULTS, LLAMAFACTORY_NOTES)}
+    if route not in words:
+        raise ValueError(f"Invalid route: {route!r}; expected one of {sorted(words)}")
+    defaults, notes = words[route]
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
-    lines += [f"| `{key}` | {default} | {meaning} |"
-              for key, _kind, default, meaning in yaml_rows(config_cls)]
+    lines += [f"| `{key}` | {default} | {meaning} |" for key, _kind, default, meaning
+              in yaml_rows(config_cls, defaults=defaults, notes=notes)]
     return "\n".join(lines)
