@@ -85,3 +85,14 @@ def test_the_command_refuses_before_importing_llamafactory(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ist-llamafactory: use_badam=True")
     assert main(["train"]) == 2 and "usage: ist-llamafactory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["llama3_lora_sft_ist.yaml", "llama3_full_sft_ist.yaml"])
+def test_the_example_yamls_pass_the_checks(name):
+    import yaml
+    from conftest import BENCHMARKS
+
+    cfg = yaml.safe_load((BENCHMARKS.parent / "examples" / "llamafactory" / name).read_text())
+    check_llamafactory_config(cfg)
+    theirs, options, _ = split_config(cfg)
+    assert not any(k.startswith("ist_") for k in theirs) and options["active_layers"] >= 2

@@ -195,6 +195,9 @@ TABLES = [
      "ist_optim.integrations.yaml_keys.yaml_keys_table()", yaml_keys_table),
     ("docs/cli.md", "IST flags table", "ist_optim.cli.parser.ist_flags_table()",
      ist_flags_table),
+    ("docs/llamafactory.md", "ist_* keys table (LLaMA-Factory)",
+     'ist_optim.integrations.yaml_keys.yaml_keys_table(route="llamafactory")',
+     lambda: yaml_keys_table(route="llamafactory")),
 ]
 
 
