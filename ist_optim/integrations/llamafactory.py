@@ -28,6 +28,7 @@ from typing import Any
 
 from .axolotl import describe
 from .common import DEEPSPEED_REFUSAL
+from .quantized import keep_4bit_layout
 from .wrap import wrap_built_optimizer
 from .yaml_keys import IMPORTANCE_SOURCES, OPTION_KEYS, PLUGIN_KEYS
 
@@ -165,7 +166,8 @@ def _trainer_classes() -> list[type]:
 def ist_trainers(options: Mapping[str, Any], *, importance_batches: str | None = None,
                  log_layers: bool = True) -> Iterator[list[type]]:
     """While inside, LLaMA-Factory's trainers train with IST: their ``create_optimizer``
-    lets LLaMA-Factory build its optimizer, then puts an ``ISTOptimizer`` around it
+    keeps a 4-bit base's layout (:func:`~ist_optim.integrations.keep_4bit_layout`), lets
+    LLaMA-Factory build its optimizer, then puts an ``ISTOptimizer`` around it
     (:func:`ist_optim.integrations.wrap.wrap_built_optimizer`) and attaches the IST
     callback. Restored on exit. Yields the patched classes."""
     from .callback import add_ist_callback
@@ -176,6 +178,11 @@ def ist_trainers(options: Mapping[str, Any], *, importance_batches: str | None =
     def wrap(original: Any) -> Any:
         def create_optimizer(self: Any, *args: Any, **kwargs: Any) -> Any:
             if self.optimizer is None:
+                kept = keep_4bit_layout(self.model)
+                if kept:
+                    logger.info("IST: %d 4-bit layers keep their training layout "
+                                "(bitsandbytes repacks them for its CPU kernel in the "
+                                "importance rounds' eval forwards otherwise)", kept)
                 built = original(self, *args, **kwargs)  # LLaMA-Factory's own choice
                 optimizer = wrap_built_optimizer(self, built, options)
                 logger.info("%s", describe(optimizer))
