@@ -47,7 +47,9 @@ def _config(method: str, args: argparse.Namespace, out: Path, data_dir: Path) ->
         "per_device_train_batch_size": args.batch_size, "gradient_accumulation_steps": 1,
         "learning_rate": args.lr, "lr_scheduler_type": "cosine", "warmup_ratio": 0.1,
         "weight_decay": 0.0, "bf16": False, "report_to": "none", "seed": 0,
-        "disable_tqdm": True,
+        "disable_tqdm": True, "max_samples": args.max_samples,
+        "val_size": args.val_size, "eval_strategy": "steps", "eval_steps": args.steps,
+        "eval_on_start": True, "per_device_eval_batch_size": args.batch_size,
     }
     if method == "badam":
         cfg.update(use_badam=True, badam_mode="layer", badam_switch_mode="ascending",
@@ -67,14 +69,21 @@ class Measure:
         from ist_optim.integrations import unwrap_ist_optimizer
         from ist_optim.memory.tracker import LiveMemory
 
+        def innermost(optimizer: Any) -> Any:
+            """Inside accelerate's wrapper and BAdam's BlockOptimizer (``base_optimizer``)."""
+            inner = optimizer
+            while True:
+                nested = getattr(inner, "optimizer", None) or getattr(inner, "base_optimizer",
+                                                                      None)
+                if nested is None or nested is inner or isinstance(inner, ISTOptimizer):
+                    return inner
+                inner = nested
+
         def device_state(optimizer: Any) -> int:
             try:
                 ist: ISTOptimizer = unwrap_ist_optimizer(optimizer)
             except TypeError:
-                inner = optimizer
-                while hasattr(inner, "optimizer") and inner.optimizer is not inner:
-                    inner = inner.optimizer  # accelerate's wrapper, BAdam's BlockOptimizer
-                return int(state_bytes(inner.state.values()))
+                return int(state_bytes(innermost(optimizer).state.values()))
             return int(ist.memory_report()["state_bytes_on_device"])
 
         class _Measure(TrainerCallback):
@@ -82,8 +91,8 @@ class Measure:
                               optimizer: Any = None, **kwargs: Any) -> None:
                 existing = [*model.parameters(), *model.buffers(),
                             *(p.grad for p in model.parameters() if p.grad is not None)]
-                inner = optimizer
-                while hasattr(inner, "optimizer") and inner.optimizer is not inner:
+                inner = innermost(optimizer)
+                if isinstance(inner, ISTOptimizer):
                     inner = inner.optimizer
                 for value in inner.state.values():
                     existing += [t for t in value.values() if isinstance(t, torch.Tensor)]
@@ -102,8 +111,8 @@ class Measure:
 
             def on_log(self, args: Any, state: Any, control: Any, logs: Any = None,
                        **kwargs: Any) -> None:
-                if logs and "loss" in logs:
-                    losses[state.global_step] = float(logs["loss"])
+                if logs and "eval_loss" in logs:
+                    losses[state.global_step] = float(logs["eval_loss"])
 
         return _Measure()
 
@@ -136,10 +145,11 @@ def run_one(method: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
-    """Markdown: per method, the peak, device optimizer state, step time and the loss."""
+    """Markdown: per method, the peak, device optimizer state, step time and the held-out
+    loss before the first step and after the last."""
     lines = ["| method | peak of a step (MiB, max) | optimizer state on the device after "
-             "a step (MiB, max) | step wall s (median) | step CPU s (median) | training "
-             "loss at the first / last step |",
+             "a step (MiB, max) | step wall s (median) | step CPU s (median) | held-out "
+             "loss before / after |",
              "| --- | --- | --- | --- | --- | --- |"]
     for name, result in results.items():
         rows, losses = result["rows"], list(result["losses"].values())
@@ -162,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--max-samples", type=int, default=256)
+    parser.add_argument("--val-size", type=int, default=32, help="held-out records")
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
