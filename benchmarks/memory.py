@@ -25,17 +25,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from benchkit.models import llama_config, random_llama
+
+from ist_optim.memory import PeakMemory
 
 PRESETS = {
     "tiny": dict(layers=4, hidden=64, inter=128, heads=4, kv=4, vocab=256, batch=2, seq=32,
@@ -59,38 +58,11 @@ def build_model(cfg: dict, peft: bool, device: str) -> torch.nn.Module:
                         lora_rank=cfg["rank"] if peft else None)
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class RssGrowth:
-    """The CPU's peak of one configuration: the growth of the process's peak RSS over its
-    RSS at :meth:`reset` (after the model is built)."""
-
-    def reset(self) -> None:
-        self.base = rss_bytes()
-
-    def synchronize(self) -> None:
-        """Nothing to wait for on the CPU."""
-
-    def peak_bytes(self) -> int:
-        return peak_rss_bytes() - self.base
-
-
-def peak_meter(device: str) -> Any:
-    """The meter of ``device``: ``ist_optim.cli.memory.PeakMemory`` of a CUDA device
-    (``"cuda"``, ``"cuda:1"``: that device's allocator peak, synchronized step times),
-    else :class:`RssGrowth`."""
-    if torch.device(device).type == "cuda":
-        from ist_optim.cli.memory import PeakMemory
-
-        return PeakMemory(device)
-    return RssGrowth()
+def peak_of(meter: PeakMemory) -> int:
+    """A configuration's peak as the table reports it: the allocator's peak on CUDA, the
+    growth of the process's peak RSS over its RSS at the reset (after the model is built)
+    on the CPU."""
+    return meter.peak_bytes() if meter.cuda else meter.growth_bytes()
 
 
 def make_optimizer(name: str, model, cfg: dict, active: int, seed: int):
@@ -144,7 +116,7 @@ def run_one(name: str, cfg: dict, device: str, active_frac: float, seed: int) ->
         floor_set()
     g = torch.Generator().manual_seed(1)
     batch = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]), generator=g).to(device)
-    meter = peak_meter(device)
+    meter = PeakMemory(device)  # the model's device: cuda:1 measures cuda:1
     meter.reset()
     times, round_steps, state_peak = [], [], 0
     interval = getattr(opt, "update_interval", 0) if isinstance(opt, ISTOptimizer) else 0
@@ -167,7 +139,7 @@ def run_one(name: str, cfg: dict, device: str, active_frac: float, seed: int) ->
                 opt.num_steps % interval == 0)
             (round_steps if ran_round else times).append(elapsed)
     median = statistics.median(times)
-    peak = meter.peak_bytes()
+    peak = peak_of(meter)
     return {
         "config": name, "device": device, "step_ms": 1e3 * median,
         "round_ms": 1e3 * (statistics.mean(round_steps) - median) if round_steps else None,
