@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-from conftest import load_benchmark
 
-memory = load_benchmark("memory")
+from benchmarks.memory import peaks as memory
 
 
 def test_the_cpu_peak_is_the_growth_since_the_reset_and_cuda_the_allocators(monkeypatch):
