@@ -85,8 +85,9 @@ OUT_DIR = Path(__file__).resolve().parents[1] / "results" / "budget"
 
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``budget.py``."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """The command line of ``python -m benchmarks.budget``."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.budget",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--lrs", type=float, nargs="+", default=None,
                    help=f"rates to sweep for every method, as given (default {LR_GRID}, "
@@ -130,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def random_model_dir(shape: str, folder: Path) -> str:
-    """The random-init model of ``shape`` (:func:`benchmarks.benchkit.models.save_random_model`, seed
-    0) under ``folder``, saved there by the first run that needs it."""
+    """The random-init model of ``shape``
+    (:func:`benchmarks.benchkit.models.save_random_model`, seed 0) under ``folder``, saved
+    there by the first run that needs it."""
     target = folder / f"random-{Path(shape).stem}"
     if not (target / "config.json").is_file():
         save_random_model(shape, target)

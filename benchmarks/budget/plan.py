@@ -54,10 +54,11 @@ def chosen_lrs(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 def todo(methods: list[str], grids: dict[str, tuple[float, ...]], seeds: list[int],
          rows: list[dict[str, Any]], *, extend: bool = True) -> list[Planned]:
-    """The runs left, as (phase, method, lr, seed) (:func:`benchmarks.benchkit.sweep.next_runs`):
-    first every method's sweep on seed 0 (methods with one rate have none), then per method
-    its chosen rate on every seed. With ``extend``, a sweep whose best rate is an edge of
-    what was swept is extended past it, up to :data:`MAX_EXTENSIONS` rates.
+    """The runs left, as (phase, method, lr, seed)
+    (:func:`benchmarks.benchkit.sweep.next_runs`): first every method's sweep on seed 0
+    (methods with one rate have none), then per method its chosen rate on every seed. With
+    ``extend``, a sweep whose best rate is an edge of what was swept is extended past it, up
+    to :data:`MAX_EXTENSIONS` rates.
 
     Example:
         >>> rows = [{"phase": "sweep", "method": "a", "lr": lr, "seed": 0,

@@ -221,8 +221,8 @@ def run_one(name: str, method: Method, lr: float, seed: int, steps: int, data: D
             args: argparse.Namespace, budget: int | None, *, eval_every: int,
             splits: tuple[str, ...], base: dict[str, float]) -> dict[str, Any]:
     """Train ``method`` (called ``name``) at ``lr`` for ``steps`` steps inside ``budget``
-    (the budget of :func:`benchmarks.budget.methods.budget_of`; None: unbudgeted, to measure the budget
-    itself)."""
+    (the budget of :func:`benchmarks.budget.methods.budget_of`; None: unbudgeted, to
+    measure the budget itself)."""
     device = args.device
     model, optimizer = build(method, lr, seed, args, budget)
     ist = optimizer if isinstance(optimizer, ISTOptimizer) else None

@@ -31,13 +31,13 @@ import argparse
 import json
 import logging
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from ..benchkit.isolated import ROOT, run_isolated
 from ..benchkit.models import llama_config, random_llama
 
 PRESETS = {
@@ -46,7 +46,6 @@ PRESETS = {
     "cpu-small": dict(layers=8, hidden=256, inter=688, heads=8, kv=8, vocab=2048, batch=4,
                       seq=128, rank=16),
 }
-ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ["lora_all", "floor", "ist", "ist_importance"]
 OPT_IN = ["lora_all_whole", "ist_whole"]
 STEPS, HALF = 50, 25
@@ -167,7 +166,7 @@ def _table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.compile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--configs", default=",".join(CONFIGS),
@@ -185,14 +184,12 @@ def main() -> None:
         return
     rows = []
     for name in args.configs.split(","):
-        cmd = [sys.executable, "-m", "benchmarks.compile", "--preset", args.preset,
-               "--active", str(args.active), "--seed", str(args.seed), "--backend",
-               args.backend, "--run", name]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        if proc.returncode != 0:
-            print(f"{name} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+        row = run_isolated("benchmarks.compile", [
+            "--preset", args.preset, "--active", str(args.active), "--seed", str(args.seed),
+            "--backend", args.backend, "--run", name])
+        if row is None:
             continue
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        rows.append(row)
         print(f"done {name}: {rows[-1]['step_ms']:.1f} ms/step, graphs "
               f"{rows[-1]['graphs_50']}", file=sys.stderr, flush=True)
     by = {r["config"]: r for r in rows}

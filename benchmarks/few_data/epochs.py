@@ -3,9 +3,9 @@
 A small fixed training subset (``--train-blocks`` blocks of ``--seq-len`` tokens drawn from
 the training plays) is trained for ``--epochs`` epochs; after every epoch the loss is
 measured on a validation split (whole plays taken from the training side, never trained on)
-and on the held-out test plays (the same 4 plays as the quality benchmark, ``benchmarks/quality/``), so
-overfitting shows as a test loss that turns up. At the end the model answers a
-multiple-choice next-line task built from the test plays (:mod:`benchmarks.few_data.next_line`).
+and on the held-out test plays (the same 4 plays as the quality benchmark), so overfitting
+shows as a test loss that turns up. At the end the model answers a multiple-choice
+next-line task built from the test plays (:mod:`benchmarks.few_data.next_line`).
 
 Learning rate: every method runs each rate of its grid on ``--sweep-seed``; the rate with
 the lowest *validation* loss at the final epoch is chosen, and only that rate runs on the
@@ -205,11 +205,12 @@ def choose_lrs(runs: list[dict[str, Any]], sweep_seed: int) -> dict[str, float]:
 def plan(methods: list[str], grids: dict[str, tuple[float, ...]], seeds: list[int],
          sweep_seed: int, done: list[dict[str, Any]],
          same_lr: dict[str, str] | None = None) -> list[tuple[str, float, int]]:
-    """The runs still to do, as (method, rate, seed) (:func:`benchmarks.benchkit.sweep.next_runs`):
-    every grid rate on the sweep seed, then (once those are done) the chosen rate on every
-    seed, method by method in the given order; the sweep seed's run at the chosen rate is
-    reused (the runs are deterministic). A method with one rate, or in ``same_lr`` (it runs
-    at the rate chosen for the method it names), has no sweep.
+    """The runs still to do, as (method, rate, seed)
+    (:func:`benchmarks.benchkit.sweep.next_runs`): every grid rate on the sweep seed, then
+    (once those are done) the chosen rate on every seed, method by method in the given
+    order; the sweep seed's run at the chosen rate is reused (the runs are deterministic).
+    A method with one rate, or in ``same_lr`` (it runs at the rate chosen for the method it
+    names), has no sweep.
 
     Example:
         >>> plan(["a"], {"a": (1.0, 2.0)}, [0, 1], 0, [])
@@ -371,7 +372,7 @@ def _pair(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.few_data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--lrs", type=_grid, action="append", default=[],

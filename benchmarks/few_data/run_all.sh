@@ -9,7 +9,7 @@
 #      chosen rate.
 # All runs append to one JSONL file; a rerun skips the runs already there.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 OUT=benchmarks/results/few_data
 mkdir -p "$OUT"

@@ -446,7 +446,7 @@ def plan(dry: bool, out: Path, env: dict[str, str], args: argparse.Namespace,
 def build_parser() -> argparse.ArgumentParser:
     """The command line of the check (defaults: every part within 420 s, which
     scripts/gpu-check.sh's hard limit of 470 s encloses)."""
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "gpu-results")
     parser.add_argument("--dry", action="store_true",

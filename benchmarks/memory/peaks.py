@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 
 from ist_optim.memory import PeakMemory
 
+from ..benchkit.isolated import ROOT, run_isolated
 from ..benchkit.models import llama_config, random_llama
 
 PRESETS = {
@@ -45,7 +45,6 @@ PRESETS = {
     "7b": dict(layers=32, hidden=4096, inter=11008, heads=32, kv=32, vocab=32000, batch=8,
                seq=512, rank=32, steps=5, warmup=2, dtype="bfloat16"),
 }
-ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ["lora_all", "floor", "ist_uniform", "ist_keep", "ist_offload", "ist_drop",
            "full_adamw", "ist_full_offload", "badam"]
 
@@ -150,7 +149,7 @@ def run_one(name: str, cfg: dict, device: str, active_frac: float, seed: int) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
     parser.add_argument("--device", default="cpu")
@@ -169,17 +168,14 @@ def main() -> None:
         print(json.dumps(run_one(args.run, cfg, args.device, args.active, args.seed)))
         return
     rows = []
+    steps = ["--steps", str(args.steps)] if args.steps else []
     for name in args.configs.split(","):
-        cmd = [sys.executable, "-m", "benchmarks.memory", "--preset", args.preset,
-               "--device", args.device,
-               "--active", str(args.active), "--seed", str(args.seed), "--run", name]
-        if args.steps:
-            cmd += ["--steps", str(args.steps)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        if proc.returncode != 0:
-            print(f"{name} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        row = run_isolated("benchmarks.memory", [
+            "--preset", args.preset, "--device", args.device, "--active", str(args.active),
+            "--seed", str(args.seed), *steps, "--run", name], tail=2000)
+        if row is None:
             continue
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        rows.append(row)
         print(f"done {name}: {rows[-1]['step_ms']:.0f} ms/step", file=sys.stderr)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as f:

@@ -2,7 +2,7 @@
 # The estimator x sampler comparison of docs/benchmarks.md ("Estimators and depth-aware
 # sampling on SmolLM2-135M"): one process per seed, in parallel, then one table.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=benchmarks/results/quality/estimators-samplers
 mkdir -p "$OUT"
 STEPS=${STEPS:-30}

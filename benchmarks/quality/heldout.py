@@ -69,7 +69,7 @@ def parse_method(text: str) -> MethodSpec:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
                    help=f"names from METHODS or --add-method (default: {DEFAULT_METHODS})")

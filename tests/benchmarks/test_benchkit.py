@@ -14,7 +14,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from benchmarks.benchkit import data, models, protocol, report, sweep
+from benchmarks.benchkit import data, isolated, models, protocol, report, sweep
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -224,3 +224,12 @@ def test_groups_take_the_rows_that_carry_their_values_and_the_shared_ones():
                                        ["schedule", "seq_len"])
     assert [title for title, _rows in checked] == ["## schedule constant, seq_len 128",
                                                    "## schedule linear, seq_len 64"]
+
+
+def test_a_configuration_runs_in_its_own_process_and_returns_its_last_row(tmp_path, capsys):
+    row = tmp_path / "row.json"
+    row.write_text('{"config": "a", "step_ms": 1.5}')
+    assert isolated.run_isolated("json.tool", ["--compact", str(row)]) == {
+        "config": "a", "step_ms": 1.5}
+    assert isolated.run_isolated("json.tool", [str(tmp_path / "missing.json")]) is None
+    assert "missing.json failed:" in capsys.readouterr().err
