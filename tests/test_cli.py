@@ -477,3 +477,21 @@ def test_step_times_wait_for_the_device(monkeypatch):
     result = train_module.train(model, opt, batches, 3, progress=False)
     assert len(waits) == 6 and set(waits) == {torch.device("cpu")}
     assert min(result.step_seconds) >= 0.05
+
+
+def test_the_harness_is_public_on_purpose_and_imported_on_first_use():
+    """``ist_optim.cli`` names the pieces of its harness other code may reuse (the
+    benchmarks do); importing it loads none of them, nor transformers."""
+    import ist_optim.cli as cli
+    from ist_optim.cli import runner, train
+
+    assert cli.train_loop is train.train and cli.run_method is runner.run_method
+    assert all(getattr(cli, name) is not None for name in cli.__all__)
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        cli.nothing  # noqa: B018
+    code = ("import sys, ist_optim.cli; "
+            "print(sorted(m for m in sys.modules if m.startswith(('transformers', "
+            "'ist_optim.cli.train', 'ist_optim.cli.runner'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"

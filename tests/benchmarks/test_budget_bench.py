@@ -507,3 +507,22 @@ def test_one_run_in_two_files_and_sweeps_of_two_lengths_are_refused(tmp_path, ca
     short.write_text(json.dumps({**sweep, "steps": 50, "lr": 1.0}) + "\n")
     assert budget.main(["--report", one, str(short)]) == 2
     assert "the rows mix sweeps of 50 / 400 steps" in capsys.readouterr().err
+
+
+def test_a_cuda_run_reads_its_peaks_with_the_librarys_meter(monkeypatch):
+    """Each CUDA step's peak is :class:`ist_optim.memory.PeakMemory`'s (the meter of
+    ``ist-finetune`` and the memory study), on the run's device."""
+    from ist_optim.memory import PeakMemory
+
+    calls = []
+    for name, value in (("reset_peak_memory_stats", None), ("memory_allocated", 3),
+                        ("max_memory_allocated", 7), ("synchronize", None)):
+        monkeypatch.setattr(torch.cuda, name, lambda device=None, name=name, value=value:
+                            calls.append((name, device)) or value)
+    peaks = budget_run.StepPeaks("cuda", None, None)
+    assert isinstance(peaks.meter, PeakMemory) and not peaks.wants(1, None)
+    assert peaks.run(1, lambda: calls.append(("step", None)), None) is False
+    assert peaks.peak == 7 and peaks.accounted == []
+    assert [c[0] for c in calls] == ["reset_peak_memory_stats", "memory_allocated", "step",
+                                     "synchronize", "max_memory_allocated"]
+    assert {c[1] for c in calls} == {torch.device("cuda"), None}
