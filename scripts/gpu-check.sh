@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One command checks every GPU path: the tests marked `cuda`, then benchmarks/memory.py
-# --preset 7b --device cuda and benchmarks/budget.py's GPU mode on a random-init model,
+# One command checks every GPU path: the tests marked `cuda`, then `python -m benchmarks.memory
+# --preset 7b --device cuda` and `python -m benchmarks.budget`'s GPU mode on a random-init model,
 # results in gpu-results/ (summary.md with one verdict line per part, results.jsonl,
 # log.txt), within 8 minutes on one H100/H200. Without a CUDA device (or with --dry) it
 # runs a dry mode on the CPU (tiny shapes, CUDA tests collected and skipped). No network:
@@ -23,7 +23,7 @@ for ((i = 0; i < ${#args[@]}; i++)); do
 done
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
 LIMIT="${GPU_CHECK_HARD_LIMIT:-470}"
-timeout --kill-after=10 "$LIMIT" "$PY" benchmarks/gpu_check.py "$@"
+timeout --kill-after=10 "$LIMIT" "$PY" -m benchmarks.gpu "$@"
 code=$?
 if [ "$code" -eq 124 ] || [ "$code" -eq 137 ]; then
     mkdir -p "$OUT"

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -31,22 +28,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
-
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load_benchmark(name: str):
-    """Import ``benchmarks/<name>.py`` (or ``benchmarks/benchkit/...`` as ``benchkit.x``).
-
-    The benchmarks are scripts that import their siblings and ``benchkit`` by plain name
-    (``python benchmarks/budget.py`` puts ``benchmarks/`` first on ``sys.path``); this puts
-    it on the tests' path the same way, once, so every module is imported once and a test
-    sees the objects the script uses.
-    """
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    return importlib.import_module(name)
 
 
 def tiny_llama(num_layers: int = 4, hidden: int = 32, vocab: int = 64, seed: int = 0):

@@ -99,17 +99,29 @@ def test_refused_settings(cfg: dict[str, Any], message: str) -> None:
         check_axolotl_config(cfg)
 
 
-@pytest.mark.parametrize("cfg", [
-    {},
-    {"adapter": "lora", "optimizer": "adamw_torch", "gradient_checkpointing": True},
-    {"adapter": "qlora", "optimizer": "ist_adamw_bnb_8bit", "ist_active_layers": 2},
-    {"ist_importance_batches": "eval", "val_set_size": 0.1},
-    {"ist_memory_budget": "24GiB", "micro_batch_size": 2, "sequence_len": 512,
-     "lora_qkv_kernel": False, "gradient_checkpointing": False},
-    {"lisa_n_layers": None, "lisa_layers_attribute": "model.layers"},  # axolotl's defaults
+@pytest.mark.parametrize(("cfg", "change", "message"), [
+    ({}, {"torch_compile": True}, "set torch_compile: false"),
+    ({"adapter": "lora", "optimizer": "adamw_torch", "gradient_checkpointing": True},
+     {"adapter": "ia3"}, "adapter='ia3' is not supported"),
+    ({"adapter": "qlora", "optimizer": "ist_adamw_bnb_8bit", "ist_active_layers": 2},
+     {"optimizer": "ist_galore_adamw_layerwise"}, "galore_adamw_layerwise"),
+    ({"ist_importance_batches": "eval", "val_set_size": 0.1}, {"val_set_size": 0},
+     "needs an eval split"),
+    ({"ist_memory_budget": "24GiB", "micro_batch_size": 2, "sequence_len": 512,
+      "lora_qkv_kernel": False, "gradient_checkpointing": False},
+     {"gradient_checkpointing": True}, "set gradient_checkpointing: false"),
+    ({"lisa_n_layers": None, "lisa_layers_attribute": "model.layers"},  # axolotl's defaults
+     {"lisa_n_layers": 4}, "lisa_n_layers=4 is axolotl's LISA"),
 ])
-def test_accepted_settings(cfg: dict[str, Any]) -> None:
+def test_accepted_settings_are_one_change_from_a_refusal(cfg: dict[str, Any],
+                                                         change: dict[str, Any],
+                                                         message: str) -> None:
+    """Each accepted configuration passes, and changing the one setting the check reads
+    for it is refused: the acceptance is the check's verdict, not a check that reads
+    nothing."""
     check_axolotl_config(cfg)
+    with pytest.raises(ValueError, match=message):
+        check_axolotl_config({**cfg, **change})
 
 
 def test_optimizer_alias() -> None:

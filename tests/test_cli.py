@@ -4,6 +4,7 @@ tiny random-init Llama saved with a byte-level tokenizer (nothing downloaded).""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,14 @@ from ist_optim.cli.data import (
     load_documents,
     split_documents,
 )
-from ist_optim.cli.memory import PeakMemory
 from ist_optim.cli.parser import ist_kwargs_from_args, parse_args
-from ist_optim.cli.train import build_optimizer, optimizer_state_bytes
+from ist_optim.cli.train import (
+    LR_SCHEDULES,
+    build_optimizer,
+    build_scheduler,
+    optimizer_state_bytes,
+)
+from ist_optim.memory import PeakMemory
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -190,6 +196,51 @@ def test_build_optimizer_rejects_bad_options():
         build_optimizer("adamw", model, lr=1e-3, seed=0, ist_kwargs={"active_layers": 1})
     with pytest.raises(CLIError, match="unknown"):
         build_optimizer("sgd", model, lr=1e-3, seed=0)
+
+
+def _hand_written_factor(kind: str, warmup: int, total: int, step: int) -> float:
+    """The factor of ``ist-finetune``'s own schedules before they became
+    ``transformers.get_scheduler``'s (the removed code, kept to show the rates held)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "linear":
+        return 1.0 - progress
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+@given(kind=st.sampled_from(LR_SCHEDULES), warmup=st.integers(0, 30),
+       total=st.integers(1, 120))
+def test_schedules_are_transformers_and_keep_the_rates(kind, warmup, total):
+    """``--lr-schedule`` is ``transformers.get_scheduler`` (the HF Trainer's rates, bit for
+    bit), and every step trains at the rate of the hand-written schedule it replaced (the
+    two formulas round differently: at most 2**-50 of the rate apart)."""
+    from transformers import get_scheduler
+
+    lr = 2e-3
+    opts = [torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr) for _ in range(2)]
+    ours = build_scheduler(opts[0], kind, warmup_steps=warmup, total_steps=total)
+    theirs = get_scheduler("constant_with_warmup" if kind == "constant" else kind, opts[1],
+                           num_warmup_steps=warmup, num_training_steps=total)
+    assert (ours is None) == (kind == "constant" and warmup == 0)
+    for step in range(total):
+        rate = opts[0].param_groups[0]["lr"]
+        assert rate == opts[1].param_groups[0]["lr"]
+        assert abs(rate - lr * _hand_written_factor(kind, warmup, total, step)) <= lr * 2**-50
+        for opt, sched in zip(opts, (ours, theirs), strict=True):
+            opt.step()
+            if sched is not None:
+                sched.step()
+
+
+def test_build_scheduler_rejects_bad_options():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(CLIError, match="--lr-schedule step: unknown; choose one of constant"):
+        build_scheduler(opt, "step", warmup_steps=0, total_steps=4)
+    with pytest.raises(CLIError, match="--warmup-steps -1: must be at least 0"):
+        build_scheduler(opt, "linear", warmup_steps=-1, total_steps=4)
 
 
 def test_peak_memory_sees_a_new_allocation():
@@ -376,8 +427,8 @@ def test_concurrent_conversion_keeps_the_first_finished_copy(tmp_path, monkeypat
 
 def _record_cuda_calls(monkeypatch) -> list[tuple[str, object]]:
     calls: list[tuple[str, object]] = []
-    for name, value in (("reset_peak_memory_stats", None), ("max_memory_allocated", 7),
-                        ("synchronize", None)):
+    for name, value in (("reset_peak_memory_stats", None), ("memory_allocated", 3),
+                        ("max_memory_allocated", 7), ("synchronize", None)):
         monkeypatch.setattr(torch.cuda, name,
                             lambda device=None, name=name, value=value:
                             calls.append((name, device)) or value)
@@ -391,8 +442,10 @@ def test_peak_memory_reads_the_models_cuda_device(monkeypatch):
     meter.reset()
     meter.synchronize()
     assert meter.peak_bytes() == 7 and meter.kind == "peak CUDA allocated"
+    assert meter.growth_bytes() == 4  # above the 3 bytes allocated at the reset
     assert calls == [(name, torch.device("cuda", 1)) for name in
-                     ("reset_peak_memory_stats", "synchronize", "max_memory_allocated")]
+                     ("reset_peak_memory_stats", "memory_allocated", "synchronize",
+                      "max_memory_allocated", "max_memory_allocated")]
 
 
 def test_device_synchronizer_waits_for_that_device(monkeypatch):
@@ -427,3 +480,21 @@ def test_step_times_wait_for_the_device(monkeypatch):
     result = train_module.train(model, opt, batches, 3, progress=False)
     assert len(waits) == 6 and set(waits) == {torch.device("cpu")}
     assert min(result.step_seconds) >= 0.05
+
+
+def test_the_harness_is_public_on_purpose_and_imported_on_first_use():
+    """``ist_optim.cli`` names the pieces of its harness other code may reuse (the
+    benchmarks do); importing it loads none of them, nor transformers."""
+    import ist_optim.cli as cli
+    from ist_optim.cli import runner, train
+
+    assert cli.train_loop is train.train and cli.run_method is runner.run_method
+    assert all(getattr(cli, name) is not None for name in cli.__all__)
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        cli.nothing  # noqa: B018
+    code = ("import sys, ist_optim.cli; "
+            "print(sorted(m for m in sys.modules if m.startswith(('transformers', "
+            "'ist_optim.cli.train', 'ist_optim.cli.runner'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"

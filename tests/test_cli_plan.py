@@ -89,6 +89,15 @@ def test_model_from_a_config_file(tmp_path, capsys):
     assert "cheapest configuration that fits" in out and "4 layers" in out
 
 
+@pytest.mark.parametrize("value, share", [("1", "1 of 30 layers"), ("1.0", "30 of 30 layers"),
+                                          ("0.25", "7 of 30 layers"), ("3", "3 of 30 layers")])
+def test_active_layers_count_as_the_sampler_counts_them(value, share, capsys):
+    """``--active-layers`` means what it means to ``ist-finetune`` and ``ISTOptimizer``
+    (``resolve_count``): an int a count, a float a fraction, so ``1.0`` is every layer."""
+    assert main(["plan", "--model", "smollm2-135m", "--active-layers", value]) == 0
+    assert share in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv,fragment", [
     (["--model", "gpt-9"], "unknown model 'gpt-9'"),
     (["--model", "llama-2-7b", "--budget", "lots"], "Invalid --budget: 'lots'; expected a number"),
@@ -96,7 +105,8 @@ def test_model_from_a_config_file(tmp_path, capsys):
      "Invalid --budget: '24' has no unit; write '24GiB'"),
     (["--model", "llama-2-7b", "--budget", "24G"], "'G' is ambiguous: write '24GiB'"),
     (["--model", "smollm2-135m", "--target-modules", "q_proj,nope"], "name no linear layer"),
-    (["--model", "smollm2-135m", "--active-layers", "99"], "more than the model's 30"),
+    (["--model", "smollm2-135m", "--active-layers", "99"], "99 is outside [1, 30]"),
+    (["--model", "smollm2-135m", "--active-layers", "2.5"], "2.5 is not a fraction in (0, 1]"),
 ])
 def test_errors_are_one_line(argv, fragment, capsys):
     assert main(["plan", *argv]) == 2

@@ -3,7 +3,7 @@ and the training result unchanged; whole-model compiles are refused with the rou
 
 Compiles use ``backend="aot_eager"``: guards, recompiles and requires_grad variants are
 dynamo's and AOTAutograd's, the same for every backend, without inductor's C++ codegen
-(tens of seconds per graph on CPU). benchmarks/compile.py runs inductor.
+(tens of seconds per graph on CPU). python -m benchmarks.compile runs inductor.
 """
 
 from __future__ import annotations

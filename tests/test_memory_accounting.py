@@ -10,7 +10,7 @@ from conftest import lm_batch, lora_model, tiny_llama
 from torch import nn
 
 from ist_optim import ISTOptimizer, account_step
-from ist_optim.memory import LiveMemory
+from ist_optim.memory import LiveMemory, PeakMemory
 
 PARTS = {"weights", "gradients", "optimizer_state", "activations", "transient"}
 
@@ -110,6 +110,21 @@ def test_bad_arguments():
         account_step(None, model=model, optimizer=opt)
     with pytest.raises(TypeError, match="nn.Module"):
         account_step(lambda: None, model=object(), optimizer=opt)
+
+
+def test_peak_memory_on_the_cpu_sees_the_growth_since_its_reset():
+    """The process's resident peak from the reset on: a 100 MB block shows in the growth,
+    and a reset forgets it (clear_refs) where the kernel allows."""
+    meter = PeakMemory("cpu")
+    meter.reset()
+    block = torch.ones(25_000_000)  # 100 MB
+    block.add_(1)
+    assert meter.growth_bytes() >= 75_000_000
+    del block
+    meter.reset()
+    if meter.resettable:
+        assert meter.growth_bytes() < 75_000_000
+    assert meter.kind == ("peak RSS" if meter.resettable else "process peak RSS")
 
 
 def test_live_memory_peak_and_labels():

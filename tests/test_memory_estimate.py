@@ -7,18 +7,17 @@ import functools
 
 import pytest
 import torch
-from conftest import load_benchmark
 from hypothesis import given
 from hypothesis import strategies as st
 from transformers import LlamaConfig
 
+from benchmarks.benchkit import memory_anchors as _anchors
 from ist_optim import MemoryPlanner, account_step, estimate_peak_memory
 from ist_optim.memory import load_config
 
 # The measurements (H200 peaks of a LLaMA-2-7B shape, the accounted CPU cases) and the
 # accounted-step helper live once, in benchmarks/benchkit/memory_anchors.py, which
-# benchmarks/memory_plan.py compares the planner with too.
-_anchors = load_benchmark("benchkit.memory_anchors")
+# benchmarks/memory/planner.py compares the planner with too.
 LLAMA2_7B, RAND, TOP = _anchors.LLAMA2_7B, _anchors.RAND, _anchors.TOP
 H200, CPU_CASES = _anchors.H200, _anchors.CPU_CASES
 _run_and_account = _anchors.accounted_step

@@ -264,6 +264,28 @@ def test_params_frozen_before_construction_are_registered_when_passed():
     assert all(p.requires_grad for i in active for p in opt.groups.params[i])
 
 
+def test_add_param_group_joins_each_param_to_its_layer_or_the_outside_group():
+    """A group added after construction (here the blocks' norms and the head, unfrozen, at
+    their own rate) trains as the constructor's params do: a block's params only while
+    their layer is active (frozen otherwise), the others every step."""
+    model = lora_model(4)
+    opt = ISTOptimizer(torch.optim.AdamW, model, lr=1e-2, seed=3, active_layers=1)
+    norms = [p for n, p in model.named_parameters() if "input_layernorm" in n]
+    head = model.get_output_embeddings().weight
+    for p in [*norms, head]:
+        p.requires_grad_(True)
+    opt.add_param_group({"params": [*norms, head], "lr": 1e-3})
+    assert [g["lr"] for g in opt.param_groups] == [1e-2, 1e-3]
+    assert [any(p is q for q in opt.groups.params[i]) for i, p in enumerate(norms)] == [True] * 4
+    for step in range(4):
+        active = set(opt.active_layers)
+        assert [p.requires_grad for p in norms] == [i in active for i in range(4)]
+        before = [p.detach().clone() for p in [*norms, head]]
+        _train_step(model, opt, step)
+        moved = [not torch.equal(p, old) for p, old in zip([*norms, head], before, strict=True)]
+        assert moved == [*(i in active for i in range(4)), True], (step, active)
+
+
 def test_does_not_touch_global_rng():
     model = lora_model(4)
     state = torch.random.get_rng_state()

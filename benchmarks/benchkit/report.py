@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ist_optim.cli.report import markdown_table, mean_range
+from ist_optim.cli import markdown_table, mean_range
 
 __all__ = ["append_row", "markdown_table", "mean_range", "read_rows", "spearman"]
 

@@ -5,10 +5,20 @@ to fine-tune a model instead (:mod:`ist_optim.cli.plan`).
 
 Only :mod:`torch` is imported with :mod:`ist_optim`; this package imports transformers,
 peft and tqdm when a command runs. Needs the ``cli`` extra: ``pip install 'ist-optim[cli]'``.
+
+The pieces of its training harness that other harnesses reuse (the benchmarks do) are
+public on purpose, imported on first use: the data (:func:`load_documents`,
+:func:`block_batches`, :func:`heldout_indices`), the models (:func:`load_model`,
+:func:`load_tokenizer`, :func:`resolve_model_dir`, :func:`add_adapters`), the loop
+(:func:`build_optimizer`, :func:`build_scheduler`, :func:`train_loop`, :func:`evaluate`),
+one run of a method (:class:`MethodSpec`, :func:`prepare_context`, :func:`run_method`)
+and the tables (:func:`markdown_table`, :func:`mean_range`). Everything else in
+``ist_optim.cli.*`` is the command's own.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import sys
@@ -19,7 +29,35 @@ from typing import Any
 
 from .errors import CLIError
 
-__all__ = ["CLIError", "main"]
+#: The harness's public names -> (module of ``ist_optim.cli``, name there).
+_HARNESS = {
+    "MethodSpec": ("runner", "MethodSpec"),
+    "add_adapters": ("models", "add_adapters"),
+    "block_batches": ("data", "block_batches"),
+    "build_optimizer": ("train", "build_optimizer"),
+    "build_scheduler": ("train", "build_scheduler"),
+    "evaluate": ("train", "evaluate"),
+    "heldout_indices": ("data", "heldout_indices"),
+    "load_documents": ("data", "load_documents"),
+    "load_model": ("models", "load_model"),
+    "load_tokenizer": ("models", "load_tokenizer"),
+    "markdown_table": ("report", "markdown_table"),
+    "mean_range": ("report", "mean_range"),
+    "prepare_context": ("runner", "prepare_context"),
+    "resolve_model_dir": ("models", "resolve_model_dir"),
+    "run_method": ("runner", "run_method"),
+    "train_loop": ("train", "train"),  # not ``train``: that is the module's name
+}
+
+__all__ = ["CLIError", "main", *_HARNESS]
+
+
+def __getattr__(name: str) -> Any:
+    """The harness's public names (:data:`_HARNESS`), imported on first use."""
+    if name not in _HARNESS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attribute = _HARNESS[name]
+    return getattr(importlib.import_module(f".{module}", __name__), attribute)
 
 logger = logging.getLogger(__name__)
 

@@ -106,8 +106,8 @@ def build_plan_parser() -> argparse.ArgumentParser:
                    help="LoRA alpha (default: 2 x rank)")
     p.add_argument("--target-modules", default="q_proj,k_proj,v_proj,up_proj,down_proj",
                    help="comma-separated linear layers that get adapters")
-    p.add_argument("--active-layers", type=positive_float, default=0.25,
-                   help="IST: fraction (< 1) or count (>= 1) of layers trained per step")
+    p.add_argument("--active-layers", type=_count_or_fraction, default=0.25,
+                   help="IST: layers trained per step, a count (2) or a fraction (0.25)")
     p.add_argument("--dtype", default="bfloat16", choices=_DTYPES,
                    help="weights and compute (QLoRA: all but the 4-bit block linears)")
     p.add_argument("--projection-rank", type=positive_int, default=None,
@@ -116,13 +116,23 @@ def build_plan_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _active_count(value: float, num_layers: int) -> int:
-    from ..sampling.draws import resolve_count
+def _count_or_fraction(text: str) -> int | float:
+    """``--active-layers`` read as ``ist-finetune`` reads it: ``"2"`` a layer count,
+    ``"0.25"`` a fraction of the layers."""
+    try:
+        return int(text)
+    except ValueError:
+        return positive_float(text)
 
-    count = int(value) if value >= 1 else value
-    if isinstance(count, int) and count > num_layers:
-        raise CLIError(f"--active-layers {count} is more than the model's {num_layers} layers")
-    return resolve_count(count, num_layers, "--active-layers")
+
+def _active_count(value: int | float, num_layers: int) -> int:
+    """The layers IST trains per step: the sampler's own count (:func:`ist_optim.resolve_count`)."""
+    from .. import resolve_count
+
+    try:
+        return resolve_count(value, num_layers, "--active-layers")
+    except (TypeError, ValueError) as err:
+        raise CLIError(str(err)) from None
 
 
 def _mean_flops(planner: Any, draws: Sequence[Sequence[int]], **kwargs: Any) -> float:
@@ -205,7 +215,7 @@ def _planners(config: Any, common: dict[str, Any], adapters: dict[str, Any],
 
 
 def plan(config: Any, *, batch_size: int, seq_len: int, budget: int, rank: int = 32,
-         alpha: float | None = None, targets: Sequence[str] = (), active: float = 0.25,
+         alpha: float | None = None, targets: Sequence[str] = (), active: int | float = 0.25,
          dtype: Any = None, projection_rank: int | None = None) -> list[PlanRow]:
     """Estimate every row of :data:`PLAN_ROWS` for ``config``.
 

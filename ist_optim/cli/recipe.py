@@ -1,6 +1,6 @@
 """What ``ist-finetune`` fills in where the user set nothing: the measured recipe or the paper's.
 
-The default (``measured``) is the best IST configuration of ``benchmarks/budget.py`` under a
+The default (``measured``) is the best IST configuration of ``python -m benchmarks.budget`` under a
 user's schedule (docs/benchmarks.md, "Inside the budget under a user's schedule"): the HF
 Trainer's linear schedule with 10% warm-up, every layer active for the first half of the
 steps (``dense_steps``), then uniform draws of ``active_layers``, and the rates chosen there

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..memory import PeakMemory
 from .data import TokenSplit, block_batches, load_documents, split_documents, tokenize_split
 from .errors import CLIError
-from .memory import PeakMemory
 from .models import add_adapters, load_model, load_tokenizer
 from .train import RunResult, build_optimizer, build_scheduler, train
 

@@ -103,14 +103,14 @@ def build_optimizer(
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, *, warmup_steps: int,
-                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR | None:
-    """The learning-rate schedule of ``--lr-schedule``, stepped once per optimizer step.
+                    total_steps: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The learning-rate schedule of ``--lr-schedule``, stepped once per optimizer step:
+    ``transformers.get_scheduler``'s, the HF Trainer's own.
 
-    As ``transformers.get_scheduler``: the factor rises linearly from 0 over
-    ``warmup_steps``, then stays at 1 (``"constant"``), falls linearly to 0 at
-    ``total_steps`` (``"linear"``) or along a half cosine to 0 (``"cosine"``).
-    ``"constant"`` without warm-up returns ``None`` (no scheduler: the learning rate is
-    never touched).
+    The factor rises linearly from 0 over ``warmup_steps``, then stays at 1
+    (``"constant"``: ``constant_with_warmup``), falls linearly to 0 at ``total_steps``
+    (``"linear"``) or along a half cosine to 0 (``"cosine"``). ``"constant"`` without
+    warm-up returns ``None`` (no scheduler: the learning rate is never touched).
 
     Raises:
         CLIError: for an unknown kind or a negative warm-up.
@@ -131,19 +131,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, *, warmup_steps
         raise CLIError(f"--warmup-steps {warmup_steps}: must be at least 0")
     if kind == "constant" and warmup_steps == 0:
         return None
-    decay_steps = max(1, total_steps - warmup_steps)
+    from transformers import get_scheduler
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / max(1, warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / decay_steps)
-        if kind == "linear":
-            return 1.0 - progress
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    name = "constant_with_warmup" if kind == "constant" else kind
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps,
+                         num_training_steps=total_steps)
 
 
 @contextlib.contextmanager

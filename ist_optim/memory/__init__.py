@@ -1,5 +1,7 @@
 """Memory of a training step: measured on a real run, or predicted for any model shape.
 
+* :class:`PeakMemory` measures the device's peak over a stretch of work (the CUDA
+  allocator's, or the process's resident set on the CPU).
 * :func:`account_step` runs one step and splits its peak into weights, gradients, optimizer
   state, saved activations and transient buffers (:class:`StepAccount`).
 * :func:`estimate_peak_memory` predicts that peak from a transformers config alone
@@ -21,7 +23,7 @@ from .estimate import (
     estimate_peak_memory,
 )
 from .shapes import SHAPES, load_config
-from .tracker import LiveMemory
+from .tracker import LiveMemory, PeakMemory
 
 __all__ = [
     "DEFAULT_LORA_TARGETS",
@@ -31,6 +33,7 @@ __all__ = [
     "LiveMemory",
     "MemoryEstimate",
     "MemoryPlanner",
+    "PeakMemory",
     "StepAccount",
     "account_step",
     "estimate_peak_memory",

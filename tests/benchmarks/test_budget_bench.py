@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import doctest
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_benchmark, save_tiny_llama_dir
+from conftest import save_tiny_llama_dir
 from hypothesis import given
 from hypothesis import strategies as st
 
-budget = load_benchmark("budget")
-budget_methods = load_benchmark("budget_methods")
-budget_plan = load_benchmark("budget_plan")
-budget_report = load_benchmark("budget_report")
-budget_run = load_benchmark("budget_run")
+from benchmarks.budget import cli as budget
+from benchmarks.budget import methods as budget_methods
+from benchmarks.budget import plan as budget_plan
+from benchmarks.budget import report as budget_report
+from benchmarks.budget import run as budget_run
 
 
 @given(st.lists(st.floats(0.01, 5.0), min_size=2, max_size=30), st.data())
@@ -322,7 +323,7 @@ def test_galore_and_apollo_run_where_their_measured_peak_fits(tiny, tmp_path):
     assert set(finals) == set(methods)
     assert all(r["peak_bytes"] > 0 and len(r["train_losses"]) == 2 for r in finals.values())
     # the optimizer: the blocks' linear weights projected, the norms plain; all of them move
-    models = load_benchmark("benchkit.models")
+    from benchmarks.benchkit import models
     args = budget.build_parser().parse_args(_args(tiny, out))
     args.dtype = torch.float32
     for name in methods:
@@ -410,19 +411,18 @@ def test_two_processes_on_one_out_file_share_the_runs(tiny, tmp_path):
     import os
     import subprocess
     import sys
-    from pathlib import Path
+
 
     out = tmp_path / "runs.jsonl"
     argv = _args(tiny, out, "--methods", "lora+gc", "lora+uniform+budget",
                  "--lrs", "1e-3", "1e-2", "--margin", "0.6")
-    script = Path(budget.__file__)
+    root = Path(budget.__file__).resolve().parents[2]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    code = ("import sys, runpy; sys.argv = sys.argv[1:]; import budget_run; "
-            "budget_run.CLAIM_POLL_SECONDS = 0.2; runpy.run_path(sys.argv[0], "
-            "run_name='__main__')")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(script), *argv], env=env,
-                              cwd=script.parent, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    code = ("import sys; from benchmarks.budget import cli, run; "
+            "run.CLAIM_POLL_SECONDS = 0.2; sys.exit(cli.main(sys.argv[1:]))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, *argv], env=env, cwd=root,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
     rows = _rows(out)
@@ -457,3 +457,72 @@ def test_a_claim_lapses_with_its_process():
     assert budget_plan.unclaimed(left, [claim], budget_run.claim_alive) == left
     assert budget_plan.unclaimed(left, [{**claim, "pid": os.getpid()}],
                                  budget_run.claim_alive) == []
+
+
+# --------------------------------------------------------------------------- protocols
+RESULTS = Path(budget.__file__).resolve().parents[1] / "results" / "budget"
+
+
+def test_report_refuses_the_mix_of_the_constant_rate_and_linear_studies(capsys):
+    """Every results file of the budget benchmark at once (the docs' old command, whose
+    rows keyed by method and seed overwrote each other: first-order IST came out +0.098 /
+    +0.083) is refused with one line naming what differs; grouped as it says, the
+    constant-rate study reports its published +0.0727 / +0.0641."""
+    files = sorted(str(p) for p in RESULTS.glob("*/runs*.jsonl"))
+    assert budget.main(["--report", *files]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(
+        "python -m benchmarks.budget: error: the rows mix protocols: ")
+    assert "schedule constant / linear" in err and "seq_len 128 / 64" in err
+    fields = err.split("report them apart with --group-by ")[1].split(", or give")[0]
+    assert budget.main(["--report", *files, "--group-by", *fields.split()]) == 0
+    groups = capsys.readouterr().out.split("## ")[1:]
+    assert len(groups) == 3
+    constant = next(g for g in groups if "schedule constant" in g.split("\n")[0])
+    assert "| lora+ist-fo-da+budget | equal steps | +0.0784, +0.0738, +0.0659 | +0.0727 |" in (
+        constant)
+    assert "| lora+ist-fo-da+budget | equal CPU time | +0.0677, +0.0498, +0.0749 | +0.0641 |" in (
+        constant)
+
+
+def test_plotting_several_groups_and_grouping_a_run_are_refused(tmp_path, capsys):
+    files = [str(RESULTS / "constant-rate" / "runs-lora.jsonl"),
+             str(RESULTS / "linear-400-steps" / "runs.jsonl")]
+    argv = ["--report", *files, "--group-by", "seq_len", "budget:lora+gc", "--plot",
+            str(tmp_path / "c.png")]
+    assert budget.main(argv) == 2
+    assert "--plot draws one protocol, --group-by made 2" in capsys.readouterr().err
+    assert not (tmp_path / "c.png").exists()
+    assert budget.main(["--group-by", "schedule"]) == 2
+    assert "--group-by groups the rows of --report" in capsys.readouterr().err
+
+
+def test_one_run_in_two_files_and_sweeps_of_two_lengths_are_refused(tmp_path, capsys):
+    one = str(RESULTS / "linear-400-steps" / "runs.jsonl")
+    assert budget.main(["--report", one, one]) == 2
+    assert "is in the rows twice" in capsys.readouterr().err
+    rows = _rows(Path(one))
+    sweep = next(r for r in rows if r.get("phase") == "sweep")
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({**sweep, "steps": 50, "lr": 1.0}) + "\n")
+    assert budget.main(["--report", one, str(short)]) == 2
+    assert "the rows mix sweeps of 50 / 400 steps" in capsys.readouterr().err
+
+
+def test_a_cuda_run_reads_its_peaks_with_the_librarys_meter(monkeypatch):
+    """Each CUDA step's peak is :class:`ist_optim.memory.PeakMemory`'s (the meter of
+    ``ist-finetune`` and the memory study), on the run's device."""
+    from ist_optim.memory import PeakMemory
+
+    calls = []
+    for name, value in (("reset_peak_memory_stats", None), ("memory_allocated", 3),
+                        ("max_memory_allocated", 7), ("synchronize", None)):
+        monkeypatch.setattr(torch.cuda, name, lambda device=None, name=name, value=value:
+                            calls.append((name, device)) or value)
+    peaks = budget_run.StepPeaks("cuda", None, None)
+    assert isinstance(peaks.meter, PeakMemory) and not peaks.wants(1, None)
+    assert peaks.run(1, lambda: calls.append(("step", None)), None) is False
+    assert peaks.peak == 7 and peaks.accounted == []
+    assert [c[0] for c in calls] == ["reset_peak_memory_stats", "memory_allocated", "step",
+                                     "synchronize", "max_memory_allocated"]
+    assert {c[1] for c in calls} == {torch.device("cuda"), None}

@@ -8,12 +8,12 @@ import json
 
 import pytest
 import torch
-from conftest import load_benchmark, save_tiny_llama_dir
+from conftest import save_tiny_llama_dir
 from hypothesis import given
 from hypothesis import strategies as st
 
-next_line = load_benchmark("next_line")
-few_data = load_benchmark("few_data")
+from benchmarks.few_data import epochs as few_data
+from benchmarks.few_data import next_line
 
 WORDS = ("love", "night", "crown", "sword", "grief", "honour", "fortune", "heaven", "blood",
          "king", "fair", "sweet", "death", "time", "heart", "eyes")
@@ -167,19 +167,19 @@ def test_end_to_end_sweep_seeds_resume_report_and_plot(tiny_setup, tmp_path):
     rng_state = torch.random.get_rng_state()
     assert few_data.main(args + ["--max-runs", "2"]) == 0
     assert len(out.read_text().splitlines()) == 2  # cut after two runs ...
-    assert few_data.main(args) == 0  # ... and resumed: 3 sweep runs + 4 on the chosen rates
-    assert torch.equal(rng_state, torch.random.get_rng_state())  # global RNG untouched
+    assert few_data.main(args) == 0  # ... and resumed: lora's 2 sweep runs, then the chosen
+    assert torch.equal(rng_state, torch.random.get_rng_state())  # rates (one-rate: no sweep)
     runs = [json.loads(line) for line in out.read_text().splitlines()]
     chosen_lora = few_data.choose_lrs(runs, 0)["lora"]
     assert [(r["method"], r["lr"], r["seed"]) for r in runs] == [
-        ("lora", 1e-3, 0), ("lora", 1e-2, 0), ("lora+ist", 1e-2, 0), ("lora", chosen_lora, 1),
+        ("lora", 1e-3, 0), ("lora", 1e-2, 0), ("lora", chosen_lora, 1), ("lora+ist", 1e-2, 0),
         ("lora+ist", 1e-2, 1), ("lora+uniform", 1e-2, 0), ("lora+uniform", 1e-2, 1)]
     for r in runs:
         assert [e["epoch"] for e in r["per_epoch"]] == [0, 1, 2] and r["steps"] == 4
         assert 0.0 <= r["accuracy"] <= 1.0 and r["questions"] == 3
     # LoRA + IST and uniform share seed, rate and (before the first importance round at
     # step 10) the active sets, so their 4 steps are identical.
-    ist, uni = runs[2], runs[5]
+    ist, uni = runs[3], runs[5]
     assert [e["test"] for e in ist["per_epoch"]] == [e["test"] for e in uni["per_epoch"]]
     assert (tmp_path / "c.png").stat().st_size > 0
     assert "Paired differences vs lora" in (tmp_path / "t.md").read_text()
@@ -205,3 +205,16 @@ def test_epoch_zero_scores_are_those_of_every_freshly_adapted_model(tiny_setup):
 def test_main_refuses_blocks_that_do_not_fill_epochs(capsys):
     assert few_data.main(["--train-blocks", "10", "--batch-size", "4"]) == 2
     assert "not a multiple" in capsys.readouterr().err
+
+
+def test_report_refuses_runs_of_another_protocol(tmp_path, capsys):
+    runs = [_rec("lora", 1.0, 0, [5, 4.0, 4.1], [5, 4.0, 4.2]),
+            {**_rec("ist", 1.0, 0, [5, 4.0, 4.1], [5, 4.0, 4.2]), "epochs": 3}]
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    assert few_data.main(["--report", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "the rows mix protocols: epochs 2 / 3" in err and "--group-by epochs" in err
+    path.write_text(json.dumps(runs[0]) + "\n")
+    assert few_data.main(["--report", str(path), str(path)]) == 2
+    assert "the run ('lora', 1.0, 0) is in the rows twice" in capsys.readouterr().err

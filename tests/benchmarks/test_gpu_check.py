@@ -1,4 +1,4 @@
-"""scripts/gpu-check.sh (benchmarks/gpu_check.py): its dry mode, time limits, records."""
+"""scripts/gpu-check.sh (python -m benchmarks.gpu): its dry mode, time limits, records."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ import time
 import zipfile
 from pathlib import Path
 
-from conftest import load_benchmark
+from benchmarks.gpu import check as gpu_check
 
 ROOT = Path(__file__).resolve().parents[2]
-gpu_check = load_benchmark("gpu_check")
 
 
 def test_dry_mode_runs_every_part_and_writes_the_results(tmp_path):
@@ -222,7 +221,8 @@ def test_gpu_mode_runs_the_heavy_benchmarks_last(tmp_path):
     light = [names.index(f"memory-7b:{c}") for c in gpu_check.LORA_CONFIGS]
     assert max(light) < names.index("budget") < min(heavy)
     parts = {p.name: p for p in gpu_check.plan(False, tmp_path, dict(os.environ), limits)}
-    assert parts["memory-7b:floor"].command[2:6] == ["--preset", "7b", "--device", "cuda"]
+    assert parts["memory-7b:floor"].command[1:7] == ["-m", "benchmarks.memory", "--preset", "7b",
+                                                     "--device", "cuda"]
 
 
 def _wheel(folder: Path, name: str = "istfakepkg", version: str = "0.1") -> Path:

@@ -3,26 +3,21 @@
 from __future__ import annotations
 
 import torch
-from conftest import load_benchmark
 
-from ist_optim.cli.memory import PeakMemory
-
-memory = load_benchmark("memory")
+from benchmarks.memory import peaks as memory
 
 
-def test_a_cuda_device_with_an_index_is_measured_on_that_device():
-    """``--device cuda:0`` measures the GPU (it measured the CPU's RSS before: only the
-    string "cuda" was taken for CUDA)."""
-    for device in ("cuda", "cuda:0", "cuda:1"):
-        meter = memory.peak_meter(device)
-        assert isinstance(meter, PeakMemory) and meter.device == torch.device(device)
-    assert isinstance(memory.peak_meter("cpu"), memory.RssGrowth)
-
-
-def test_rss_growth_is_measured_from_the_reset():
-    meter = memory.RssGrowth()
+def test_the_cpu_peak_is_the_growth_since_the_reset_and_cuda_the_allocators(monkeypatch):
+    """On the CPU a configuration's peak is what it added to the process after its model
+    was built; on a CUDA device (``cuda:1`` included: that device) the allocator's peak."""
+    meter = memory.PeakMemory("cpu")
     meter.reset()
     block = torch.ones(25_000_000)  # 100 MB
     block.add_(1)
-    assert meter.peak_bytes() >= 50_000_000
-    meter.synchronize()
+    assert 75_000_000 <= memory.peak_of(meter) < meter.peak_bytes()
+    for name, value in (("reset_peak_memory_stats", None), ("memory_allocated", 3),
+                        ("max_memory_allocated", 7)):
+        monkeypatch.setattr(torch.cuda, name, lambda device=None, value=value: value)
+    meter = memory.PeakMemory("cuda:1")
+    meter.reset()
+    assert meter.device == torch.device("cuda", 1) and memory.peak_of(meter) == 7

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
-from conftest import load_benchmark
 
-quality = load_benchmark("quality")
+from benchmarks.quality import heldout as quality
 
 
 def test_parse_method_adds_ist_kwargs_and_lr():
@@ -46,3 +46,29 @@ def test_report_equal_time_uses_the_fastest_methods_budget():
 def test_mean_range_ignores_nan():
     assert quality.mean_range([1.0, 3.0]) == "2.0000 (1.0000-3.0000)"
     assert quality.mean_range([math.nan]) == "n/a"
+
+
+RESULTS = Path(quality.__file__).resolve().parents[1] / "results" / "quality"
+
+
+def test_report_refuses_runs_evaluated_at_other_steps_and_groups_them_when_told(capsys):
+    """The runs of ``eval-every-10/`` are those of the main table evaluated every 10 steps
+    (the same losses at 10, 20, 30): in one table each (method, seed) would count twice."""
+    files = [str(p) for p in sorted(RESULTS.glob("quality-seed*.jsonl"))
+             + sorted((RESULTS / "eval-every-10").glob("quality-seed*.jsonl"))]
+    assert quality.main(["--report", *files]) == 2
+    err = capsys.readouterr().err
+    assert "the rows mix protocols: eval_steps (0, 5, 10, 15, 20, 25, 30) / (0, 10, 20, 30)" in (
+        err) and "--group-by eval_steps" in err
+    assert quality.main(["--report", *files, "--group-by", "eval_steps"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("## eval_steps") == 2 and "| badam-lr3e-4 | 2 |" in out
+    assert quality.main(["--report", *files[:2], *files[:1]]) == 2
+    assert "the run ('lora', 0) is in the rows twice" in capsys.readouterr().err
+
+
+def test_the_per_step_table_is_the_mean_over_seeds():
+    a = _run("a", 0, [[0, 0, 5.0, 0], [10, 1, 4.0, 1]], 1, 1)
+    b = _run("a", 1, [[0, 0, 5.0, 0], [10, 1, 3.0, 1]], 1, 1)
+    assert quality.report([a, b]).endswith(
+        "| step | a |\n| --- | --- |\n| 0 | 5.0000 |\n| 10 | 3.5000 |\n")

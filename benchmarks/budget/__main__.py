@@ -1,0 +1,5 @@
+"""``python -m benchmarks.budget``: :func:`benchmarks.budget.cli.main`."""
+
+from .cli import main
+
+raise SystemExit(main())

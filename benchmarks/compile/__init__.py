@@ -1,0 +1,2 @@
+"""IST under torch.compile: compile counts and step time (``python -m benchmarks.compile``,
+:mod:`.steps`)."""

@@ -1,0 +1,2 @@
+"""DDP modes with IST: step time and bytes reduced per mode (``torchrun ... -m
+benchmarks.ddp``, :mod:`.modes`)."""
