@@ -28,6 +28,7 @@ from .config import (
 )
 from .core.activator import LayerActivator
 from .core.checkpoint import (
+    SharedEntry,
     apply_ist_entry,
     check_inner_structure,
     inner_state_of,
@@ -37,7 +38,13 @@ from .core.checkpoint import (
     validate_ist_entry,
 )
 from .core.compile import WholeModelCompileGuard, check_not_compiled_whole
-from .core.groups import LayerGroups, LayersSpec, build_layer_groups, default_params
+from .core.groups import (
+    LayerGroups,
+    LayersSpec,
+    build_layer_groups,
+    check_layer_indices,
+    default_params,
+)
 from .core.wrapper import WrappedOptimizer
 from .distributed.ranks import (
     agree_on_seed,
@@ -53,7 +60,7 @@ from .memory import MemoryPlanner
 from .memory.budget import MemoryBudget, memory_report
 from .memory.residency import StateResidency, resolve_state_policy
 from .sampling.draws import resolve_count
-from .sampling.sampler import LayerSampler, check_layer_indices
+from .sampling.sampler import LayerSampler
 from .views import ISTViews
 
 __all__ = ["ISTOptimizer"]
@@ -162,14 +169,12 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
     # ------------------------------------------------------------------ stepping
     def _draw_next(self) -> None:
         """The sampler draws the next set (again, up to ``budget_redraws`` times, while it
-        does not fit ``memory_budget`` as it is); it becomes the sampler's active set once
-        it is applied, so an interrupted switch leaves the set that trained in place."""
-        budget = self.memory_budget
+        does not fit ``memory_budget`` as it is); the activator applies it and records it
+        once it is in place, so an interrupted switch leaves the set that trained."""
+        budget = self.budget_policy
         redraws = self.config.budget_redraws if budget is not None else 0
-        drawn = self.sampler.draw_active(budget.fits_as_is if redraws and budget else None,
-                                         redraws)
-        self.activator.apply(drawn)
-        self.sampler.set_active(drawn)
+        self.activator.apply(self.sampler.draw_active(
+            budget.fits_as_is if redraws and budget else None, redraws))
 
     def _end_backward(self, closure: Callable[[], Any]) -> Callable[[], Any]:
         @functools.wraps(closure)
@@ -192,8 +197,7 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
         if closure is not None and self.config.skip_nonfinite:
             raise ValueError("skip_nonfinite checks the gradients before the update, but a "
                              "closure computes them inside it; call step() without a closure")
-        if self.activator.applied != self.sampler.active:
-            self.activator.apply(self.sampler.active)  # an interrupted switch: finish it
+        self.activator.finish_switch()  # after an interrupted switch or a load
         if self.config.skip_nonfinite and not finite_on_every_rank(
                 self.activator.trained_grads(), self.process_group):
             self._skip_step()
@@ -231,15 +235,13 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
         Raises:
             ValueError: for indices that are not distinct layers of this optimizer.
         """
-        layers = check_layer_indices(layers, self.num_layers)
-        self.activator.apply(layers)
-        self.sampler.set_active(layers)
+        self.activator.apply(check_layer_indices(layers, self.num_layers))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the inner optimizer; its params join their layer or the outside group."""
         self.optimizer.add_param_group(param_group)
         self.layer_groups.add_params(self.optimizer.param_groups[-1]["params"])
-        self.activator.apply(self.sampler.active)
+        self.activator.reapply()
 
     def measure_suppressed_losses(self, candidate_sets: list[list[int]],
                                   batch: Any) -> torch.Tensor:
@@ -270,7 +272,9 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def _parts(self) -> dict[str, Any]:
-        return {"sampler": self.sampler, "rounds": self.rounds}
+        """The owners of the ``"ist"`` entry's parts; the active set (the activator's) is
+        saved in the sampler's sub-dict (see :mod:`ist_optim.core.checkpoint`)."""
+        return {"sampler": SharedEntry(self.sampler, self.activator), "rounds": self.rounds}
 
     def _signature(self) -> dict[str, Any]:
         return layer_signature(self.layer_groups.names, self.layer_groups.numels())
@@ -308,7 +312,7 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
         # The inner optimizer holds every saved entry now; the residency moves (or drops)
         # those of inactive layers, as if every layer had just been active.
         self.activator.reset()
-        self.activator.apply(self.sampler.active)
+        self.activator.finish_switch()
 
     def load_layerwise(self, ist: Any,
                        load_inner: Callable[[list[torch.Tensor] | None], None]) -> None:
@@ -322,7 +326,7 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
         """
         ist = self.check_ist_state_dict(ist)
         apply_ist_entry(ist, self._parts())
-        self.activator.load_state(load_inner, self.sampler.active)
+        self.activator.load_state(load_inner)
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict`; the next step trains the saved active set. All is
@@ -342,7 +346,7 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
         :func:`ist_optim.memory.budget.memory_report`."""
         active = self.active_layers
         return memory_report(self.activator.residency, self.layer_groups.trained_params(active),
-                             active, self.memory_budget)
+                             active, self.budget_policy)
 
     def close(self) -> None:
         """Remove the hooks from the model and re-enable all layers' grads."""
@@ -354,6 +358,6 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
 
     def __repr__(self) -> str:
         return (f"ISTOptimizer({type(self.optimizer).__name__}, layers={self.num_layers}, "
-                f"active={self.num_active}, sampling={self.config.sampling!r}, "
-                f"step={self.num_steps})")
+                f"active_layers={self.num_active}, trained_next={self.num_trained}, "
+                f"sampling={self.config.sampling!r}, step={self.num_steps})")
 
