@@ -19,16 +19,16 @@ from .importance.paper import PaperRound, paper_advantages
 from .importance.rounds import ImportanceRound, RoundContext
 from .importance.scores import score_update
 from .importance.suppression import Suppressor, find_tuner_layers
-from .memory import (
+from .memory.budget import BudgetDecision, CheckpointPolicy, MemoryBudget, parse_memory_budget
+from .memory.residency import StateResidency, state_bytes
+from .optimizer import ISTOptimizer
+from .planner import (
     MemoryEstimate,
     MemoryPlanner,
     StepAccount,
     account_step,
     estimate_peak_memory,
 )
-from .memory.budget import BudgetDecision, CheckpointPolicy, MemoryBudget, parse_memory_budget
-from .memory.residency import StateResidency, state_bytes
-from .optimizer import ISTOptimizer
 from .registry import register_estimator, register_sampling_rule
 from .reporting.history import ImportanceHistory
 from .reporting.plotting import plot_importance

@@ -56,9 +56,10 @@ from .distributed.ranks import (
 )
 from .importance.batches import LossFn
 from .importance.rounds import ImportanceRound, build_round
-from .memory import MemoryPlanner
-from .memory.budget import MemoryBudget, memory_report
+from .memory.budget import MemoryBudget
+from .memory.report import memory_report
 from .memory.residency import StateResidency, resolve_state_policy
+from .planner.estimate import MemoryPlanner
 from .sampling.draws import resolve_count
 from .sampling.sampler import LayerSampler
 from .views import ISTViews
@@ -140,7 +141,7 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
         residency = StateResidency(self.optimizer, policy)
         budget_bytes = cfg.memory_budget_bytes
         budget = None if budget_bytes is None else MemoryBudget.for_model(
-            model, self.optimizer, self.layer_groups.modules, budget_bytes,
+            model, self.optimizer, self.layer_groups, budget_bytes,
             shape=cfg.memory_shape, planner=memory_planner,
             cut_backward=cfg.cuts_backward, keeps_all_state=policy == "keep")
         # Hooks on the model last, once nothing can raise any more (the rounds validate
@@ -343,7 +344,7 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
     def memory_report(self) -> dict[str, Any]:
         """Optimizer-state bytes on the device and offloaded, trainable bytes of the
         coming step, and the budget's prediction: see
-        :func:`ist_optim.memory.budget.memory_report`."""
+        :func:`ist_optim.memory.report.memory_report`."""
         active = self.active_layers
         return memory_report(self.activator.residency, self.layer_groups.trained_params(active),
                              active, self.budget_policy)
