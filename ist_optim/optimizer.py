@@ -1,8 +1,9 @@
 """``ISTOptimizer``: Importance-aware Sparse Tuning around any torch optimizer.
 
 The class only composes the parts, each owning its state and its piece of the checkpoint:
-the config, the layer groups, the sampler, the importance round and the activator (which
-applies a set: ``requires_grad``, backward cut, state residency, ``memory_budget``). Where
+the config, the layer groups, the sampler (which draws the sets), the importance round and
+the activator (which applies a set and is its one record: ``requires_grad``, backward cut,
+state residency, ``memory_budget``). Where
 each lives: docs/extending.md. The torch optimizer contract is
 :class:`~ist_optim.core.wrapper.WrappedOptimizer`'s, the read-only properties
 :class:`~ist_optim.views.ISTViews`'.
