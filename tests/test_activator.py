@@ -216,13 +216,21 @@ class _FailingResidency(StateResidency):
         super().activate(params)
 
 
-def test_an_interrupted_switch_keeps_the_set_before_and_names_the_state_held() -> None:
+def _failing_on_layer_2() -> tuple[LayerGroups, torch.optim.Optimizer, _FailingResidency,
+                                   LayerActivator]:
+    """An "offload" activator after one all-layer step, whose residency raises (once armed)
+    when layer 2's state is about to come back."""
     model = _model()
     groups = _groups(model)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     residency = _FailingResidency(opt, "offload", groups.params[2])
     act = LayerActivator(groups, residency, freeze_inactive=True, cut_backward=False)
     _step_all(model, opt, act)
+    return groups, opt, residency, act
+
+
+def test_an_interrupted_switch_keeps_the_set_before_and_names_the_state_held() -> None:
+    groups, opt, residency, act = _failing_on_layer_2()
     before = _snapshot(opt, groups.layer_params(range(NUM_LAYERS)))
     act.apply([0])
     residency.armed = True
@@ -240,12 +248,7 @@ def test_an_interrupted_switch_keeps_the_set_before_and_names_the_state_held() -
 
 
 def test_finish_switch_puts_the_recorded_set_back_after_an_interruption() -> None:
-    model = _model()
-    groups = _groups(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-    residency = _FailingResidency(opt, "offload", groups.params[2])
-    act = LayerActivator(groups, residency, freeze_inactive=True, cut_backward=False)
-    _step_all(model, opt, act)
+    groups, opt, residency, act = _failing_on_layer_2()
     act.apply([0, 1])
     residency.armed = True
     with pytest.raises(RuntimeError, match="interrupted"):

@@ -8,30 +8,5 @@ The offline planner (predicting a step's peak for any model shape, measuring one
 in this package (``from ist_optim.memory import MemoryPlanner`` keeps working).
 """
 
-from ..planner import (
-    DEFAULT_LORA_TARGETS,
-    METHODS,
-    OPTIMIZERS,
-    SHAPES,
-    LiveMemory,
-    MemoryEstimate,
-    MemoryPlanner,
-    StepAccount,
-    account_step,
-    estimate_peak_memory,
-    load_config,
-)
-
-__all__ = [
-    "DEFAULT_LORA_TARGETS",
-    "METHODS",
-    "OPTIMIZERS",
-    "SHAPES",
-    "LiveMemory",
-    "MemoryEstimate",
-    "MemoryPlanner",
-    "StepAccount",
-    "account_step",
-    "estimate_peak_memory",
-    "load_config",
-]
+from ..planner import *  # noqa: F403  (the planner's names, re-exported)
+from ..planner import __all__ as __all__
