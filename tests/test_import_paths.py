@@ -14,7 +14,6 @@ MOVED = [
     ("ist_optim.memory", "load_config", "ist_optim.planner.shapes"),
     ("ist_optim.memory", "account_step", "ist_optim.planner.accounting"),
     ("ist_optim.memory.budget", "planner_for_model", "ist_optim.planner.from_model"),
-    ("ist_optim.memory.budget", "memory_report", "ist_optim.memory.report"),
     ("ist_optim.memory.projection", "projected_step", "ist_optim.planner.projection"),
     ("ist_optim.memory.quantized", "QuantSpec", "ist_optim.planner.quantized"),
     ("ist_optim.memory.shapes", "SHAPES", "ist_optim.planner.shapes"),

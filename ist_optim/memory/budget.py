@@ -9,9 +9,9 @@ checkpointing; a step that does not fit checkpoints the fewest blocks that make 
 * :class:`MemoryBudget` switches their checkpointing per step
   (:class:`~ist_optim.core.recompute.BlockCheckpointer`).
 
-``parse_memory_budget`` (:mod:`ist_optim.config`), ``planner_for_model``
-(:mod:`ist_optim.planner.from_model`) and ``memory_report`` (:mod:`.report`) are
-re-exported here for code that imported them from this module.
+``parse_memory_budget`` (:mod:`ist_optim.config`) and ``planner_for_model``
+(:mod:`ist_optim.planner.from_model`) are re-exported here for code that imported them
+from this module.
 
 See docs/memory.md, "Training inside a memory budget".
 """
@@ -35,10 +35,9 @@ from ..core.groups import LayerGroups
 from ..core.recompute import BlockCheckpointer
 from ..planner.estimate import MemoryPlanner
 from ..planner.from_model import planner_for_model, trains_embeddings_and_head
-from .report import memory_report
 
 __all__ = ["PLANNING_HEADROOM", "WORKSPACE_THREADS", "BudgetDecision", "CheckpointPolicy",
-           "MemoryBudget", "cuda_workspace_bytes", "memory_report", "parse_memory_budget",
+           "MemoryBudget", "cuda_workspace_bytes", "parse_memory_budget",
            "planner_for_model"]
 
 #: Share of the budget the policy leaves free: it plans each step for ``(1 - headroom)`` of
