@@ -13,26 +13,22 @@ from .core.backward import BackwardCut, GraphMemo, reaches_trainable_parameter
 from .core.compile import compile_blocks, is_compiled_block
 from .core.groups import LayerGroups, build_layer_groups, discover_layers
 from .core.recompute import BlockCheckpointer
-from .importance.estimators import FirstOrderProbe, normalized_score_update
-from .importance.rounds import (
-    FirstOrderRound,
-    ImportanceRound,
-    NormalizedRound,
-    PaperRound,
-    RoundContext,
-)
-from .importance.scores import paper_advantages, score_update
+from .importance.first_order import FirstOrderProbe, FirstOrderRound
+from .importance.normalized import NormalizedRound, normalized_score_update
+from .importance.paper import PaperRound, paper_advantages
+from .importance.rounds import ImportanceRound, RoundContext
+from .importance.scores import score_update
 from .importance.suppression import Suppressor, find_tuner_layers
-from .memory import (
+from .memory.budget import BudgetDecision, CheckpointPolicy, MemoryBudget, parse_memory_budget
+from .memory.residency import StateResidency, state_bytes
+from .optimizer import ISTOptimizer
+from .planner import (
     MemoryEstimate,
     MemoryPlanner,
     StepAccount,
     account_step,
     estimate_peak_memory,
 )
-from .memory.budget import BudgetDecision, CheckpointPolicy, MemoryBudget, parse_memory_budget
-from .memory.residency import StateResidency, state_bytes
-from .optimizer import ISTOptimizer
 from .registry import register_estimator, register_sampling_rule
 from .reporting.history import ImportanceHistory
 from .reporting.plotting import plot_importance

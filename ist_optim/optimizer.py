@@ -1,8 +1,9 @@
 """``ISTOptimizer``: Importance-aware Sparse Tuning around any torch optimizer.
 
 The class only composes the parts, each owning its state and its piece of the checkpoint:
-the config, the layer groups, the sampler, the importance round and the activator (which
-applies a set: ``requires_grad``, backward cut, state residency, ``memory_budget``). Where
+the config, the layer groups, the sampler (which draws the sets), the importance round and
+the activator (which applies a set and is its one record: ``requires_grad``, backward cut,
+state residency, ``memory_budget``). Where
 each lives: docs/extending.md. The torch optimizer contract is
 :class:`~ist_optim.core.wrapper.WrappedOptimizer`'s, the read-only properties
 :class:`~ist_optim.views.ISTViews`'.
@@ -28,6 +29,7 @@ from .config import (
 )
 from .core.activator import LayerActivator
 from .core.checkpoint import (
+    SharedEntry,
     apply_ist_entry,
     check_inner_structure,
     inner_state_of,
@@ -37,7 +39,13 @@ from .core.checkpoint import (
     validate_ist_entry,
 )
 from .core.compile import WholeModelCompileGuard, check_not_compiled_whole
-from .core.groups import LayerGroups, LayersSpec, build_layer_groups, default_params
+from .core.groups import (
+    LayerGroups,
+    LayersSpec,
+    build_layer_groups,
+    check_layer_indices,
+    default_params,
+)
 from .core.wrapper import WrappedOptimizer
 from .distributed.ranks import (
     agree_on_seed,
@@ -49,11 +57,12 @@ from .distributed.ranks import (
 )
 from .importance.batches import LossFn
 from .importance.rounds import ImportanceRound, build_round
-from .memory import MemoryPlanner
-from .memory.budget import MemoryBudget, memory_report
+from .memory.budget import MemoryBudget
+from .memory.report import memory_report
 from .memory.residency import StateResidency, resolve_state_policy
+from .planner.estimate import MemoryPlanner
 from .sampling.draws import resolve_count
-from .sampling.sampler import LayerSampler, check_layer_indices
+from .sampling.sampler import LayerSampler
 from .views import ISTViews
 
 __all__ = ["ISTOptimizer"]
@@ -133,7 +142,7 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
         residency = StateResidency(self.optimizer, policy)
         budget_bytes = cfg.memory_budget_bytes
         budget = None if budget_bytes is None else MemoryBudget.for_model(
-            model, self.optimizer, self.layer_groups.modules, budget_bytes,
+            model, self.optimizer, self.layer_groups, budget_bytes,
             shape=cfg.memory_shape, planner=memory_planner,
             cut_backward=cfg.cuts_backward, keeps_all_state=policy == "keep")
         # Hooks on the model last, once nothing can raise any more (the rounds validate
@@ -162,14 +171,12 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
     # ------------------------------------------------------------------ stepping
     def _draw_next(self) -> None:
         """The sampler draws the next set (again, up to ``budget_redraws`` times, while it
-        does not fit ``memory_budget`` as it is); it becomes the sampler's active set once
-        it is applied, so an interrupted switch leaves the set that trained in place."""
-        budget = self.memory_budget
+        does not fit ``memory_budget`` as it is); the activator applies it and records it
+        once it is in place, so an interrupted switch leaves the set that trained."""
+        budget = self.budget_policy
         redraws = self.config.budget_redraws if budget is not None else 0
-        drawn = self.sampler.draw_active(budget.fits_as_is if redraws and budget else None,
-                                         redraws)
-        self.activator.apply(drawn)
-        self.sampler.set_active(drawn)
+        self.activator.apply(self.sampler.draw_active(
+            budget.fits_as_is if redraws and budget else None, redraws))
 
     def _end_backward(self, closure: Callable[[], Any]) -> Callable[[], Any]:
         @functools.wraps(closure)
@@ -192,8 +199,7 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
         if closure is not None and self.config.skip_nonfinite:
             raise ValueError("skip_nonfinite checks the gradients before the update, but a "
                              "closure computes them inside it; call step() without a closure")
-        if self.activator.applied != self.sampler.active:
-            self.activator.apply(self.sampler.active)  # an interrupted switch: finish it
+        self.activator.finish_switch()  # after an interrupted switch or a load
         if self.config.skip_nonfinite and not finite_on_every_rank(
                 self.activator.trained_grads(), self.process_group):
             self._skip_step()
@@ -231,15 +237,13 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
         Raises:
             ValueError: for indices that are not distinct layers of this optimizer.
         """
-        layers = check_layer_indices(layers, self.num_layers)
-        self.activator.apply(layers)
-        self.sampler.set_active(layers)
+        self.activator.apply(check_layer_indices(layers, self.num_layers))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the inner optimizer; its params join their layer or the outside group."""
         self.optimizer.add_param_group(param_group)
         self.layer_groups.add_params(self.optimizer.param_groups[-1]["params"])
-        self.activator.apply(self.sampler.active)
+        self.activator.reapply()
 
     def measure_suppressed_losses(self, candidate_sets: list[list[int]],
                                   batch: Any) -> torch.Tensor:
@@ -270,7 +274,9 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def _parts(self) -> dict[str, Any]:
-        return {"sampler": self.sampler, "rounds": self.rounds}
+        """The owners of the ``"ist"`` entry's parts; the active set (the activator's) is
+        saved in the sampler's sub-dict (see :mod:`ist_optim.core.checkpoint`)."""
+        return {"sampler": SharedEntry(self.sampler, self.activator), "rounds": self.rounds}
 
     def _signature(self) -> dict[str, Any]:
         return layer_signature(self.layer_groups.names, self.layer_groups.numels())
@@ -308,7 +314,7 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
         # The inner optimizer holds every saved entry now; the residency moves (or drops)
         # those of inactive layers, as if every layer had just been active.
         self.activator.reset()
-        self.activator.apply(self.sampler.active)
+        self.activator.finish_switch()
 
     def load_layerwise(self, ist: Any,
                        load_inner: Callable[[list[torch.Tensor] | None], None]) -> None:
@@ -322,7 +328,7 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
         """
         ist = self.check_ist_state_dict(ist)
         apply_ist_entry(ist, self._parts())
-        self.activator.load_state(load_inner, self.sampler.active)
+        self.activator.load_state(load_inner)
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict`; the next step trains the saved active set. All is
@@ -339,10 +345,10 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
     def memory_report(self) -> dict[str, Any]:
         """Optimizer-state bytes on the device and offloaded, trainable bytes of the
         coming step, and the budget's prediction: see
-        :func:`ist_optim.memory.budget.memory_report`."""
+        :func:`ist_optim.memory.report.memory_report`."""
         active = self.active_layers
         return memory_report(self.activator.residency, self.layer_groups.trained_params(active),
-                             active, self.memory_budget)
+                             active, self.budget_policy)
 
     def close(self) -> None:
         """Remove the hooks from the model and re-enable all layers' grads."""
@@ -354,6 +360,6 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
 
     def __repr__(self) -> str:
         return (f"ISTOptimizer({type(self.optimizer).__name__}, layers={self.num_layers}, "
-                f"active={self.num_active}, sampling={self.config.sampling!r}, "
-                f"step={self.num_steps})")
+                f"active_layers={self.num_active}, trained_next={self.num_trained}, "
+                f"sampling={self.config.sampling!r}, step={self.num_steps})")
 

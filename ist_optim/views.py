@@ -50,13 +50,21 @@ class ISTViews:
 
     @property
     def num_active(self) -> int:
-        """``active_layers`` as a count (what a schedule falls back to)."""
+        """The configured ``active_layers`` as a count, ``N_u`` (what the schedule falls back
+        to); the coming step may train another number: :attr:`num_trained`."""
         return self.sampler.num_active
+
+    @property
+    def num_trained(self) -> int:
+        """Layers the coming step trains, ``len(active_layers)``: :attr:`num_active`
+        outside ``dense_steps``/``ramp_steps``/``active_schedule``, else the schedule's
+        count (all of them in a dense step)."""
+        return len(self.activator.active)
 
     @property
     def active_layers(self) -> list[int]:
         """Sorted indices of the layers that train in the coming step."""
-        return list(self.sampler.active)
+        return self.activator.active
 
     @property
     def num_steps(self) -> int:
@@ -103,8 +111,16 @@ class ISTViews:
         return self.sampler.spread()
 
     @property
+    def budget_policy(self) -> MemoryBudget | None:
+        """The object that runs ``memory_budget``: it picks and switches the blocks each
+        step checkpoints (``None`` without a budget). The budget's size is
+        ``config.memory_budget_bytes``."""
+        return self.activator.budget
+
+    @property
     def memory_budget(self) -> MemoryBudget | None:
-        """The ``memory_budget`` policy (which blocks each step checkpoints), or None."""
+        """Alias of :attr:`budget_policy`, kept for code written before it (the option's
+        value is ``config.memory_budget``)."""
         return self.activator.budget
 
     @property
@@ -123,5 +139,6 @@ class ISTViews:
         return self.rounds.skipped_rounds if self.rounds is not None else 0
 
     def fingerprint(self) -> dict[str, Any]:
-        """The sampler's step, active set, scores, seed and generator hash (rank checks)."""
-        return self.sampler.fingerprint()
+        """The sampler's step, scores, seed and generator hash, and the active set (rank
+        checks)."""
+        return {**self.sampler.fingerprint(), "active_layers": self.active_layers}

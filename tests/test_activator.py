@@ -90,21 +90,21 @@ def test_fixture_groups_have_four_layers_and_the_head_outside() -> None:
 def test_apply_freezes_exactly_the_inactive_layers(active: list[int]) -> None:
     model, groups, _, act = _setup()
     act.apply(active)
-    assert act.applied == sorted(active)
+    assert act.active == sorted(active)
     assert _requires_grad(groups) == [[i in active] * 2 for i in range(NUM_LAYERS)]
     # the outside group is never frozen
     assert all(p.requires_grad for p in model[NUM_LAYERS].parameters())
 
 
-def test_switching_sets_moves_requires_grad_and_applied() -> None:
+def test_switching_sets_moves_requires_grad_and_the_active_set() -> None:
     _, groups, _, act = _setup()
     act.apply([3, 0])
-    assert act.applied == [0, 3]
+    assert act.active == [0, 3]
     act.apply([1])
-    assert act.applied == [1]
+    assert act.active == [1]
     assert _requires_grad(groups) == [[False] * 2, [True] * 2, [False] * 2, [False] * 2]
     act.apply([2, 1])
-    assert act.applied == [1, 2]
+    assert act.active == [1, 2]
     assert _requires_grad(groups) == [[False] * 2, [True] * 2, [True] * 2, [False] * 2]
 
 
@@ -121,7 +121,7 @@ def test_frozen_layers_get_no_weight_gradient_in_backward() -> None:
 def test_without_freeze_inactive_requires_grad_is_left_alone() -> None:
     _, groups, _, act = _setup(freeze_inactive=False)
     act.apply([1])
-    assert act.applied == [1]
+    assert act.active == [1]
     assert all(all(row) for row in _requires_grad(groups))
     assert not act.freezes_now
 
@@ -142,7 +142,7 @@ def test_deferred_first_freeze_keeps_requires_grad_until_end_deferral() -> None:
     _, groups, _, act = _setup(defer_first_freeze=True)
     assert not act.freezes_now
     act.apply([1])
-    assert act.applied == [1]
+    assert act.active == [1]
     assert all(all(row) for row in _requires_grad(groups))
     act.end_deferral()
     assert act.freezes_now
@@ -216,29 +216,73 @@ class _FailingResidency(StateResidency):
         super().activate(params)
 
 
-def test_an_interrupted_switch_leaves_applied_naming_the_layers_whose_state_is_held() -> None:
+def _failing_on_layer_2() -> tuple[LayerGroups, torch.optim.Optimizer, _FailingResidency,
+                                   LayerActivator]:
+    """An "offload" activator after one all-layer step, whose residency raises (once armed)
+    when layer 2's state is about to come back."""
     model = _model()
     groups = _groups(model)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     residency = _FailingResidency(opt, "offload", groups.params[2])
     act = LayerActivator(groups, residency, freeze_inactive=True, cut_backward=False)
     _step_all(model, opt, act)
+    return groups, opt, residency, act
+
+
+def test_an_interrupted_switch_keeps_the_set_before_and_names_the_state_held() -> None:
+    groups, opt, residency, act = _failing_on_layer_2()
     before = _snapshot(opt, groups.layer_params(range(NUM_LAYERS)))
     act.apply([0])
     residency.armed = True
     with pytest.raises(RuntimeError, match="interrupted"):
         act.apply([1, 2])
-    assert act.applied == [1]
+    assert act.active == [0]  # the set that trained before: the switch did not commit
+    assert act.switched_in == [1]
     held = [i for i in range(NUM_LAYERS) if all(p in opt.state for p in groups.params[i])]
-    assert held == act.applied
+    assert held == act.switched_in
     residency.armed = False
     act.apply([1, 2])  # the next apply finishes the switch
-    assert act.applied == [1, 2]
+    assert act.active == act.switched_in == [1, 2]
     for p in groups.layer_params([1, 2]):
         assert _same_state(opt.state[p], before[p])
 
 
-def test_reset_forgets_offloaded_state_and_treats_every_layer_as_applied() -> None:
+def test_finish_switch_puts_the_recorded_set_back_after_an_interruption() -> None:
+    groups, opt, residency, act = _failing_on_layer_2()
+    act.apply([0, 1])
+    residency.armed = True
+    with pytest.raises(RuntimeError, match="interrupted"):
+        act.apply([2, 3])
+    assert act.switched_in != act.active == [0, 1]
+    residency.armed = False
+    act.finish_switch()
+    assert act.active == act.switched_in == [0, 1]
+    assert _requires_grad(groups) == [[i in (0, 1)] * 2 for i in range(NUM_LAYERS)]
+    assert all(p in opt.state for p in groups.layer_params([0, 1]))
+    assert not any(p in opt.state for p in groups.layer_params([2, 3]))
+
+
+def test_finish_switch_does_nothing_after_a_complete_apply() -> None:
+    _, _, _, act = _setup("offload")
+    act.apply([1])
+    calls = []
+    act.residency.activate = lambda params: calls.append(params)  # type: ignore[method-assign]
+    act.finish_switch()
+    assert calls == [] and act.active == [1]
+
+
+def test_apply_refuses_bad_indices_and_changes_nothing() -> None:
+    _, groups, _, act = _setup()
+    act.apply([1])
+    for bad in ([], [1, 1], [4], ["a"], [True]):
+        with pytest.raises(ValueError, match="distinct indices"):
+            act.apply(bad)
+    act.finish_switch()
+    assert act.active == [1]
+    assert _requires_grad(groups) == [[i == 1] * 2 for i in range(NUM_LAYERS)]
+
+
+def test_reset_forgets_offloaded_state_and_treats_every_layer_as_switched_in() -> None:
     model, groups, opt, act = _setup("offload")
     _step_all(model, opt, act)
     stale = _snapshot(opt, groups.params[0])
@@ -252,16 +296,41 @@ def test_reset_forgets_offloaded_state_and_treats_every_layer_as_applied() -> No
     for p, entry in loaded.items():
         opt.state[p] = {k: v.clone() for k, v in entry.items()}
     act.reset()
-    assert act.applied == list(range(NUM_LAYERS))
+    assert act.switched_in == list(range(NUM_LAYERS)) and act.active == [1]
     assert act.residency.offloaded_bytes() == 0  # layer 2's stale state is forgotten
-    act.apply([1])  # every layer but 1 "leaves": the loaded state is offloaded
-    assert act.applied == [1]
+    act.finish_switch()  # every layer but 1 "leaves": the loaded state is offloaded
+    assert act.switched_in == [1]
     assert all(p not in opt.state for p in groups.layer_params([0, 2, 3]))
     act.apply([0, 2])
     for p in groups.params[0]:  # the loaded state comes back, not the stale one
         assert _same_state(opt.state[p], loaded[p])
         assert not _same_state(opt.state[p], stale[p])
     assert all(p not in opt.state for p in groups.params[2])
+
+
+# ------------------------------------------------------------------ the active set in checkpoints
+def test_state_dict_round_trip_records_the_set_and_finish_switch_applies_it() -> None:
+    _, groups, _, act = _setup()
+    act.apply([0, 3])
+    assert act.state_dict() == {"active_layers": [0, 3]}
+    _, other_groups, _, other = _setup()
+    other.apply([1])
+    other.load_state_dict({"active_layers": [3, 0], "scores": "ignored: not its key"})
+    assert other.active == [0, 3]
+    other.finish_switch()
+    assert _requires_grad(other_groups) == [[i in (0, 3)] * 2 for i in range(NUM_LAYERS)]
+
+
+@pytest.mark.parametrize("junk", [None, "01", [], [0, 0], [0, 9], [-1], [0.5], {"0": 1}, 3])
+def test_check_state_refuses_a_malformed_active_set_and_changes_nothing(junk: Any) -> None:
+    _, _, _, act = _setup()
+    act.apply([2])
+    with pytest.raises(ValueError, match=r"^IST checkpoint entry 'active_layers' is .*"
+                                         r"expected distinct layer indices in \[0, 4\)$"):
+        act.load_state_dict({"active_layers": junk})
+    with pytest.raises(ValueError, match="no 'active_layers' entry"):
+        act.check_state({})
+    assert act.active == [2]
 
 
 # ------------------------------------------------------------------ gradients

@@ -266,3 +266,16 @@ def test_the_schedule_and_nonfinite_keys_reach_the_optimizer() -> None:
     options = ist_options({"ist_dense_steps": 5, "ist_ramp_steps": 3,
                            "ist_skip_nonfinite": True})
     assert options == {"dense_steps": 5, "ramp_steps": 3, "skip_nonfinite": True}
+
+
+def test_describe_says_the_configured_count_and_the_coming_steps_when_they_differ():
+    blocks = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(4))
+    model = torch.nn.Sequential(*blocks)
+    steady = ISTOptimizer(torch.optim.SGD, model, lr=0.1, layers=list(blocks),
+                          active_layers=1, sampling="uniform")
+    assert plugin.describe(steady).startswith("IST: SGD over 4 layers, 1 trained per step (")
+    steady.close()
+    dense = ISTOptimizer(torch.optim.SGD, model, lr=0.1, layers=list(blocks), active_layers=1,
+                         sampling="uniform", dense_steps=2)
+    assert plugin.describe(dense).startswith(
+        "IST: SGD over 4 layers, 1 trained per step, 4 in the coming step (uniform sampling")

@@ -182,3 +182,60 @@ def test_resume_under_offload_holds_one_inactive_layer_at_a_time(path, monkeypat
     for (name, a), b in zip(full_model.named_parameters(), resumed_model.parameters(),
                             strict=True):
         assert torch.equal(a, b), name
+
+
+# ------------------------------------------------------------------ the entry's composition
+class _Part:
+    def __init__(self, key: str, value: int = 0):
+        self.key, self.value, self.checked = key, value, []
+
+    def state_dict(self):
+        return {self.key: self.value}
+
+    def check_state(self, state):
+        self.checked.append(dict(state))
+        if not isinstance(state.get(self.key), int):
+            raise ValueError(f"bad {self.key}")
+
+    def load_state_dict(self, state):
+        self.value = state[self.key]
+
+
+def test_a_shared_entry_merges_its_owners_and_each_checks_and_loads_its_keys():
+    from ist_optim.core.checkpoint import (
+        SharedEntry,
+        apply_ist_entry,
+        ist_entry,
+        layer_signature,
+        validate_ist_entry,
+    )
+
+    a, b = _Part("a", 1), _Part("b", 2)
+    signature = layer_signature(["h.0"], [4])
+    entry = ist_entry(signature, {"sampler": SharedEntry(a, b), "rounds": None})
+    assert entry["sampler"] == {"a": 1, "b": 2}
+    entry["sampler"] = {"a": 5, "b": "x"}
+    with pytest.raises(ValueError, match="bad b"):
+        validate_ist_entry(entry, signature, {"sampler": SharedEntry(a, b)})
+    assert (a.value, b.value) == (1, 2)  # nothing loaded
+    entry["sampler"] = {"a": 5, "b": 6}
+    apply_ist_entry(validate_ist_entry(entry, signature, {"sampler": SharedEntry(a, b)}),
+                    {"sampler": SharedEntry(a, b)})
+    assert (a.value, b.value) == (5, 6)
+    with pytest.raises(RuntimeError, match=r"_Part writes \['a'\], which another owner"):
+        SharedEntry(a, _Part("a")).state_dict()
+
+
+def test_the_rule_name_older_writers_kept_at_the_top_goes_to_the_sampler():
+    from ist_optim.core.checkpoint import upgrade_ist_entry
+
+    v2 = {"format_version": 2, "layers": {}, "sampling": "uniform", "sampler": {"seed": 0},
+          "rounds": None}
+    assert upgrade_ist_entry(v2)["sampler"] == {"seed": 0, "sampling": "uniform"}
+    current = {**v2, "sampler": {"seed": 0, "sampling": "importance"}}
+    assert upgrade_ist_entry(current)["sampler"]["sampling"] == "importance"  # its own wins
+    v1 = {"format_version": 1, "num_layers": 1, "layer_names": ["h.0"], "layer_numels": [4],
+          "active_layers": [0], "num_steps": 3, "seed": 0, "sampling": "depth-aware"}
+    assert upgrade_ist_entry(v1)["sampler"]["sampling"] == "depth-aware"
+    del v1["sampling"]
+    assert "sampling" not in upgrade_ist_entry(v1)["sampler"]

@@ -402,7 +402,7 @@ def test_close_removes_hook_and_unfreezes():
     assert all(p.requires_grad for ps in opt.groups.params for p in ps)
     model(**lm_batch())
     assert not opt.rounds.batches.captures
-    assert "ISTOptimizer(SGD, layers=4, active=1" in repr(opt)
+    assert "ISTOptimizer(SGD, layers=4, active_layers=1, trained_next=1" in repr(opt)
 
 
 def test_captured_batch_drops_num_items_in_batch():

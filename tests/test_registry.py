@@ -16,7 +16,7 @@ from ist_optim import (
     register_estimator,
     register_sampling_rule,
 )
-from ist_optim.importance.rounds import ImportanceRound, RoundContext
+from ist_optim.importance.rounds import ImportanceRound
 from ist_optim.registry import estimator_names, sampling_rule, sampling_rule_names
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "grad_norm_sampling.py"
@@ -94,15 +94,12 @@ def test_names_are_unique_and_required():
 
 class _LastStepLoss(ImportanceRound):
     """A test estimator: every layer a singleton set, the "loss" its index (so the paper's
-    update ranks the layers by index), no batches, no hooks."""
+    update ranks the layers by index), no batches, no hooks: the three members
+    docs/extending.md walks through, the defaults for the rest (build() included)."""
 
     name = "test-index"
 
-    @classmethod
-    def build(cls, context: RoundContext) -> ImportanceRound:
-        return cls(context.config, context.num_suppressed, context.group)
-
-    def measure(self, sampler):
+    def measure(self, sampler):  # a read-only SamplerView
         return ([[i] for i in range(sampler.num_layers)],
                 torch.arange(sampler.num_layers, dtype=torch.float64))
 

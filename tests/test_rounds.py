@@ -1,4 +1,5 @@
-"""Importance rounds (``ist_optim.importance.rounds``): collectives before decisions, and one-line
+"""Importance rounds (``ist_optim.importance.rounds``): the estimator interface (three
+members, the rest optional), the read-only sampler a round measures with, and one-line
 errors for what a round cannot measure."""
 
 from __future__ import annotations
@@ -8,29 +9,80 @@ import torch
 from conftest import lm_batch, lora_model
 from torch import nn
 
-import ist_optim.importance.rounds as rounds_module
-from ist_optim import ISTOptimizer
+from ist_optim import ISTConfig, ISTOptimizer, LayerSampler
+from ist_optim.importance.rounds import ImportanceRound, RoundContext
+from ist_optim.registry import register_estimator
 
 
-def test_first_order_round_reduces_before_deciding_to_skip(monkeypatch):
-    calls = []
+class _Spread(ImportanceRound):
+    """An estimator of three members: every layer a singleton set, its "loss" its index."""
 
-    def recording_average(values, group):
-        calls.append(values.clone())
-        return values.detach().to(torch.float64).cpu()
+    name = "test-rounds-spread"
+    seen: list = []
 
-    monkeypatch.setattr(rounds_module, "average_across_ranks", recording_average)
+    def measure(self, sampler):
+        self.seen.append(sampler)
+        layers = list(range(sampler.num_layers))
+        return [[i] for i in layers], torch.tensor(layers, dtype=torch.float64)
+
+    def update(self, scores, sets, losses):
+        return scores + 0.1 * (losses - losses.mean())
+
+
+register_estimator(_Spread)
+
+
+def test_an_estimator_of_name_measure_and_update_trains():
+    """No build(), no hooks, no state of its own: the defaults cover them, and it saves
+    and resumes like the built-in ones."""
     blocks = nn.ModuleList(nn.Linear(3, 3) for _ in range(4))
     model = nn.Sequential(*blocks)
-    opt = ISTOptimizer(torch.optim.SGD, model, layers=list(blocks), active_layers=1,
-                       estimator="first-order", update_interval=1, seed=0, lr=0.1)
-    x = torch.randn(2, 3)
-    # only the top layer active and reached: one layer, no update, but the collective ran
-    opt.set_active_layers([3])
-    model(x).pow(2).sum().backward()
-    opt.step()
-    assert len(calls) == 1 and calls[0].numel() == 2 * 4  # per-layer sums and counts
-    assert opt.last_round is None
+    opt = ISTOptimizer(torch.optim.SGD, model, layers=list(blocks), lr=0.1, seed=0,
+                       estimator="test-rounds-spread", update_interval=1)
+    for _ in range(2):
+        model(torch.randn(2, 3)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.scores.tolist() == pytest.approx([-0.3, -0.1, 0.1, 0.3])
+    assert opt.state_dict()["ist"]["rounds"] == {"estimator": "test-rounds-spread",
+                                                 "skipped_rounds": 0}
+    opt.close()
+
+
+def test_measure_gets_a_read_only_view_of_the_sampler():
+    _Spread.seen.clear()
+    sampler = LayerSampler.from_config(ISTConfig(active_layers=1), 3, seed=0)
+    round_ = _Spread.build(RoundContext(ISTConfig(), 1, None, nn.Linear(1, 1), [], None,
+                                        None, None, torch.device("cpu")))
+    round_.run(sampler)
+    view = _Spread.seen[-1]
+    with pytest.raises(AttributeError):
+        view.set_scores(torch.zeros(3))
+    with pytest.raises(AttributeError):
+        view.scores = torch.zeros(3)
+    assert sampler.scores.tolist() == pytest.approx([-0.1, 0.0, 0.1])  # run() wrote them
+
+
+def test_an_estimator_without_measure_or_update_says_which_is_missing():
+    class Half(ImportanceRound):
+        name = "test-rounds-half"
+
+    sampler = LayerSampler.from_config(ISTConfig(active_layers=1), 3, seed=0)
+    with pytest.raises(NotImplementedError, match="'test-rounds-half' does not define measure"):
+        Half(ISTConfig(), 1, None).run(sampler)
+    with pytest.raises(NotImplementedError, match="does not define update"):
+        Half(ISTConfig(), 1, None).update(torch.zeros(3), [[0]], torch.zeros(1))
+
+
+def test_optional_hooks_default_to_nothing_or_a_one_line_refusal():
+    round_ = _Spread(ISTConfig(), 1, None)
+    round_.end_step()
+    round_.discard_step()
+    round_.remove()
+    with pytest.raises(ValueError, match="runs no estimation forward passes"):
+        round_.set_batches([], 0)
+    with pytest.raises(ValueError, match="measures no suppressed losses"):
+        round_.suppressed_losses([[0]], None)
 
 
 def test_loss_fn_returning_a_non_scalar_names_the_fix():

@@ -8,7 +8,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ist_optim.importance.scores import membership_matrix, paper_advantages, score_update
+from ist_optim.importance.paper import paper_advantages
+from ist_optim.importance.scores import membership_matrix, score_update
 
 
 def loop_update(scores, sets, losses, eta):

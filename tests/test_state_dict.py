@@ -59,8 +59,9 @@ def test_state_dict_content_is_plain_and_loads_before_first_step():
     state = _roundtrip(opt.state_dict())
     ist = state["ist"]
     assert set(ist) == {"format_version", "layers", "sampler", "rounds"}
-    assert set(ist["sampler"]) == {"scores", "generator_state", "active_layers", "num_steps",
-                                   "seed", "skipped_steps"}
+    assert set(ist["sampler"]) == {"sampling", "scores", "generator_state", "active_layers",
+                                   "num_steps", "seed", "skipped_steps"}
+    assert ist["sampler"]["sampling"] == "importance"
     assert ist["layers"]["num_layers"] == 4
     assert ist["rounds"]["estimator"] == "paper"
     sampler = ist["sampler"]
@@ -124,3 +125,50 @@ def test_old_checkpoint_resumes_as_the_old_code_did(file, version, name):
     for key, value in saved["final_params"].items():
         assert torch.equal(trained[key], value), key
     assert opt.state_dict()["ist"]["format_version"] == 2
+
+
+@pytest.mark.parametrize(("file", "name", "saved_rule", "other_rule"), [
+    ("ist_v1_checkpoints.pt", "paper-adamw", "importance", "uniform"),
+    ("ist_v1_checkpoints.pt", "normalized-depth", "depth-aware", "importance"),
+    ("ist_v2_checkpoints.pt", "uniform-offload", "uniform", "importance"),
+])
+def test_a_checkpoint_loads_only_into_its_sampling_rule(file, name, saved_rule, other_rule):
+    """The rule is named in every checkpoint (older formats kept it at the top of the
+    entry); another rule is refused in one line naming both and the fix, nothing loaded."""
+    saved = torch.load(DATA / file, weights_only=True)[name]
+    opt = ISTOptimizer(torch.optim.AdamW, lora_model(8),
+                       **dict(saved["kwargs"], sampling=other_rule))
+    before = opt.state_dict()
+    with pytest.raises(ValueError) as info:
+        opt.load_state_dict(saved["optimizer"])
+    assert str(info.value) == (
+        f"checkpoint was saved with sampling={saved_rule!r}, this optimizer uses "
+        f"sampling={other_rule!r}; build it with sampling={saved_rule!r}")
+    after = opt.state_dict()["ist"]["sampler"]
+    assert after["num_steps"] == before["ist"]["sampler"]["num_steps"] == 0
+    assert after["seed"] == before["ist"]["sampler"]["seed"]
+    assert torch.equal(after["generator_state"], before["ist"]["sampler"]["generator_state"])
+
+
+def test_a_checkpoint_without_the_rule_name_loads_as_before():
+    """An entry that names no rule (none of the writers so far left it out, but a
+    hand-made or trimmed one may) loads into the optimizer's rule."""
+    model = lora_model(4)
+    opt = ISTOptimizer(torch.optim.AdamW, model, **OPTS)
+    _run(model, opt, 3)
+    state = _roundtrip(opt.state_dict())
+    del state["ist"]["sampler"]["sampling"]
+    other = ISTOptimizer(torch.optim.AdamW, lora_model(4), **dict(OPTS, sampling="uniform"))
+    other.load_state_dict(state)
+    assert other.num_steps == 3 and other.active_layers == opt.active_layers
+
+
+def test_a_saved_rule_is_checked_against_the_rule_built():
+    model = lora_model(4)
+    opt = ISTOptimizer(torch.optim.AdamW, model, **OPTS)
+    _run(model, opt, 2)
+    other = ISTOptimizer(torch.optim.AdamW, lora_model(4), **dict(OPTS, sampling="depth-aware"))
+    with pytest.raises(ValueError, match="^checkpoint was saved with sampling='importance', "
+                                         "this optimizer uses sampling='depth-aware'; build it "
+                                         "with sampling='importance'$"):
+        other.load_state_dict(opt.state_dict())

@@ -7,7 +7,7 @@ one block at a time, the next every ``--switch`` steps, ascending), IST through
 :func:`ist_optim.integrations.llamafactory.ist_trainers` (``ist_active_layers: 1``,
 ``ist_sampling: uniform``, ``ist_state_policy: offload``). A callback measures every step
 from ``on_step_begin`` to ``on_step_end`` (forward, backward, optimizer step): the peak of
-live tensor storage on the device (:class:`ist_optim.memory.tracker.LiveMemory`, the
+live tensor storage on the device (:class:`ist_optim.planner.tracker.LiveMemory`, the
 accounting ``account_step`` uses, with the weights, gradients and optimizer state alive at
 the start counted), the optimizer state held on the device after the step, and the wall
 and CPU seconds; the training loss comes from the logs.
@@ -67,7 +67,7 @@ class Measure:
 
         from ist_optim import ISTOptimizer, state_bytes
         from ist_optim.integrations import unwrap_ist_optimizer
-        from ist_optim.memory.tracker import LiveMemory
+        from ist_optim.memory import LiveMemory
 
         def innermost(optimizer: Any) -> Any:
             """Inside accelerate's wrapper and BAdam's BlockOptimizer (``base_optimizer``)."""

@@ -5,8 +5,12 @@ composed of named sub-dicts, one per concept, each written and checked by its ow
 
     {"format_version": 2,
      "layers":  {"num_layers", "layer_names", "layer_numels"},   # the checkpoint signature
-     "sampler": LayerSampler.state_dict(),     # scores, generator, active set, step, seed
+     "sampler": {**LayerSampler.state_dict(),  # rule name and state, scores, generator, step
+                 **LayerActivator.state_dict()},  # the active set
      "rounds":  ImportanceRound.state_dict()}  # estimator, skipped rounds, scale, probe...
+
+The ``"sampler"`` sub-dict has two owners, each writing and checking its own keys
+(:class:`SharedEntry`): the sampler, and the activator, which records the active set.
 
 Loading validates every part first (:func:`validate_ist_entry`), then applies: a bad entry
 changes nothing. Format 1 (flat keys, written before version 0.2) is upgraded on load.
@@ -26,6 +30,7 @@ from torch.optim import Optimizer
 
 __all__ = [
     "STATE_FORMAT_VERSION",
+    "SharedEntry",
     "Stateful",
     "apply_ist_entry",
     "check_inner_structure",
@@ -48,6 +53,48 @@ class Stateful(Protocol):
     def check_state(self, state: Mapping[str, Any]) -> None: ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+class SharedEntry:
+    """One sub-dict of the ``"ist"`` entry written by several owners, each its own keys:
+    the state dicts are merged (a key two owners write is refused), each owner checks
+    and loads the whole sub-dict, reading its own keys.
+
+    Example:
+        >>> class Part:
+        ...     def __init__(self, key): self.key, self.value = key, 0
+        ...     def state_dict(self): return {self.key: self.value}
+        ...     def check_state(self, state): int(state[self.key])
+        ...     def load_state_dict(self, state): self.value = state[self.key]
+        >>> a, b = Part("a"), Part("b")
+        >>> entry = SharedEntry(a, b)
+        >>> entry.state_dict()
+        {'a': 0, 'b': 0}
+        >>> entry.load_state_dict({"a": 1, "b": 2}); (a.value, b.value)
+        (1, 2)
+    """
+
+    def __init__(self, *owners: Stateful) -> None:
+        self.owners = owners
+
+    def state_dict(self) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for owner in self.owners:
+            state = owner.state_dict()
+            clash = sorted(set(state) & set(merged))
+            if clash:
+                raise RuntimeError(f"{type(owner).__name__} writes {clash}, which another "
+                                   "owner of the same checkpoint entry writes too")
+            merged.update(state)
+        return merged
+
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        for owner in self.owners:
+            owner.check_state(state)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for owner in self.owners:
+            owner.load_state_dict(state)
 
 
 def pop_ist_entry(state_dict: Mapping[str, Any], fix: str) -> tuple[dict[str, Any], Any]:
@@ -85,7 +132,9 @@ def layer_signature(names: list[str], numels: list[int]) -> dict[str, Any]:
 
 
 def upgrade_ist_entry(ist: Mapping[str, Any]) -> dict[str, Any]:
-    """Format 1 (flat keys) -> format 2 (named parts); format 2 is returned as it is.
+    """Format 1 (flat keys) -> format 2 (named parts); format 2 is returned as it is, but
+    for the sampling rule's name, which older writers kept at the top of the entry and
+    which goes into the sampler's part (where it is checked).
 
     Raises:
         ValueError: for an unknown format version, or an entry that is not a mapping.
@@ -101,7 +150,7 @@ def upgrade_ist_entry(ist: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"the checkpoint's 'ist' entry is a {type(ist).__name__}, not a dict")
     version = ist.get("format_version")
     if version == STATE_FORMAT_VERSION:
-        return dict(ist)
+        return _rule_into_sampler(dict(ist))
     if version != 1:
         raise ValueError(
             f"IST state format_version {version!r} is not one this version reads "
@@ -119,12 +168,22 @@ def upgrade_ist_entry(ist: Mapping[str, Any]) -> dict[str, Any]:
         "probe": estimator_state.get("probe"),
     }
     sampler_keys = ("scores", "generator_state", "active_layers", "num_steps", "seed")
-    return {
+    return _rule_into_sampler({
         "format_version": STATE_FORMAT_VERSION,
         "layers": {k: ist[k] for k in ("num_layers", "layer_names", "layer_numels")},
         "sampler": {k: ist[k] for k in sampler_keys if k in ist},
         "rounds": rounds,
-    }
+        **({"sampling": ist["sampling"]} if "sampling" in ist else {}),
+    })
+
+
+def _rule_into_sampler(ist: dict[str, Any]) -> dict[str, Any]:
+    """The sampling rule's name where the sampler checks it: format 1 and the first
+    format-2 writers kept it at the top of the entry (and never read it)."""
+    sampler = ist.get("sampler")
+    if "sampling" in ist and isinstance(sampler, Mapping) and "sampling" not in sampler:
+        ist["sampler"] = {**sampler, "sampling": ist["sampling"]}
+    return ist
 
 
 def ist_entry(signature: Mapping[str, Any],

@@ -8,6 +8,7 @@ parameter the optimizer trains either to one layer or to the *outside* group
 
 from __future__ import annotations
 
+import operator
 import re
 import warnings
 from collections.abc import Iterable, Sequence, Sized
@@ -17,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LayerGroups", "build_layer_groups", "default_params", "discover_layers"]
+__all__ = ["LayerGroups", "build_layer_groups", "check_layer_indices", "default_params",
+           "discover_layers"]
 
 LayersSpec = str | Sequence[nn.Module] | None
 
@@ -125,6 +127,30 @@ def discover_layers(model: nn.Module, layers: LayersSpec = None,
     if not result:
         raise ValueError("layers is empty; pass at least one block module")
     return result
+
+
+def check_layer_indices(indices: Any, num_layers: int) -> list[int]:
+    """``indices`` as a sorted list of distinct layer indices in ``[0, num_layers)``.
+
+    Raises:
+        ValueError: for an empty, repeated, out-of-range or non-int index list.
+
+    Example:
+        >>> check_layer_indices([3, 1], 4)
+        [1, 3]
+    """
+    if not isinstance(indices, Iterable) or isinstance(indices, str | bytes):
+        raise ValueError(f"layers must be a list of layer indices, got {indices!r}")
+    values = list(indices)
+    error = ValueError(f"layers must be distinct indices in [0, {num_layers}), got {values}")
+    try:  # ints, numpy ints and 0-d integer tensors; not bools, floats or strings
+        ints = [operator.index(i) for i in values if not isinstance(i, bool)]
+    except TypeError:
+        raise error from None
+    if (not ints or len(ints) != len(values) or len(set(ints)) != len(ints)
+            or not all(0 <= i < num_layers for i in ints)):
+        raise error
+    return sorted(ints)
 
 
 @dataclass

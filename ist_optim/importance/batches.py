@@ -3,19 +3,24 @@
 By default a forward pre-hook on the model keeps a reference to the most recent training
 batch (no copy), so a round measures the suppressed losses on the batch the step just
 trained on. Alternatively the user passes an iterable of batches, which is cycled.
+:class:`BatchSource` is the one a suppression round asks for its next batch.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["CapturedCall", "BatchCapture", "BatchCycler", "default_loss_fn", "move_batch"]
+from ..config import check_int
+
+__all__ = ["BatchCapture", "BatchCycler", "BatchSource", "CapturedCall", "default_loss_fn",
+           "move_batch"]
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -167,3 +172,74 @@ def default_loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
         f"the default loss_fn calls model(**batch) and needs a mapping batch, got "
         f"{type(batch).__name__}; pass loss_fn=callable(model, batch) -> loss"
     )
+
+
+class BatchSource:
+    """The batch of each suppression round: user batches (cycled) or the latest training call.
+
+    Args:
+        model: the trained model; without ``batches`` a forward pre-hook on it keeps a
+            reference to the arguments of its latest call (no copy).
+        batches: a re-iterable of batches (list, DataLoader), cycled; ``None`` to capture.
+    """
+
+    def __init__(self, model: nn.Module, batches: Iterable[Any] | None):
+        self._cycler = None if batches is None else BatchCycler(batches)
+        self._capture = BatchCapture(model) if batches is None else None
+
+    @property
+    def captures(self) -> bool:
+        """Whether the latest training call is captured (no batches were given)."""
+        return self._capture is not None
+
+    @property
+    def seen(self) -> int:
+        """Batches of the given iterable used so far (0 when capturing)."""
+        return self._cycler.seen if self._cycler is not None else 0
+
+    def next(self, device: torch.device, replay_call: bool) -> Any:
+        """The next batch, moved to ``device``; ``replay_call``: a captured call is returned
+        as it was made (for the default loss), else as what a custom ``loss_fn`` receives."""
+        if self._cycler is not None:
+            return move_batch(self._cycler.next(), device)
+        latest = self._capture.latest if self._capture is not None else None
+        if latest is None:
+            raise RuntimeError(
+                "an importance round is due but the model has not been called since the "
+                "optimizer was built, so there is no batch to measure; call the model "
+                "before step(), or pass importance_batches="
+            )
+        return latest if replay_call else latest.as_batch()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Capture nothing while the round's own forwards run."""
+        if self._capture is None:
+            yield
+            return
+        self._capture.enabled = False
+        try:
+            yield
+        finally:
+            self._capture.enabled = True
+
+    def replace(self, batches: Iterable[Any], seen: int) -> None:
+        """Cycle ``batches`` from now on, positioned after ``seen`` of them."""
+        if self._cycler is not None:
+            raise ValueError(
+                "importance batches are already set (importance_batches= or an earlier "
+                "set_importance_batches call); build the optimizer without them to set them here"
+            )
+        cycler = BatchCycler(batches)
+        cycler.fast_forward(check_int("batches_seen", seen, 0))
+        self.remove()
+        self._cycler = cycler
+
+    def fast_forward(self, seen: int) -> None:
+        if self._cycler is not None:
+            self._cycler.fast_forward(seen)
+
+    def remove(self) -> None:
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None

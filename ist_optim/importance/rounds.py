@@ -1,59 +1,50 @@
-"""Importance rounds as strategy objects: measure, average across ranks, update the scores.
+"""Importance rounds: measure, average across ranks, update the scores.
 
 Every ``update_interval`` steps :class:`ist_optim.ISTOptimizer` asks its round object to
-run; it never asks which class it has: a round says what it needs through
-:meth:`ImportanceRound.end_step`, :meth:`ImportanceRound.set_batches` and
-:attr:`ImportanceRound.uses_batches`. Each estimator is a class registered by name
-(:func:`ist_optim.registry.register_estimator`, see docs/extending.md); the three of
-:mod:`ist_optim.importance.estimators` are:
+:meth:`~ImportanceRound.run`; it never asks which class it has. An estimator is an
+:class:`ImportanceRound` subclass registered by name
+(:func:`ist_optim.registry.register_estimator`, see docs/extending.md) that writes three
+members: its ``name``, :meth:`~ImportanceRound.measure` (candidate sets and one
+measurement per set, from a read-only :class:`~ist_optim.sampling.sampler.SamplerView`)
+and :meth:`~ImportanceRound.update` (the new scores); everything else is an optional hook
+with a default. :class:`SuppressionRound` measures suppressed losses for the estimators
+that need them. The built-in estimators, one module each with its math:
 
-* :class:`PaperRound`: the paper's response suppression (K candidate sets drawn with
-  weights ``sigmoid(s)``, one suppressed no-grad forward each, ``A_k = exp(-l_k) - mean``);
-* :class:`NormalizedRound`: the same measurements, standardized advantages and
-  retained scores;
-* :class:`FirstOrderRound`: no forward; the per-layer ``<dL/dy, y>`` read from the training
-  backward by a :class:`ist_optim.FirstOrderProbe`.
+* :mod:`ist_optim.importance.paper` (:class:`~ist_optim.PaperRound`): the paper's
+  response suppression, ``A_k = exp(-l_k) - mean``;
+* :mod:`ist_optim.importance.normalized` (:class:`~ist_optim.NormalizedRound`): the same
+  measurements, standardized advantages and retained scores;
+* :mod:`ist_optim.importance.first_order` (:class:`~ist_optim.FirstOrderRound`): no
+  forward; the per-layer ``<dL/dy, y>`` read from the training backward.
 
 A round's collective (the ``all_reduce`` that averages measurements over the ranks) always
 runs, on every rank, before any rank-local decision to skip the update, so ranks that see
 different data (or reach different layers) never mismatch. Non-finite measurements skip
-the update on every rank, with one warning per run. :class:`BatchSource` says which batch
-a suppression round measures.
+the update on every rank, with one warning per run.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..config import ISTConfig, check_int
+from ..config import ISTConfig
 from ..distributed.ranks import average_across_ranks
-from ..registry import estimator, register_estimator
-from ..sampling.sampler import LayerSampler
-from .batches import BatchCapture, BatchCycler, LossFn, default_loss_fn, move_batch
-from .estimators import (
-    FirstOrderProbe,
-    RunningScale,
-    normalized_score_update,
-    predicted_suppression_deltas,
-)
-from .scores import paper_advantages, score_update
+from ..registry import estimator
+from ..sampling.sampler import LayerSampler, SamplerView
+from .batches import BatchSource, LossFn, default_loss_fn
 from .suppression import Suppressor
 
 __all__ = [
-    "BatchSource",
-    "FirstOrderRound",
     "ImportanceRound",
-    "NormalizedRound",
-    "PaperRound",
     "RoundContext",
+    "SuppressionRound",
     "build_round",
     "scalar_loss",
 ]
@@ -83,77 +74,6 @@ def scalar_loss(value: Any) -> float:
     return float(value)
 
 
-class BatchSource:
-    """The batch of each suppression round: user batches (cycled) or the latest training call.
-
-    Args:
-        model: the trained model; without ``batches`` a forward pre-hook on it keeps a
-            reference to the arguments of its latest call (no copy).
-        batches: a re-iterable of batches (list, DataLoader), cycled; ``None`` to capture.
-    """
-
-    def __init__(self, model: nn.Module, batches: Iterable[Any] | None):
-        self._cycler = None if batches is None else BatchCycler(batches)
-        self._capture = BatchCapture(model) if batches is None else None
-
-    @property
-    def captures(self) -> bool:
-        """Whether the latest training call is captured (no batches were given)."""
-        return self._capture is not None
-
-    @property
-    def seen(self) -> int:
-        """Batches of the given iterable used so far (0 when capturing)."""
-        return self._cycler.seen if self._cycler is not None else 0
-
-    def next(self, device: torch.device, replay_call: bool) -> Any:
-        """The next batch, moved to ``device``; ``replay_call``: a captured call is returned
-        as it was made (for the default loss), else as what a custom ``loss_fn`` receives."""
-        if self._cycler is not None:
-            return move_batch(self._cycler.next(), device)
-        latest = self._capture.latest if self._capture is not None else None
-        if latest is None:
-            raise RuntimeError(
-                "an importance round is due but the model has not been called since the "
-                "optimizer was built, so there is no batch to measure; call the model "
-                "before step(), or pass importance_batches="
-            )
-        return latest if replay_call else latest.as_batch()
-
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        """Capture nothing while the round's own forwards run."""
-        if self._capture is None:
-            yield
-            return
-        self._capture.enabled = False
-        try:
-            yield
-        finally:
-            self._capture.enabled = True
-
-    def replace(self, batches: Iterable[Any], seen: int) -> None:
-        """Cycle ``batches`` from now on, positioned after ``seen`` of them."""
-        if self._cycler is not None:
-            raise ValueError(
-                "importance batches are already set (importance_batches= or an earlier "
-                "set_importance_batches call); build the optimizer without them to set them here"
-            )
-        cycler = BatchCycler(batches)
-        cycler.fast_forward(check_int("batches_seen", seen, 0))
-        self.remove()
-        self._cycler = cycler
-
-    def fast_forward(self, seen: int) -> None:
-        if self._cycler is not None:
-            self._cycler.fast_forward(seen)
-
-    def remove(self) -> None:
-        if self._capture is not None:
-            self._capture.remove()
-            self._capture = None
-
-
 @dataclass(frozen=True)
 class RoundContext:
     """What an estimator may need to build its round (see :meth:`ImportanceRound.build`).
@@ -175,11 +95,29 @@ class RoundContext:
 
 
 class ImportanceRound:
-    """Base of the round strategies: the shared skip, update and checkpoint logic.
+    """Base of the estimators: the shared skip, update and checkpoint logic.
 
-    Subclasses set :attr:`name`, implement :meth:`build`, :meth:`measure` (candidate sets
-    and one measurement per set, already averaged across ranks) and :meth:`update` (new
-    scores), and are registered with :func:`ist_optim.registry.register_estimator`.
+    An estimator sets :attr:`name` and implements :meth:`measure` and :meth:`update`;
+    it is registered with :func:`ist_optim.registry.register_estimator`. The other
+    members are optional hooks with defaults: :meth:`build` (from the
+    :class:`RoundContext`), :attr:`min_sets`, :meth:`end_step` / :meth:`discard_step`
+    (for estimators that read the training backward), :meth:`remove` (hooks it placed),
+    and :meth:`state_dict` / :meth:`check_state` / :meth:`load_state_dict` (its own
+    checkpoint state, beside the name and the skipped rounds the base saves).
+
+    Example:
+        >>> from ist_optim import ISTConfig
+        >>> class Even(ImportanceRound):  # every layer a singleton set, "loss" its index
+        ...     name = "doc-even"
+        ...     def measure(self, sampler):
+        ...         layers = list(range(sampler.num_layers))
+        ...         return [[i] for i in layers], torch.tensor(layers, dtype=torch.float64)
+        ...     def update(self, scores, sets, losses):
+        ...         return scores + (losses - losses.mean())
+        >>> sampler = LayerSampler.from_config(ISTConfig(active_layers=1), 3, seed=0)
+        >>> Even(ISTConfig(), num_suppressed=1, group=None).run(sampler)
+        >>> sampler.scores.tolist()
+        [-1.0, 0.0, 1.0]
     """
 
     name: ClassVar[str] = ""
@@ -190,8 +128,10 @@ class ImportanceRound:
 
     @classmethod
     def build(cls, context: RoundContext) -> ImportanceRound:
-        """The round of this estimator for one optimizer."""
-        raise NotImplementedError(f"estimator {cls.name!r} does not define build()")
+        """The round of this estimator for one optimizer; by default
+        ``cls(context.config, context.num_suppressed, context.group)`` (override it for a
+        round that needs more of the context: the model, the blocks, the batches)."""
+        return cls(context.config, context.num_suppressed, context.group)
 
     def __init__(self, config: ISTConfig, num_suppressed: int, group: Any):
         self.config = config
@@ -201,16 +141,22 @@ class ImportanceRound:
         self._warned_nonfinite = False
         self.last: dict[str, Any] | None = None
 
-    def measure(self, sampler: LayerSampler) -> tuple[list[list[int]], torch.Tensor]:
-        raise NotImplementedError
+    def measure(self, sampler: SamplerView) -> tuple[list[list[int]], torch.Tensor]:
+        """Candidate sets and one measurement ("loss") per set, already averaged across
+        the ranks (:func:`ist_optim.distributed.ranks.average_across_ranks`, called on
+        every rank, always). ``sampler`` reads the scores and step count and draws
+        candidate sets with the run's private generator."""
+        raise NotImplementedError(f"estimator {self.name!r} does not define measure()")
 
     def update(self, scores: torch.Tensor, sets: list[list[int]],
                losses: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The new scores (shape ``(L,)``) from the current ones and :meth:`measure`'s
+        sets and finite measurements."""
+        raise NotImplementedError(f"estimator {self.name!r} does not define update()")
 
     def run(self, sampler: LayerSampler) -> None:
         """Measure and update ``sampler``'s scores (or skip the update, on every rank)."""
-        sets, losses = self.measure(sampler)
+        sets, losses = self.measure(sampler.view())
         if len(sets) < self.min_sets:
             logger.debug("IST round at step %d: %d candidate set(s), no update",
                          sampler.num_steps, len(sets))
@@ -235,9 +181,17 @@ class ImportanceRound:
 
     # checkpoint ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The estimator's name and the skipped rounds; an estimator with state of its own
+        adds it (``{**super().state_dict(), ...}``)."""
         return {"estimator": self.name, "skipped_rounds": self.skipped_rounds}
 
     def check_state(self, state: Mapping[str, Any]) -> None:
+        """Validate a :meth:`state_dict`, changing nothing (extend it with ``super()``).
+
+        Raises:
+            ValueError: for another estimator's checkpoint, naming both, or a malformed
+                entry.
+        """
         saved = state.get("estimator", "paper")
         if saved != self.name:
             raise ValueError(
@@ -250,6 +204,7 @@ class ImportanceRound:
                              "expected an int >= 0")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load a :meth:`state_dict` after :meth:`check_state` (extend it with ``super()``)."""
         self.check_state(state)
         self.skipped_rounds = int(state.get("skipped_rounds", 0))
 
@@ -282,7 +237,14 @@ class ImportanceRound:
 
 
 class SuppressionRound(ImportanceRound):
-    """Measures the loss of one batch with each candidate set's responses damped."""
+    """Measures the loss of one batch with each candidate set's responses damped: the
+    base of the estimators that suppress (they write only :meth:`update`).
+
+    Each round draws ``num_candidates`` sets of ``num_suppressed`` layers with weights
+    ``sigmoid(s)`` and runs one no-grad forward per set on the next batch of its
+    :class:`~ist_optim.importance.batches.BatchSource` (the ``importance_batches``, or
+    the latest training call).
+    """
 
     uses_batches = True
 
@@ -302,7 +264,7 @@ class SuppressionRound(ImportanceRound):
         self.batches = batches
         self.loss_fn: LossFn = loss_fn or default_loss_fn
 
-    def measure(self, sampler: LayerSampler) -> tuple[list[list[int]], torch.Tensor]:
+    def measure(self, sampler: SamplerView) -> tuple[list[list[int]], torch.Tensor]:
         batch = self.batches.next(self.device, replay_call=self.loss_fn is default_loss_fn)
         sets = sampler.draw_candidates(self.num_suppressed, self.config.num_candidates)
         losses = self.suppressed_losses(sets, batch)
@@ -343,128 +305,6 @@ class SuppressionRound(ImportanceRound):
 
     def remove(self) -> None:
         self.batches.remove()
-
-
-@register_estimator
-class PaperRound(SuppressionRound):
-    """The paper's update: ``A_k = exp(-l_k) - mean_j exp(-l_j)``."""
-
-    name = "paper"
-
-    def update(self, scores: torch.Tensor, sets: list[list[int]],
-               losses: torch.Tensor) -> torch.Tensor:
-        return score_update(scores, sets, paper_advantages(losses), self.config.score_lr)
-
-
-class _Normalized:
-    """The standardized update shared by the normalized and first-order rounds."""
-
-    config: ISTConfig
-    scale: RunningScale
-
-    def update(self, scores: torch.Tensor, sets: list[list[int]],
-               losses: torch.Tensor) -> torch.Tensor:
-        return normalized_score_update(
-            scores, sets, losses, self.scale, self.config.score_lr,
-            advantage_scale=self.config.advantage_scale, retention=self.config.score_retention)
-
-    def _scale_state(self) -> dict[str, Any]:
-        return {"scale": self.scale.state_dict()}
-
-
-def _check_scale(state: Mapping[str, Any]) -> None:
-    scale = state.get("scale")
-    if scale is None:
-        return
-    ok = isinstance(scale, Mapping) and all(k in scale for k in ("decay", "value", "rounds"))
-    if not ok:
-        raise ValueError(f"IST checkpoint entry 'scale' is {scale!r}; expected a running "
-                         "scale with 'decay', 'value' and 'rounds'")
-
-
-@register_estimator
-class NormalizedRound(_Normalized, SuppressionRound):
-    """Suppressed losses, standardized advantages, retained scores."""
-
-    name = "normalized"
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.scale = RunningScale(decay=self.config.scale_decay)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**SuppressionRound.state_dict(self), **self._scale_state()}
-
-    def check_state(self, state: Mapping[str, Any]) -> None:
-        SuppressionRound.check_state(self, state)
-        _check_scale(state)
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        SuppressionRound.load_state_dict(self, state)
-        if state.get("scale") is not None:
-            self.scale.load_state_dict(state["scale"])
-
-
-@register_estimator
-class FirstOrderRound(_Normalized, ImportanceRound):
-    """Predicted suppression deltas from the training backward; no extra forward."""
-
-    name = "first-order"
-    min_sets = 2  # one reached layer gives no comparison
-
-    @classmethod
-    def build(cls, context: RoundContext) -> ImportanceRound:
-        return cls(context.config, context.num_suppressed, context.group, context.blocks,
-                   context.suppressor.mode)
-
-    def __init__(self, config: ISTConfig, num_suppressed: int, group: Any,
-                 blocks: list[nn.Module], mode: str):
-        super().__init__(config, num_suppressed, group)
-        self.scale = RunningScale(decay=config.scale_decay)
-        self.probe = FirstOrderProbe(blocks, mode)
-
-    def measure(self, sampler: LayerSampler) -> tuple[list[list[int]], torch.Tensor]:
-        sums, counts = self.probe.take()
-        # Sum over the ranks first (every rank, always): the layers reached can differ
-        # between ranks (LoRA on MoE experts), and the skip below must agree.
-        n = counts.numel()
-        totals = average_across_ranks(torch.cat([sums, counts.to(torch.float64)]), self.group)
-        sums, counts = totals[:n], totals[n:]
-        reached, deltas = predicted_suppression_deltas(sums, counts, self.config.suppression)
-        return [[i] for i in reached], deltas
-
-    def end_step(self) -> None:
-        self.probe.end_step()
-
-    def discard_step(self) -> None:
-        self.probe.discard_step()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**ImportanceRound.state_dict(self), **self._scale_state(),
-                "probe": self.probe.state_dict()}
-
-    def check_state(self, state: Mapping[str, Any]) -> None:
-        ImportanceRound.check_state(self, state)
-        _check_scale(state)
-        probe = state.get("probe")
-        n = self.probe.num_layers
-        if probe is not None and not (
-                isinstance(probe, Mapping)
-                and isinstance(probe.get("sums"), torch.Tensor) and probe["sums"].shape == (n,)
-                and isinstance(probe.get("counts"), torch.Tensor)
-                and probe["counts"].shape == (n,)):
-            raise ValueError(f"IST checkpoint entry 'probe' is malformed; expected per-layer "
-                             f"'sums' and 'counts' tensors of shape ({n},)")
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        ImportanceRound.load_state_dict(self, state)
-        if state.get("scale") is not None:
-            self.scale.load_state_dict(state["scale"])
-        if state.get("probe") is not None:
-            self.probe.load_state_dict(state["probe"])
-
-    def remove(self) -> None:
-        self.probe.remove()
 
 
 def build_round(config: ISTConfig, runs_rounds: bool, *, num_suppressed: int, group: Any,

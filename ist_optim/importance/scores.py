@@ -1,10 +1,10 @@
-"""Importance scores by response suppression: the pure score update of the IST paper.
+"""Importance scores: the pure score update of the IST paper, shared by every estimator.
 
-Scores ``s`` start at zero. A round draws K candidate sets ``S_k`` of layers, measures the
-loss ``l_k`` with the adapters of ``S_k`` damped, and updates, with ``p = sigmoid(s)``
-taken before the update::
+Scores ``s`` start at zero. A round measures K candidate sets ``S_k`` of layers, turns the
+measurements into advantages ``A_k`` (the estimator's math: :mod:`.paper`,
+:mod:`.normalized`, :mod:`.first_order`), and updates, with ``p = sigmoid(s)`` taken
+before the update::
 
-    R_k = exp(-l_k)          A_k = R_k - mean_j R_j
     s_i <- s_i + eta * sum_k A_k * 1[i in S_k] * p_i * (1 - p_i)
 
 A high score means "suppressing this layer hurts little", i.e. low importance, so the
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["membership_matrix", "paper_advantages", "score_update"]
+__all__ = ["membership_matrix", "score_update"]
 
 
 def membership_matrix(candidate_sets: Sequence[Sequence[int]], num_layers: int) -> torch.Tensor:
@@ -26,12 +26,6 @@ def membership_matrix(candidate_sets: Sequence[Sequence[int]], num_layers: int) 
     for k, members in enumerate(candidate_sets):
         membership[k, list(members)] = 1.0
     return membership
-
-
-def paper_advantages(losses: torch.Tensor) -> torch.Tensor:
-    """The paper's advantage: ``exp(-l_k) - mean_j exp(-l_j)``."""
-    rewards = torch.exp(-losses.to(torch.float64))
-    return rewards - rewards.mean()
 
 
 def score_update(

@@ -331,8 +331,10 @@ def describe(optimizer: ISTOptimizer) -> str:
         state policy keep)
     """
     config = optimizer.config
+    first = ("" if optimizer.num_trained == optimizer.num_active
+             else f", {optimizer.num_trained} in the coming step")
     return (f"IST: {type(optimizer.optimizer).__name__} over {optimizer.num_layers} layers, "
-            f"{optimizer.num_active} trained per step ({config.sampling} sampling, "
+            f"{optimizer.num_active} trained per step{first} ({config.sampling} sampling, "
             f"{config.estimator} estimator, state policy {optimizer.state_policy})")
 
 

@@ -30,8 +30,9 @@ class ISTCallback(TrainerCallback):
     At every training log (``logging_steps``) it adds to the ``logs`` dict, which reaches
     TensorBoard, W&B and ``trainer.state.log_history``:
 
-    * ``ist/num_active``: layers trained in the coming step (the ``active_layers`` count,
-      or what ``dense_steps``/``ramp_steps``/``active_schedule`` ask for at this step);
+    * ``ist/num_active``: layers trained in the coming step (``opt.num_trained``: the
+      ``active_layers`` count, or what ``dense_steps``/``ramp_steps``/``active_schedule``
+      ask for at this step);
     * ``ist/active_layer_<i>``: fraction of the optimizer steps since the previous log in
       which layer ``i`` trained (1.0 / 0.0 with ``logging_steps=1``);
     * ``ist/importance_layer_<i>``: layer ``i``'s importance (higher = more important);
@@ -121,7 +122,7 @@ class ISTCallback(TrainerCallback):
             logger.info("IST importance rounds use %s (resumed after %d batches)",
                         type(self.importance_batches).__name__, seen)
         self._configured = opt
-        budget = opt.memory_budget
+        budget = opt.budget_policy
         trainer_gc = bool(getattr(args, "activation_checkpointing", False)
                           or getattr(args, "gradient_checkpointing", False))
         # take_back() first: it re-applies the budget's choice if the Trainer's switch (or a
@@ -164,7 +165,7 @@ class ISTCallback(TrainerCallback):
         logs.update(entries)
         logger.info("IST step %d: trained %s, importance %s", opt.num_steps, self._trained,
                     [round(v, 4) for v in opt.importance.tolist()])
-        if opt.memory_budget is not None:
+        if opt.budget_policy is not None:
             memory = opt.memory_report()
             logger.info("IST next step: layers %s, checkpointed blocks %s, predicted peak %d "
                         "bytes (budget %d)", memory["active_layers"],
@@ -194,7 +195,7 @@ class ISTCallback(TrainerCallback):
         """The ``ist/...`` entries that :meth:`on_log` adds."""
         memory = opt.memory_report()
         entries: dict[str, float] = {
-            "ist/num_active": float(len(opt.active_layers)),
+            "ist/num_active": float(opt.num_trained),
             "ist/state_bytes": float(memory["state_bytes_on_device"]),
             "ist/state_bytes_offloaded": float(memory["state_bytes_offloaded"]),
         }

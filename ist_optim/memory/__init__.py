@@ -1,41 +1,16 @@
-"""Memory of a training step: measured on a real run, or predicted for any model shape.
+"""Memory at run time: where inactive layers' optimizer state lives (:mod:`.residency`,
+with its CUDA streams, :mod:`.streams`), training inside ``memory_budget=`` by
+checkpointing per step only the blocks a step needs (:mod:`.budget`), and the
+``memory_report`` of the coming step (:mod:`.report`), and the device's peak over a
+stretch of work (:class:`PeakMemory`, :mod:`.peak`).
 
-* :class:`PeakMemory` measures the device's peak over a stretch of work (the CUDA
-  allocator's, or the process's resident set on the CPU).
-* :func:`account_step` runs one step and splits its peak into weights, gradients, optimizer
-  state, saved activations and transient buffers (:class:`StepAccount`).
-* :func:`estimate_peak_memory` predicts that peak from a transformers config alone
-  (:class:`MemoryEstimate`); :class:`MemoryPlanner` measures a model shape once and then
-  answers "what peak for this active set, with checkpointing on these blocks" in
-  microseconds; LoRA, QLoRA (4-bit base, :mod:`.quantized`) and full fine-tuning with
-  AdamW, 8-bit AdamW, GaLore or APOLLO (:mod:`.projection`).
-
-See docs/memory.md, "Planning memory".
+The offline planner (predicting a step's peak for any model shape, measuring one) is
+:mod:`ist_optim.planner`; its names are re-exported here for code written when it lived
+in this package (``from ist_optim.memory import MemoryPlanner`` keeps working).
 """
 
-from .accounting import StepAccount, account_step
-from .estimate import (
-    DEFAULT_LORA_TARGETS,
-    METHODS,
-    OPTIMIZERS,
-    MemoryEstimate,
-    MemoryPlanner,
-    estimate_peak_memory,
-)
-from .shapes import SHAPES, load_config
-from .tracker import LiveMemory, PeakMemory
+from ..planner import *  # noqa: F403  (the planner's names, re-exported)
+from ..planner import __all__ as _planner_names
+from .peak import PeakMemory
 
-__all__ = [
-    "DEFAULT_LORA_TARGETS",
-    "METHODS",
-    "OPTIMIZERS",
-    "SHAPES",
-    "LiveMemory",
-    "MemoryEstimate",
-    "MemoryPlanner",
-    "PeakMemory",
-    "StepAccount",
-    "account_step",
-    "estimate_peak_memory",
-    "load_config",
-]
+__all__ = [*_planner_names, "PeakMemory"]

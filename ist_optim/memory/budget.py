@@ -4,10 +4,14 @@ IST's memory and time per step are set by the active set (above all its lowest l
 Under a budget, a step whose active set fits as it is runs without activation
 checkpointing; a step that does not fit checkpoints the fewest blocks that make it fit.
 
-* :func:`parse_memory_budget` reads ``24GiB`` / ``512MiB`` / ``10**9``;
-* :func:`planner_for_model` builds the :class:`~ist_optim.MemoryPlanner` of a transformers
-  Llama-style model (config, dtype, LoRA adapters, optimizer read from the model);
-* :class:`CheckpointPolicy` predicts each step's peak and picks the blocks to checkpoint.
+* :class:`CheckpointPolicy` predicts each step's peak (with the offline planner,
+  :mod:`ist_optim.planner`) and picks the blocks to checkpoint;
+* :class:`MemoryBudget` switches their checkpointing per step
+  (:class:`~ist_optim.core.recompute.BlockCheckpointer`).
+
+``parse_memory_budget`` (:mod:`ist_optim.config`) and ``planner_for_model``
+(:mod:`ist_optim.planner.from_model`) are re-exported here for code that imported them
+from this module.
 
 See docs/memory.md, "Training inside a memory budget".
 """
@@ -27,12 +31,13 @@ from torch.optim import Optimizer
 
 from ..config import parse_memory_budget
 from ..core.compile import is_compiled_block
+from ..core.groups import LayerGroups
 from ..core.recompute import BlockCheckpointer
-from .estimate import MemoryPlanner
-from .residency import StateResidency, state_bytes
+from ..planner.estimate import MemoryPlanner
+from ..planner.from_model import planner_for_model, trains_embeddings_and_head
 
 __all__ = ["PLANNING_HEADROOM", "WORKSPACE_THREADS", "BudgetDecision", "CheckpointPolicy",
-           "MemoryBudget", "cuda_workspace_bytes", "memory_report", "parse_memory_budget",
+           "MemoryBudget", "cuda_workspace_bytes", "parse_memory_budget",
            "planner_for_model"]
 
 #: Share of the budget the policy leaves free: it plans each step for ``(1 - headroom)`` of
@@ -80,80 +85,6 @@ def cuda_workspace_bytes(device: torch.device | str) -> int:
         lt = os.environ.get("CUBLASLT_WORKSPACE_SIZE", "").strip()
         per_thread += int(lt) * 1024 if lt.isdigit() else configured
     return WORKSPACE_THREADS * per_thread
-
-def _decoder(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    return base, getattr(base, "model", None)
-
-
-def planner_for_model(model: nn.Module, optimizer: Optimizer, *, batch_size: int,
-                      seq_len: int, keep_logits: bool = True) -> MemoryPlanner:
-    """The :class:`~ist_optim.MemoryPlanner` of ``model`` (a transformers Llama-style
-    causal LM, bare or wrapped by peft) training with ``optimizer`` on ``batch_size`` x
-    ``seq_len`` tokens.
-
-    Read from the model: the config, the weights' dtype, the attention implementation
-    (``"eager"``, else the fused kernel), peft LoRA adapters (targets, the largest rank,
-    its alpha, the adapters' dtype; no adapters: full training), and a bitsandbytes 4-bit
-    base (``Linear4bit`` blocks: ``method="qlora"``, double quantization read from the
-    weights' quant state). The optimizer is
-    modelled as AdamW (bitsandbytes 8-bit optimizers as AdamW8bit); optimizers with less
-    state (SGD, Adafactor) are over-estimated, never under. ``keep_logits``: see
-    :class:`~ist_optim.MemoryPlanner` (False for a loop that keeps only the loss).
-
-    Raises:
-        ValueError: for a model that is not a transformers Llama-style causal LM
-            (``model.config``, ``model.model.layers``, ``model.model.norm``), naming
-            ``memory_planner=`` as the way to describe it.
-    """
-    base, decoder = _decoder(model)
-    config = getattr(base, "config", None)
-    if (config is None or not isinstance(getattr(config, "hidden_size", None), int)
-            or not hasattr(decoder, "layers") or not hasattr(decoder, "norm")
-            or not hasattr(base, "get_input_embeddings")):
-        raise ValueError(
-            f"memory_shape= can only describe transformers Llama-style causal LMs (config, "
-            f"model.model.layers, model.model.norm); {type(base).__name__} is not one: pass "
-            f"memory_planner=MemoryPlanner(<a Llama-style config of its shape>, ...) instead")
-    dtype = base.get_input_embeddings().weight.dtype
-    targets, ranks, alphas, adapter_dtype = set(), [], {}, torch.float32
-    for name, module in decoder.layers.named_modules():
-        r, lora_a = getattr(module, "r", None), getattr(module, "lora_A", None)
-        if not isinstance(r, dict) or not isinstance(lora_a, nn.ModuleDict):
-            continue
-        for adapter in r:
-            if adapter in lora_a:
-                targets.add(name.rsplit(".", 1)[-1])
-                ranks.append(r[adapter])
-                alphas[r[adapter]] = module.lora_alpha[adapter]
-                adapter_dtype = lora_a[adapter].weight.dtype
-    name = type(optimizer).__name__.lower()
-    foreach = optimizer.defaults.get("foreach")
-    kwargs: dict[str, Any] = dict(
-        batch_size=batch_size, seq_len=seq_len, dtype=dtype,
-        optimizer="adamw8bit" if "8bit" in name else "adamw", foreach=foreach is not False,
-        attention="eager" if getattr(config, "_attn_implementation", None) == "eager"
-        else "sdpa", keep_logits=keep_logits)
-    quantized = [m for m in decoder.layers.modules() if type(m).__name__ == "Linear4bit"]
-    if ranks:
-        rank = max(ranks)
-        kwargs.update(method="qlora" if quantized else "lora", lora_rank=rank,
-                      lora_alpha=alphas[rank], lora_targets=sorted(targets),
-                      adapter_dtype=adapter_dtype)
-    else:
-        kwargs.update(method="full")
-    if quantized and ranks:  # bitsandbytes 4-bit base: nested quant state = double quant
-        state = getattr(quantized[0].weight, "quant_state", None)
-        kwargs.update(double_quant=bool(getattr(state, "nested", False)))
-    return MemoryPlanner(config, **kwargs)
-
-
-def _trains(model: nn.Module, getter: str, trainable: Sequence[torch.Tensor]) -> bool:
-    base, _ = _decoder(model)
-    module = getattr(base, getter, lambda: None)()
-    weight = getattr(module, "weight", None)
-    return weight is not None and any(weight is p for p in trainable)
-
 
 @dataclass(frozen=True)
 class BudgetDecision:
@@ -319,13 +250,14 @@ class MemoryBudget:
         self.decision: BudgetDecision | None = None
 
     @classmethod
-    def for_model(cls, model: nn.Module, optimizer: Optimizer, blocks: Sequence[nn.Module],
+    def for_model(cls, model: nn.Module, optimizer: Optimizer, layers: LayerGroups,
                   budget: int, *, shape: tuple[int, int] | None,
                   planner: MemoryPlanner | None, cut_backward: bool,
                   keeps_all_state: bool) -> MemoryBudget:
-        """Build the planner from ``shape`` (or take ``planner``) and the policy's options
-        from the model and the optimizer's parameters; on CUDA the policy reserves the
-        cuBLAS workspaces (:func:`cuda_workspace_bytes` of the parameters' device).
+        """Build the planner from ``shape`` and the optimizer's ``layers`` (or take
+        ``planner``) and the policy's options from the model and the optimizer's
+        parameters; on CUDA the policy reserves the cuBLAS workspaces
+        (:func:`cuda_workspace_bytes` of the parameters' device).
 
         Raises:
             ValueError: when neither or both of ``shape`` and ``planner`` are given, or
@@ -338,19 +270,18 @@ class MemoryBudget:
                 "the two)")
         if shape is not None:
             planner = planner_for_model(model, optimizer, batch_size=shape[0],
-                                        seq_len=shape[1])
+                                        seq_len=shape[1], layers=layers)
         elif not isinstance(planner, MemoryPlanner):
             raise TypeError(f"memory_planner must be an ist_optim.MemoryPlanner, got "
                             f"{type(planner).__name__}")
         assert planner is not None  # for type checkers: exactly one of the two was given
         trainable = [p for group in optimizer.param_groups for p in group["params"]]
+        train_embeddings, train_head = trains_embeddings_and_head(model, trainable)
         policy = CheckpointPolicy(
-            planner, budget, cut_backward=cut_backward,
-            train_embeddings=_trains(model, "get_input_embeddings", trainable),
-            train_head=_trains(model, "get_output_embeddings", trainable),
-            keeps_all_state=keeps_all_state,
+            planner, budget, cut_backward=cut_backward, train_embeddings=train_embeddings,
+            train_head=train_head, keeps_all_state=keeps_all_state,
             reserve_bytes=cuda_workspace_bytes(trainable[0].device) if trainable else 0)
-        return cls(policy, blocks)
+        return cls(policy, layers.modules)
 
     def fits_as_is(self, active: Sequence[int]) -> bool:
         """Whether ``active`` fits without checkpointing (:meth:`CheckpointPolicy.fits_as_is`);
@@ -383,31 +314,3 @@ class MemoryBudget:
     def close(self) -> None:
         """Give the blocks back their own checkpointing."""
         self.checkpointer.remove()
-
-
-def memory_report(residency: StateResidency, trained: Sequence[torch.Tensor],
-                  active: Sequence[int], budget: MemoryBudget | None) -> dict[str, Any]:
-    """Bytes of optimizer state and of the trainable parameters of the active set (what
-    :meth:`ist_optim.ISTOptimizer.memory_report` returns).
-
-    Returns:
-        ``state_bytes_on_device``: state held by the inner optimizer on the parameters'
-        devices; ``state_bytes_offloaded``: state in host memory put there by
-        ``state_policy="offload"``; ``active_trainable_bytes``: parameters trained in the
-        coming step (``trained``: the ``active`` layers and the outside group); ``active_layers``;
-        ``state_policy``; with a ``budget``: ``memory_budget`` (bytes),
-        ``predicted_peak_bytes`` of the coming step and ``checkpointed_layers``, the blocks
-        checkpointed in it (else None, None, []).
-    """
-    with residency.full_state() as inner:
-        total = state_bytes(inner.state.values())
-    offloaded = residency.offloaded_bytes()
-    return {
-        "state_bytes_on_device": total - offloaded,
-        "state_bytes_offloaded": offloaded,
-        "active_trainable_bytes": sum(p.numel() * p.element_size() for p in trained),
-        "active_layers": list(active),
-        "state_policy": residency.policy,
-        **(budget.report() if budget is not None else
-           {"memory_budget": None, "predicted_peak_bytes": None, "checkpointed_layers": []}),
-    }

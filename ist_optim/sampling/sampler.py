@@ -1,19 +1,18 @@
-"""``LayerSampler``: the per-layer scores, the private generator, the step count, the
-active-count schedule and the active set, with the draws that read them and the checkpoint
-entry that saves them.
+"""``LayerSampler``: the per-layer scores, the private generator, the step count and the
+active-count schedule, with the draws that read them and the checkpoint entry that saves
+them; :class:`SamplerView`, the read-only view an importance round gets.
 
-The sampler is the one owner of "which layers train in the coming step": the optimizer
-asks it to :meth:`~LayerSampler.advance` after a step and to draw the next set; the
-activator only applies what it is given. How a set is drawn is the sampling rule's
-(:mod:`ist_optim.sampling.rules`); how many layers, the schedule's
-(:class:`ist_optim.ActiveSchedule`).
+The sampler draws "which layers train in the coming step": the optimizer asks it to
+:meth:`~LayerSampler.advance` after a step and to draw the next set, and hands the set to
+the activator (:class:`ist_optim.LayerActivator`), which applies it and is its one record.
+How a set is drawn is the sampling rule's (:mod:`ist_optim.sampling.rules`); how many
+layers, the schedule's (:class:`ist_optim.ActiveSchedule`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import operator
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -24,7 +23,7 @@ from .draws import distribution_spread, resolve_count, sample_candidate_sets, sa
 from .rules import SamplingRule
 from .schedule import ActiveSchedule
 
-__all__ = ["LayerSampler", "check_layer_indices"]
+__all__ = ["LayerSampler", "SamplerView"]
 
 
 def _bad(key: str, value: Any, expected: str) -> ValueError:
@@ -32,32 +31,8 @@ def _bad(key: str, value: Any, expected: str) -> ValueError:
     return ValueError(f"IST checkpoint entry {key!r} is {shown}; expected {expected}")
 
 
-def check_layer_indices(indices: Any, num_layers: int) -> list[int]:
-    """``indices`` as a sorted list of distinct layer indices in ``[0, num_layers)``.
-
-    Raises:
-        ValueError: for an empty, repeated, out-of-range or non-int index list.
-
-    Example:
-        >>> check_layer_indices([3, 1], 4)
-        [1, 3]
-    """
-    if not isinstance(indices, Iterable) or isinstance(indices, str | bytes):
-        raise ValueError(f"layers must be a list of layer indices, got {indices!r}")
-    values = list(indices)
-    error = ValueError(f"layers must be distinct indices in [0, {num_layers}), got {values}")
-    try:  # ints, numpy ints and 0-d integer tensors; not bools, floats or strings
-        ints = [operator.index(i) for i in values if not isinstance(i, bool)]
-    except TypeError:
-        raise error from None
-    if (not ints or len(ints) != len(values) or len(set(ints)) != len(ints)
-            or not all(0 <= i < num_layers for i in ints)):
-        raise error
-    return sorted(ints)
-
-
 class LayerSampler:
-    """Scores, generator, step count, schedule and active set of an IST run.
+    """Scores, generator, step count and schedule of an IST run, and the draws.
 
     Args:
         rule: the sampling rule (:mod:`ist_optim.sampling.rules`), which knows ``L``
@@ -68,19 +43,19 @@ class LayerSampler:
     Example:
         >>> config = ISTConfig(active_layers=2, sampling="uniform")
         >>> sampler = LayerSampler.from_config(config, num_layers=8, seed=0)
-        >>> len(sampler.draw_next())
+        >>> len(sampler.draw_active())
         2
         >>> state = sampler.state_dict()
+        >>> state["sampling"]
+        'uniform'
         >>> other = LayerSampler.from_config(config, num_layers=8, seed=1)
         >>> other.load_state_dict(state)
-        >>> other.active == sampler.active and other.draw_active() == sampler.draw_active()
+        >>> other.draw_active() == sampler.draw_active()
         True
     """
 
     def __init__(self, rule: SamplingRule, seed: int, schedule: ActiveSchedule | None = None):
         self.rule = rule
-        self.num_layers = rule.num_layers
-        self.num_active = rule.num_active
         self.schedule = schedule or ActiveSchedule(rule.num_layers, rule.num_active)
         self.seed = seed
         self.generator = torch.Generator(device="cpu")
@@ -88,7 +63,17 @@ class LayerSampler:
         self.scores = torch.zeros(self.num_layers, dtype=torch.float64)
         self.num_steps = 0
         self.skipped_steps = 0
-        self.active: list[int] = []
+
+    @property
+    def num_layers(self) -> int:
+        """``L``, the rule's."""
+        return self.rule.num_layers
+
+    @property
+    def num_active(self) -> int:
+        """``N_u``, the configured layers per step (the rule's); a step's own count is
+        :meth:`count`."""
+        return self.rule.num_active
 
     @classmethod
     def from_config(cls, config: ISTConfig, num_layers: int, seed: int) -> LayerSampler:
@@ -127,20 +112,6 @@ class LayerSampler:
         """Layers to train in the coming step (the schedule at :attr:`num_steps`)."""
         return self.schedule.count(self.num_steps)
 
-    def set_active(self, layers: Iterable[int]) -> list[int]:
-        """Make ``layers`` the set of the coming step (validated, sorted); returns it.
-
-        Raises:
-            ValueError: for indices that are not distinct layers.
-        """
-        self.active = check_layer_indices(layers, self.num_layers)
-        return list(self.active)
-
-    def draw_next(self, accept: Callable[[list[int]], bool] | None = None,
-                  redraws: int = 0) -> list[int]:
-        """:meth:`draw_active`, then :meth:`set_active` on the result; returns it."""
-        return self.set_active(self.draw_active(accept, redraws))
-
     # ------------------------------------------------------------------ draws
     def training_weights(self) -> torch.Tensor:
         """Per-layer weights of the training draw (the rule's, e.g. ``sigmoid(-s)``)."""
@@ -157,8 +128,8 @@ class LayerSampler:
 
     def draw_active(self, accept: Callable[[list[int]], bool] | None = None,
                     redraws: int = 0) -> list[int]:
-        """Draw the :meth:`count` layers of the next step (sorted); does not change
-        :attr:`active`.
+        """Draw the :meth:`count` layers of the next step (sorted); applying them is the
+        activator's (:meth:`ist_optim.LayerActivator.apply`).
 
         Args:
             accept: a predicate on a drawn set; ``None`` (default) takes the first draw.
@@ -193,24 +164,35 @@ class LayerSampler:
                                      self.generator)
 
     def set_scores(self, scores: torch.Tensor) -> None:
+        """Replace the scores (what an importance round computed).
+
+        Raises:
+            ValueError: for a tensor that is not of shape ``(num_layers,)``.
+        """
         if scores.shape != (self.num_layers,):
             raise ValueError(f"scores must have shape ({self.num_layers},), got "
                              f"{tuple(scores.shape)}")
         self.scores = scores.detach().to("cpu", torch.float64).clone()
 
+    def view(self) -> SamplerView:
+        """The read-only view of this sampler that importance rounds measure with."""
+        return SamplerView(self)
+
     def fingerprint(self) -> dict[str, Any]:
-        """Step, active set, scores, seed and a hash of the generator state (for checks
-        that several processes hold the same sampler)."""
+        """Step, scores, seed and a hash of the generator state (for checks that several
+        processes hold the same sampler)."""
         generator = hashlib.sha256(self.generator.get_state().numpy().tobytes()).hexdigest()
-        return {"num_steps": self.num_steps, "active_layers": list(self.active),
-                "scores": self.scores.tolist(), "generator": generator[:16], "seed": self.seed}
+        return {"num_steps": self.num_steps, "scores": self.scores.tolist(),
+                "generator": generator[:16], "seed": self.seed}
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
+        """Scores, generator state, step counts, seed, the rule's name (``"sampling"``) and
+        its own state (``"rule"``, when it has any); plain types and tensors."""
         return {
+            "sampling": self.rule.name,
             "scores": self.scores.clone(),
             "generator_state": self.generator.get_state(),
-            "active_layers": list(self.active),
             "num_steps": self.num_steps,
             "seed": self.seed,
             "skipped_steps": self.skipped_steps,
@@ -221,9 +203,16 @@ class LayerSampler:
         """Validate a :meth:`state_dict` entry completely, changing nothing.
 
         Raises:
-            ValueError: naming the first entry that is missing or malformed.
+            ValueError: naming the first entry that is missing or malformed, or the rule
+                the checkpoint was saved with when it is not this sampler's (checkpoints
+                written before the rule was recorded load into any rule).
         """
-        for key in ("scores", "generator_state", "active_layers", "num_steps", "seed"):
+        saved = state.get("sampling", self.sampling)
+        if saved != self.sampling:
+            raise ValueError(
+                f"checkpoint was saved with sampling={saved!r}, this optimizer uses "
+                f"sampling={self.sampling!r}; build it with sampling={saved!r}")
+        for key in ("scores", "generator_state", "num_steps", "seed"):
             if key not in state:
                 raise ValueError(f"IST checkpoint has no {key!r} entry; it is not an "
                                  "ISTOptimizer checkpoint or it is truncated")
@@ -232,14 +221,6 @@ class LayerSampler:
             raise _bad("scores", scores, f"a tensor of shape ({self.num_layers},)")
         if not scores.is_floating_point() or not torch.isfinite(scores).all():
             raise _bad("scores", scores, "finite floating-point scores")
-        active = state["active_layers"]
-        if not isinstance(active, Sequence) or isinstance(active, str):
-            raise _bad("active_layers", active, "a list of layer indices")
-        try:
-            check_layer_indices(active, self.num_layers)
-        except ValueError:
-            raise _bad("active_layers", active,
-                       f"distinct layer indices in [0, {self.num_layers})") from None
         steps = state["num_steps"]
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise _bad("num_steps", steps, "an int >= 0")
@@ -269,8 +250,65 @@ class LayerSampler:
         # of a checkpoint to the accelerator; the sampler's state lives on the CPU.
         self.scores = state["scores"].to("cpu", torch.float64).clone()
         self.generator.set_state(state["generator_state"].cpu())
-        self.active = sorted(int(i) for i in state["active_layers"])
         self.num_steps = int(state["num_steps"])
         self.seed = int(state["seed"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.rule.load_state_dict(state.get("rule", {}))
+
+
+class SamplerView:
+    """What an importance round may read of the sampler, and the one draw it may make.
+
+    It reads the step count, the layer counts, the scores (a copy) and the training
+    probabilities, and draws candidate sets with the sampler's private generator (so a
+    run stays reproducible from a checkpoint); it cannot change the scores (the round's
+    :meth:`~ist_optim.ImportanceRound.update` returns them) or anything else.
+
+    Example:
+        >>> sampler = LayerSampler.from_config(ISTConfig(active_layers=2), 6, seed=0)
+        >>> view = sampler.view()
+        >>> view.num_layers, view.num_steps, len(view.draw_candidates(2, 3))
+        (6, 0, 3)
+        >>> view.scores = None
+        Traceback (most recent call last):
+        ...
+        AttributeError: property 'scores' of 'SamplerView' object has no setter
+    """
+
+    __slots__ = ("_sampler",)
+
+    def __init__(self, sampler: LayerSampler) -> None:
+        self._sampler = sampler
+
+    @property
+    def num_layers(self) -> int:
+        """``L``."""
+        return self._sampler.num_layers
+
+    @property
+    def num_active(self) -> int:
+        """``N_u``, the configured layers per step."""
+        return self._sampler.num_active
+
+    @property
+    def num_steps(self) -> int:
+        """Optimizer steps taken so far."""
+        return self._sampler.num_steps
+
+    @property
+    def sampling(self) -> str:
+        """The name of the sampling rule."""
+        return self._sampler.sampling
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """A copy of the scores ``s`` (float64, shape ``(L,)``)."""
+        return self._sampler.scores.clone()
+
+    def probabilities(self) -> torch.Tensor:
+        """The training draw's per-layer probabilities (float32, summing to 1)."""
+        return self._sampler.probabilities()
+
+    def draw_candidates(self, set_size: int, num_sets: int) -> list[list[int]]:
+        """The paper's candidate sets (:meth:`LayerSampler.draw_candidates`)."""
+        return self._sampler.draw_candidates(set_size, num_sets)

@@ -1,6 +1,6 @@
 """Where the memory of one real training step goes: ``account_step``.
 
-Runs one training step under :class:`~ist_optim.memory.tracker.LiveMemory` and labels every
+Runs one training step under :class:`~ist_optim.planner.tracker.LiveMemory` and labels every
 storage alive at the step's peak: parameters and buffers (``weights``, with the quantization
 constants of bitsandbytes 4-bit weights), ``.grad`` tensors (``gradients``, labelled by
 post-accumulate-grad hooks), optimizer state (``optimizer_state``, labelled after each

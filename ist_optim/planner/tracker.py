@@ -1,11 +1,4 @@
-"""Memory meters: the device's peak over a stretch of work, and live tensors one by one.
-
-:class:`PeakMemory` is the one peak meter of ``ist-finetune``, the benchmarks and the
-library: the CUDA caching allocator's peak on a CUDA device (the model's own, ``cuda:1``
-included), the process's peak resident set size anywhere else. On Linux the RSS peak
-(``VmHWM``) is reset by writing ``5`` to ``/proc/self/clear_refs``, so several runs in one
-process each get their own peak; where that is not possible the meter reports the
-process-lifetime peak (``ru_maxrss``) and says so through :attr:`PeakMemory.resettable`.
+"""Live tensor memory, allocation by allocation: a dispatch mode that sees every new storage.
 
 :class:`LiveMemory` is a :class:`~torch.utils._python_dispatch.TorchDispatchMode` that
 records each storage an operator allocates and forgets it when the storage is freed (a weak
@@ -24,11 +17,8 @@ is allocated by an operator and only then stored in ``.grad``).
 from __future__ import annotations
 
 import itertools
-import resource
-import sys
 import weakref
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,93 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["LiveMemory", "PeakMemory"]
-
-_CLEAR_REFS = Path("/proc/self/clear_refs")
-_STATUS = Path("/proc/self/status")
-
-
-def _status_bytes(field: str) -> int | None:
-    """A ``kB`` field of ``/proc/self/status`` (``VmHWM``, ``VmRSS``) in bytes; None where
-    there is no such file."""
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _ru_maxrss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
-
-
-class PeakMemory:
-    """Measure peak memory from :meth:`reset` to :meth:`peak_bytes`.
-
-    Args:
-        device: a CUDA device (``"cuda"``, ``"cuda:1"``: the model's) measures its
-            ``torch.cuda.max_memory_allocated``; anything else the process's peak resident
-            set size.
-
-    Attributes:
-        start_bytes: what was held at the last :meth:`reset` (allocated bytes on CUDA, the
-            resident set elsewhere); :meth:`growth_bytes` is the peak above it.
-
-    Example:
-        >>> meter = PeakMemory("cpu")
-        >>> meter.reset()
-        >>> block = torch.ones(4_000_000)  # 16 MB
-        >>> meter.peak_bytes() > meter.growth_bytes() >= 0
-        True
-    """
-
-    def __init__(self, device: str | torch.device = "cpu") -> None:
-        self.device = torch.device(device)
-        self.cuda = self.device.type == "cuda"
-        self.resettable = True
-        self.start_bytes = 0
-
-    @property
-    def kind(self) -> str:
-        """What is measured, for table headers."""
-        if self.cuda:
-            return "peak CUDA allocated"
-        return "peak RSS" if self.resettable else "process peak RSS"
-
-    def reset(self) -> None:
-        """Start a new measurement window."""
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start_bytes = int(torch.cuda.memory_allocated(self.device))
-            return
-        try:
-            _CLEAR_REFS.write_text("5")
-        except OSError:
-            self.resettable = False
-        self.start_bytes = _status_bytes("VmRSS") or 0
-
-    def synchronize(self) -> None:
-        """Wait for the work queued on the CUDA device (nothing on the CPU)."""
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
-    def peak_bytes(self) -> int:
-        """Peak since the last :meth:`reset` (process-lifetime peak if it cannot reset)."""
-        if self.cuda:
-            return int(torch.cuda.max_memory_allocated(self.device))
-        hwm = _status_bytes("VmHWM") if self.resettable else None
-        if hwm is None:
-            self.resettable = False
-            return _ru_maxrss_bytes()
-        return hwm
-
-    def growth_bytes(self) -> int:
-        """The peak above :attr:`start_bytes`: what the work since :meth:`reset` added."""
-        return self.peak_bytes() - self.start_bytes
-
+__all__ = ["LiveMemory"]
 
 class LiveMemory(TorchDispatchMode):
     """Track the bytes of live tensor storages on one device, and their peak.

@@ -5,7 +5,7 @@ Two stages, so that a caller who asks many questions about one model pays once:
 1. :class:`MemoryPlanner` measures, on the ``meta`` device (no memory, no weights), what one
    decoder block and the head save for backward and allocate during forward and backward
    at the real batch x sequence shape, in each way a block can take part in a step
-   (:func:`~ist_optim.memory.blocks.measure_model`): about a second for a 7B shape.
+   (:func:`~ist_optim.planner.blocks.measure_model`): about a second for a 7B shape.
 2. :meth:`MemoryPlanner.estimate` walks one training step over those per-piece costs (a
    forward through every block, the loss, a backward down to the lowest block that needs
    one, the optimizer step), keeps the running total of weights, gradients, optimizer
@@ -46,12 +46,12 @@ DEFAULT_LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj"
 #: apollo-torch's ``APOLLOAdamW`` (APOLLO-Mini: rank 1, one scale per tensor) as the HF
 #: Trainer sets them up (``optim="galore_adamw"`` / ``"apollo_adamw"``): the 2-D weights of
 #: the blocks projected to ``projection_rank``, everything else plain AdamW; full
-#: fine-tuning only (see :mod:`ist_optim.memory.projection`).
+#: fine-tuning only (see :mod:`ist_optim.planner.projection`).
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw8bit", "adamw-fp32-master",
                                *PROJECTED_OPTIMIZERS)
 #: ``"lora"``: frozen base in ``dtype``, adapters train. ``"qlora"``: the same with every
 #: linear layer of the blocks stored in 4 bits (bitsandbytes NF4/FP4, see
-#: :mod:`ist_optim.memory.quantized`). ``"full"``: the weights train.
+#: :mod:`ist_optim.planner.quantized`). ``"full"``: the weights train.
 METHODS: tuple[str, ...] = ("lora", "qlora", "full")
 _METHODS = METHODS
 _PARTS = ("weights", "gradients", "optimizer_state", "activations", "transient")
@@ -223,7 +223,7 @@ class MemoryPlanner:
         if self.projection is not None:
             self.settings["projection_rank"] = self.projection.rank
         self.layerwise = self.projection is not None and self.projection.layerwise
-        #: The measured per-piece costs (:class:`~ist_optim.memory.blocks.ModelCosts`).
+        #: The measured per-piece costs (:class:`~ist_optim.planner.blocks.ModelCosts`).
         self.costs: ModelCosts = measure_model(config, batch_size=batch_size, seq_len=seq_len,
                                                dtype=dtype, lora=lora, attention=attention,
                                                quant=QuantSpec(bool(double_quant))

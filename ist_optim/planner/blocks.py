@@ -3,7 +3,7 @@
 :func:`measure_model` builds a one-block copy of a transformers causal LM from its config
 on the ``meta`` device (no memory, no weights), optionally wraps the target linears of the
 block with LoRA adapters that behave like peft's (:class:`MetaLoraLinear`), and runs the
-block at the real batch x sequence shape under :class:`~ist_optim.memory.tracker.LiveMemory`,
+block at the real batch x sequence shape under :class:`~ist_optim.planner.tracker.LiveMemory`,
 :func:`torch.autograd.graph.saved_tensors_hooks` and :class:`torch.utils.flop_counter.
 FlopCounterMode`, once per way a block can take part in a step (:data:`BLOCK_MODES`). The
 head (final norm, LM head, loss) is measured the same way. Nothing here is a fitted
