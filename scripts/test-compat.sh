@@ -54,8 +54,9 @@ PY
 )"
     echo "== $row: $versions"
     log="$venv/pytest.log"
-    "$venv/bin/python" -m pytest -q -p no:cacheprovider -n "${IST_TEST_WORKERS:-2}" \
-        "${PYTEST_ARGS[@]}" 2>&1 | tee "$log" | tail -n 3
+    # a row that hangs is stopped (and counted failed) after IST_COMPAT_TIMEOUT seconds
+    timeout "${IST_COMPAT_TIMEOUT:-3600}" "$venv/bin/python" -m pytest -q -p no:cacheprovider \
+        -n "${IST_TEST_WORKERS:-2}" "${PYTEST_ARGS[@]}" 2>&1 | tee "$log" | tail -n 3
     rc=${PIPESTATUS[0]}
     summary="$(grep -E '^[0-9]+ (passed|failed)|^=+ .*(passed|failed)' "$log" | tail -n 1)"
     count() { echo "$summary" | grep -oE "[0-9]+ $1" | grep -oE '[0-9]+' || echo 0; }
