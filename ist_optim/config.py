@@ -471,10 +471,11 @@ def _attributes_doc(config_cls: type) -> str:
     return "\n".join(lines)
 
 
-def options_table(config_cls: type = ISTConfig, *, link_prefix: str | None = "docs/") -> str:
-    """The README's table of the options (option, default, meaning), from the fields.
+def options_table(config_cls: type = ISTConfig, *, link_prefix: str | None = "") -> str:
+    """The table of the options (option, default, meaning) in docs/usage.md, from the
+    fields (``link_prefix``: what links to other docs pages start with).
 
-    ``tests/test_options.py`` fails when README.md's table is not this one.
+    ``tests/test_options.py`` fails when docs/usage.md's table is not this one.
 
     Example:
         >>> print(options_table().splitlines()[0])

@@ -190,7 +190,7 @@ def test_choices_are_read_from_the_registry_when_asked():
 
 # ---------------------------------------------------------------------- the docs' tables
 TABLES = [
-    ("README.md", "options table", "ist_optim.config.options_table()", options_table),
+    ("docs/usage.md", "options table", "ist_optim.config.options_table()", options_table),
     ("docs/axolotl.md", "ist_* keys table",
      "ist_optim.integrations.yaml_keys.yaml_keys_table()", yaml_keys_table),
     ("docs/cli.md", "IST flags table", "ist_optim.cli.parser.ist_flags_table()",
@@ -221,7 +221,7 @@ def test_docs_tables_are_the_generated_ones(path, label, source, table):
 
 
 def _readme_arguments() -> list[str]:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "usage.md").read_text()
     table = text.split("takes, besides the options:\n\n", 1)[1].split("\n\n", 1)[0]
     return [re.match(r"\| `([^`]+)`", row).group(1) for row in table.splitlines()[2:]]
 

@@ -70,10 +70,25 @@ def _settings(args: Any, ist_kwargs: dict[str, Any], lr: float, recipe: str) -> 
             "ist_kwargs": ist_kwargs, "quantize": args.quantize, "recipe": recipe}
 
 
+#: Loggers of libraries that peft imports when they are installed, whether or not a run
+#: uses them: bitsandbytes warns at import that a hub kernel cannot be fetched offline.
+UNUSED_LIBRARY_LOGGERS = ("bitsandbytes", "kernels")
+
+
+def quiet_unused_libraries() -> None:
+    """Keep the import-time warnings of :data:`UNUSED_LIBRARY_LOGGERS` out of a run that
+    quantizes nothing (``--quantize none``: no bitsandbytes layer; the CLI builds no
+    8-bit optimizer); their errors still show."""
+    for name in UNUSED_LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _run(argv: list[str] | None) -> int:
     from .parser import ist_kwargs_from_args, parse_args
 
     args = parse_args(argv)
+    if args.quantize == "none":
+        quiet_unused_libraries()
     import torch
 
     from .checkpoints import checkpoint_options

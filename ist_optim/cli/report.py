@@ -93,7 +93,8 @@ def compare_table(runs: Sequence[MethodRun]) -> str:
 
 
 def save_outputs(run: MethodRun, output_dir: Path, table: str) -> list[Path]:
-    """Save the adapter (or model), the importance heatmap (IST runs) and the table."""
+    """Save the adapter (or model), the importance heatmap (IST runs; ``layers-trained.png``
+    where the run measured no importance, e.g. uniform draws) and the table."""
     from ..reporting.plotting import plot_importance
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -103,8 +104,10 @@ def save_outputs(run: MethodRun, output_dir: Path, table: str) -> list[Path]:
     written.append(target)
     history = run.result.history
     if history is not None and history.steps:
-        png = output_dir / "importance.png"
-        fig = plot_importance(history, png, title=f"IST layer importance ({run.spec.name})")
+        measured = bool(history.importance_matrix().abs().max() > 0)
+        png = output_dir / ("importance.png" if measured else "layers-trained.png")
+        fig = plot_importance(history, png, title=f"IST layer importance ({run.spec.name})"
+                              if measured else f"IST ({run.spec.name})")
         import matplotlib.pyplot as plt
 
         plt.close(fig)

@@ -162,10 +162,29 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+#: The progress bar lists the active layers only up to this many; beyond, their count.
+LISTED_LAYERS = 4
+
+
 def active_description(optimizer: torch.optim.Optimizer) -> str:
-    """Which layers train in the coming step, for the progress bar."""
+    """Which layers train in the coming step, for the progress bar: ``"3/30: 4,17,22"``
+    (count of the layers, and the set while it is small), ``"30/30"`` in a dense phase.
+
+    Example:
+        >>> blocks = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(8))
+        >>> opt = ISTOptimizer(torch.optim.SGD, torch.nn.Sequential(*blocks), lr=0.1,
+        ...                    layers=list(blocks), sampling="uniform", seed=0)
+        >>> active_description(opt)
+        '2/8: 6,7'
+        >>> opt.set_active_layers(range(8)); active_description(opt)
+        '8/8'
+    """
     if isinstance(optimizer, ISTOptimizer):
-        return ",".join(str(i) for i in optimizer.active_layers)
+        active = optimizer.active_layers
+        count = f"{len(active)}/{optimizer.num_layers}"
+        if len(active) > LISTED_LAYERS:
+            return count
+        return f"{count}: " + ",".join(str(i) for i in active)
     prefixes = getattr(optimizer, "active_param_prefixs", None)
     if prefixes:
         return ",".join(p.rstrip(".").rsplit(".", 1)[-1] for p in prefixes)

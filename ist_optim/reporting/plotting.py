@@ -22,7 +22,9 @@ def plot_importance(
 
     Importance is signed (0 = neutral, the start), so the colour map diverges around 0:
     red = more important, blue = less. Each record covers the steps since the previous
-    one, so histories recorded every k steps or resumed mid-run are drawn to scale.
+    one, so histories recorded every k steps or resumed mid-run are drawn to scale. A
+    history that measured no importance (every value 0: uniform draws run no rounds) is
+    drawn as the layers trained at each step instead, and the title says so.
 
     Args:
         history: what :class:`ist_optim.ImportanceHistory` recorded.
@@ -47,7 +49,11 @@ def plot_importance(
         >>> fig = plot_importance(history)
         >>> [ax.get_xlabel() for ax in fig.axes[:2]]
         ['optimizer step', 'steps trained (of 2)']
-        >>> import matplotlib.pyplot as plt; plt.close(fig)
+        >>> uniform = ImportanceHistory(3, steps=[1, 2], importance=[[0] * 3] * 2,
+        ...                             trained=[[0], [2]])
+        >>> plot_importance(uniform, title="run").axes[0].get_title()
+        'run: layers trained per step (no importance measured)'
+        >>> import matplotlib.pyplot as plt; plt.close("all")
     """
     try:
         import matplotlib
@@ -70,13 +76,23 @@ def plot_importance(
     steps = list(history.steps)
     x_edges = [steps[0] - 1, *steps]
     y_edges = [i - 0.5 for i in range(num_layers + 1)]
-    limit = max(float(abs(matrix).max()), 1e-12)
+    measured = bool(abs(matrix).max() > 0)
     fig, (ax_map, ax_bar) = plt.subplots(
         1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 1]}, constrained_layout=True,
         sharey=True,
     )
-    mesh = ax_map.pcolormesh(x_edges, y_edges, matrix.T, cmap="coolwarm", vmin=-limit,
-                             vmax=limit, shading="flat")
+    if not measured:  # nothing to colour by importance: the trained layers themselves
+        trained = [[1.0 if layer in layers else 0.0 for layer in range(num_layers)]
+                   for layers in history.trained]
+        ax_map.pcolormesh(x_edges, y_edges, list(map(list, zip(*trained, strict=True))),
+                          cmap="Greys", vmin=0.0, vmax=1.5, shading="flat")
+        title = f"{title}: layers trained per step (no importance measured)"
+        show_trained = False
+    else:
+        limit = float(abs(matrix).max())
+        mesh = ax_map.pcolormesh(x_edges, y_edges, matrix.T, cmap="coolwarm", vmin=-limit,
+                                 vmax=limit, shading="flat")
+        fig.colorbar(mesh, ax=ax_map, label="importance (red = more important)", pad=0.01)
     if show_trained if show_trained is not None else len(steps) <= 400:
         xs = [step - 0.5 for step, layers in zip(steps, history.trained, strict=True)
               for _ in layers]
@@ -87,7 +103,6 @@ def plot_importance(
     ax_map.set_ylabel("layer")
     ax_map.set_title(title)
     ax_map.set_ylim(-0.5, num_layers - 0.5)
-    fig.colorbar(mesh, ax=ax_map, label="importance (red = more important)", pad=0.01)
     ax_bar.barh(range(num_layers), counts, color="tab:gray")
     ax_bar.set_xlabel(f"steps trained (of {len(steps)})")
     ax_bar.set_title("training frequency")
