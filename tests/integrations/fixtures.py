@@ -1,12 +1,18 @@
-"""Build the local inputs of the axolotl end-to-end tests: a tiny random Llama with its own
-word-level tokenizer, and an alpaca-format JSONL dataset. Nothing is downloaded."""
+"""Build the local inputs of the axolotl and LLaMA-Factory end-to-end tests (a tiny random
+Llama with its own word-level tokenizer, an alpaca-format JSONL dataset; nothing is
+downloaded), and read what a run wrote (checkpoint weights, logs, changed blocks)."""
 
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import torch
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 _WORDS = ("the quick brown fox jumps over a lazy dog while seven small birds sing "
           "above green hills and one old river runs to the sea under bright stars").split()
@@ -61,3 +67,39 @@ def write_tiny_llama(directory: Path, *, layers: int = 4, hidden: int = 64,
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
     model.save_pretrained(directory, safe_serialization=True)  # buffers are rebuilt on load
     return directory
+
+
+# ---------------------------------------------------------------- reading what a run wrote
+def train_logs(checkpoint: Path) -> dict[int, dict[str, Any]]:
+    """The training log entries of ``checkpoint``'s ``trainer_state.json``, by step."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    return {entry["step"]: entry for entry in state["log_history"] if "loss" in entry}
+
+
+def active_layers(log: dict[str, Any], num_layers: int) -> set[int]:
+    """The layers a log entry's ``ist/active_layer_*`` keys mark as trained."""
+    return {i for i in range(num_layers) if log[f"ist/active_layer_{i}"] == 1.0}
+
+
+def changed_layers(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[int]:
+    """Indices of the blocks with a tensor that differs; -1 for tensors outside the blocks."""
+    changed = set()
+    for name, tensor in after.items():
+        if not torch.equal(tensor, before[name]):
+            match = _LAYER.search(name)
+            changed.add(int(match.group(1)) if match else -1)
+    return changed
+
+
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The adapter's (or the model's) weights saved in ``checkpoint``."""
+    from safetensors.torch import load_file
+
+    for name in ("adapter_model.safetensors", "model.safetensors"):
+        if (checkpoint / name).exists():
+            return load_file(str(checkpoint / name))
+    raise FileNotFoundError(f"no weights in {checkpoint}")
+
+
+def assert_ok(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +18,18 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from fixtures import write_dataset, write_tiny_llama
-from safetensors.torch import load_file
+from fixtures import active_layers as _active_layers
+from fixtures import (
+    assert_ok,
+    changed_layers,
+    train_logs,
+    weights,
+    write_dataset,
+    write_tiny_llama,
+)
 
 PLUGIN = "ist_optim.integrations.axolotl.ISTPlugin"
 NUM_LAYERS = 4
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +37,10 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("inputs")
     return {"model": write_tiny_llama(root / "model", layers=NUM_LAYERS),
             "data": write_dataset(root / "data.jsonl")}
+
+
+def active_layers(log: dict[str, Any]) -> set[int]:
+    return _active_layers(log, NUM_LAYERS)
 
 
 def base_config(inputs: dict[str, Path], workdir: Path, **overrides: Any) -> dict[str, Any]:
@@ -88,34 +97,14 @@ def run_axolotl(cfg: dict[str, Any], workdir: Path) -> subprocess.CompletedProce
     return result
 
 
-def train_logs(checkpoint: Path) -> dict[int, dict[str, Any]]:
-    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
-    return {entry["step"]: entry for entry in state["log_history"] if "loss" in entry}
 
 
-def active_layers(log: dict[str, Any]) -> set[int]:
-    return {i for i in range(NUM_LAYERS) if log[f"ist/active_layer_{i}"] == 1.0}
 
 
-def changed_layers(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[int]:
-    """Indices of the blocks with a tensor that differs; -1 for tensors outside the blocks."""
-    changed = set()
-    for name, tensor in after.items():
-        if not torch.equal(tensor, before[name]):
-            match = _LAYER.search(name)
-            changed.add(int(match.group(1)) if match else -1)
-    return changed
 
 
-def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    for name in ("adapter_model.safetensors", "model.safetensors"):
-        if (checkpoint / name).exists():
-            return load_file(str(checkpoint / name))
-    raise FileNotFoundError(f"no weights in {checkpoint}")
 
 
-def assert_ok(result: subprocess.CompletedProcess[str]) -> None:
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from fixtures import write_dataset, write_tiny_llama
-from test_axolotl_e2e import PLUGIN, assert_ok, run_axolotl, train_logs, weights
+from fixtures import assert_ok, train_logs, weights, write_dataset, write_tiny_llama
+from test_axolotl_e2e import PLUGIN, run_axolotl
 
 UPSTREAM = Path(__file__).parent / "upstream"
 PAD = "<|end_of_text|>"  # the examples' pad token: in the tiny tokenizer, so nothing resizes
