@@ -106,6 +106,22 @@ OLD_CHECKPOINTS = [("ist_v1_checkpoints.pt", 1, name)
                                "uniform-offload")]
 
 
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    return torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def _scores_close(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    # the normalized estimator divides loss differences by their spread: 1e-6 in the
+    # losses is 1e-5 in its scores
+    return torch.allclose(got, expected, rtol=1e-3, atol=1e-4)
+
+
 @pytest.mark.parametrize(("file", "version", "name"), OLD_CHECKPOINTS)
 def test_old_checkpoint_resumes_as_the_old_code_did(file, version, name):
     """Checkpoints written before the split (format 1) and before the second design pass
@@ -120,10 +136,14 @@ def test_old_checkpoint_resumes_as_the_old_code_did(file, version, name):
             trained[key].copy_(value)
     opt = ISTOptimizer(torch.optim.AdamW, model, **dict(saved["kwargs"], seed=1234))
     opt.load_state_dict(saved["optimizer"])
-    assert _run(model, opt, 4, start=5) == saved["next_sets"]
-    assert torch.equal(opt.scores, saved["final_scores"])
+    assert _run(model, opt, 4, start=5) == saved["next_sets"]  # every torch the range holds
+    # the recorded values were computed by torch 2.13 with transformers 5: bit for bit
+    # there; other releases compute the same steps with other kernels (the compat rows:
+    # about 1e-6 relative), which also moves the scores of loss-driven estimators
+    exact = torch.__version__.startswith("2.13.") and _transformers_major() >= 5
+    assert (torch.equal if exact else _scores_close)(opt.scores, saved["final_scores"])
     for key, value in saved["final_params"].items():
-        assert torch.equal(trained[key], value), key
+        assert (torch.equal if exact else _close)(trained[key], value), key
     assert opt.state_dict()["ist"]["format_version"] == 2
 
 
