@@ -3,7 +3,8 @@
 # requirements/compat/<row>.txt (a pip constraints file pinning torch and the Hugging Face
 # stack), under .venv-compat/<row>/, each with ist-optim and every extra installed as that
 # row pins them; then the test suite in each (offline, 2 processes). Prints one line per
-# row (versions; passed, failed, skipped) and writes them to compat-results.md.
+# row (versions; passed, failed, skipped) and records it in compat-results.md (a row run
+# again replaces its line).
 #   bash scripts/test-compat.sh                  # every row (about 10 minutes a row)
 #   bash scripts/test-compat.sh tf457 floor      # some rows
 #   bash scripts/test-compat.sh tf457 -- -k trainer   # pytest arguments after --
@@ -21,10 +22,15 @@ if [ ${#ROWS[@]} -eq 0 ]; then
 fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RESULTS=compat-results.md
-{
-    echo "| row | torch | transformers | peft | accelerate | bitsandbytes | trl | passed | failed | skipped |"
-    echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
-} > "$RESULTS"
+HEADER="| row | torch | transformers | peft | accelerate | bitsandbytes | trl | passed | failed | skipped |"
+# rows run now replace their line; rows not run keep the line of their last run
+if [ "$(head -n 1 "$RESULTS" 2>/dev/null)" != "$HEADER" ]; then
+    { echo "$HEADER"; echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"; } > "$RESULTS"
+fi
+record() {  # record ROW LINE: the row's line in $RESULTS, replaced where it was
+    grep -v -F "| $1 |" "$RESULTS" > "$RESULTS.tmp"; echo "$2" >> "$RESULTS.tmp"
+    mv "$RESULTS.tmp" "$RESULTS"
+}
 status=0
 for row in "${ROWS[@]}"; do
     pins="requirements/compat/$row.txt"
@@ -37,7 +43,7 @@ for row in "${ROWS[@]}"; do
         python3 -m venv "$venv"
         "$venv/bin/python" -m pip install -q --upgrade pip
         if ! "$venv/bin/python" -m pip install -q -c "$pins" -e ".[all]"; then
-            echo "| $row | install failed |" >> "$RESULTS"; status=1; continue
+            record "$row" "| $row | install failed |"; status=1; continue
         fi
         echo "$stamp" > "$venv/.stamp"
     fi
@@ -61,7 +67,7 @@ PY
     summary="$(grep -E '^[0-9]+ (passed|failed)|^=+ .*(passed|failed)' "$log" | tail -n 1)"
     count() { echo "$summary" | grep -oE "[0-9]+ $1" | grep -oE '[0-9]+' || echo 0; }
     failed=$(( $(count failed) + $(count error) ))
-    echo "| $row | $versions | $(count passed) | $failed | $(count skipped) |" >> "$RESULTS"
+    record "$row" "| $row | $versions | $(count passed) | $failed | $(count skipped) |"
     [ "$rc" -eq 0 ] || status=1
 done
 cat "$RESULTS"

@@ -9,7 +9,8 @@ one block at a time, the next every ``--switch`` steps, ascending), IST through
 from ``on_step_begin`` to ``on_step_end`` (forward, backward, optimizer step): the peak of
 live tensor storage on the device (:class:`ist_optim.planner.tracker.LiveMemory`, the
 accounting ``account_step`` uses, with the weights, gradients and optimizer state alive at
-the start counted), the optimizer state held on the device after the step, and the wall
+the start counted), the optimizer state on the device at the end of the step (BAdam's at
+the end of its inner optimizer's step, before its block switch empties it), and the wall
 and CPU seconds; the training loss comes from the logs.
 
     python examples/llamafactory/compare_badam.py --model DIR --data FILE.jsonl \\
@@ -79,16 +80,27 @@ class Measure:
                     return inner
                 inner = nested
 
+        held: dict[str, int] = {}
+
+        def record_held(inner: Any, *_: Any) -> None:
+            held["bytes"] = int(state_bytes(inner.state.values()))
+
         def device_state(optimizer: Any) -> int:
+            """IST: its report after the step. BAdam: the state at the end of the inner
+            optimizer's step, before BAdam's block switch empties it (a post-step hook)."""
             try:
                 ist: ISTOptimizer = unwrap_ist_optimizer(optimizer)
             except TypeError:
-                return int(state_bytes(innermost(optimizer).state.values()))
+                return held.pop("bytes", 0)
             return int(ist.memory_report()["state_bytes_on_device"])
 
         class _Measure(TrainerCallback):
+            hooked: Any = None
+
             def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None,
                               optimizer: Any = None, **kwargs: Any) -> None:
+                if self.hooked is None and not isinstance(innermost(optimizer), ISTOptimizer):
+                    self.hooked = innermost(optimizer).register_step_post_hook(record_held)
                 existing = [*model.parameters(), *model.buffers(),
                             *(p.grad for p in model.parameters() if p.grad is not None)]
                 inner = innermost(optimizer)
@@ -147,8 +159,8 @@ def run_one(method: str, args: argparse.Namespace) -> dict[str, Any]:
 def table(results: dict[str, dict[str, Any]]) -> str:
     """Markdown: per method, the peak, device optimizer state, step time and the held-out
     loss before the first step and after the last."""
-    lines = ["| method | peak of a step (MiB, max) | optimizer state on the device after "
-             "a step (MiB, max) | step wall s (median) | step CPU s (median) | held-out "
+    lines = ["| method | peak of a step (MiB, max) | optimizer state on the device at the "
+             "end of a step (MiB, max) | step wall s (median) | step CPU s (median) | held-out "
              "loss before / after |",
              "| --- | --- | --- | --- | --- | --- |"]
     for name, result in results.items():
