@@ -39,6 +39,7 @@ from .core.checkpoint import (
     validate_ist_entry,
 )
 from .core.compile import WholeModelCompileGuard, check_not_compiled_whole
+from .core.follow import ReplacedParams
 from .core.groups import (
     LayerGroups,
     LayersSpec,
@@ -166,9 +167,37 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
             self.layer_groups, residency, freeze_inactive=cfg.freeze_inactive,
             cut_backward=cfg.cuts_backward, defer_first_freeze=ranks is not None, budget=budget,
             model=model)
+        self._replaced = ReplacedParams(self.optimizer)
         self._draw_next()
 
     # ------------------------------------------------------------------ stepping
+    def _follow_replaced_params(self) -> None:
+        """Before the first update: take up the parameters a wrapper put in the inner
+        optimizer's place of the ones it was built with (accelerate's FSDP2 prepare, so
+        the HF Trainer, TRL, axolotl and LLaMA-Factory under FSDP2: their shards, maybe on
+        another device). The layers hold the new ones; the state policy and the
+        importance batches follow their device and sharding; the active set is applied
+        to them."""
+        replaced = self._replaced.check()
+        if not replaced:
+            return
+        if self.budget_policy is not None:
+            raise ValueError(
+                "memory_budget measured the model as it was when ISTOptimizer was built, "
+                "and its parameters were replaced since (accelerate's FSDP2 prepare shards "
+                "them): drop memory_budget under FSDP2")
+        trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
+        device = trainable[0].device
+        policy = resolve_state_policy(self.config.state_policy, self.optimizer, device,
+                                      sharded=is_sharded(trainable))
+        self.layer_groups.replace_params(replaced)
+        self._replaced.mark_seen()
+        if policy != self.state_policy:
+            self.activator.use_residency(StateResidency(self.optimizer, policy))
+        if self.rounds is not None:
+            self.rounds.move_to(device)
+        self.activator.reapply()
+
     def _draw_next(self) -> None:
         """The sampler draws the next set (again, up to ``budget_redraws`` times, while it
         does not fit ``memory_budget`` as it is); the activator applies it and records it
@@ -196,6 +225,7 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
             check_not_initialized_late()
         if self._compile_guard is not None:
             self._compile_guard.check()
+        self._follow_replaced_params()
         if closure is not None and self.config.skip_nonfinite:
             raise ValueError("skip_nonfinite checks the gradients before the update, but a "
                              "closure computes them inside it; call step() without a closure")
@@ -241,8 +271,10 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the inner optimizer; its params join their layer or the outside group."""
+        self._follow_replaced_params()
         self.optimizer.add_param_group(param_group)
         self.layer_groups.add_params(self.optimizer.param_groups[-1]["params"])
+        self._replaced.mark_seen()
         self.activator.reapply()
 
     def measure_suppressed_losses(self, candidate_sets: list[list[int]],

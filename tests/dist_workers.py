@@ -273,6 +273,26 @@ def _sharded(seed: int = 0) -> TinyNet:
     return model
 
 
+def accelerate_fsdp2_prepare(model: TinyNet, opt: Any) -> None:
+    """What accelerate's ``Accelerator._prepare_fsdp2`` (1.16) does to a model prepared
+    with its optimizer, so what the HF Trainer (and TRL, axolotl, LLaMA-Factory) do under
+    FSDP2: placeholders in the optimizer's ``param_groups``, ``fully_shard`` on every block
+    and the model, then each shard in the place of the parameter of the same name."""
+    from torch.distributed.fsdp import fully_shard
+
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    names = [[name_of[id(p)] for p in group["params"]] for group in opt.param_groups]
+    for group in opt.param_groups:
+        for i, p in enumerate(group["params"]):
+            group["params"][i] = torch.empty(1, dtype=p.dtype, device=p.device)
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    shards = dict(model.named_parameters())
+    for group, group_names in zip(opt.param_groups, names, strict=True):
+        group["params"] = [shards[name] for name in group_names]
+
+
 def fsdp_worker(rank: int, world: int, tmp: str) -> dict[str, Any]:
     """FSDP2 (fully_shard, DTensor params): training, and a DCP checkpoint resume."""
     import torch.distributed.checkpoint as dcp
@@ -286,6 +306,13 @@ def fsdp_worker(rank: int, world: int, tmp: str) -> dict[str, Any]:
     opt = ISTOptimizer(torch.optim.AdamW, model, seed=17, **IST_KWARGS)
     results["fsdp"] = summary(model, opt, train(model, opt, range(20), rank, world))
     results["local_shape"] = tuple(next(model.parameters()).to_local().shape)
+    for policy in (None, "offload"):  # built before sharding, as the Trainer does
+        model = tiny_net()
+        opt = ISTOptimizer(torch.optim.AdamW, model, seed=17, state_policy=policy,
+                           **IST_KWARGS)
+        accelerate_fsdp2_prepare(model, opt)
+        results[f"fsdp_prepared_{policy}"] = summary(
+            model, opt, train(model, opt, range(20), rank, world))
     for policy in ("drop", "offload"):  # optimizer-state residency on sharded state
         model = _sharded()
         opt = ISTOptimizer(torch.optim.AdamW, model, state_policy=policy, seed=18,

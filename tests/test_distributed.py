@@ -168,6 +168,21 @@ def test_fsdp2_ranks_identical_and_match_single_process(fsdp_results):
 
 
 @needs_gloo
+@pytest.mark.parametrize("policy", [None, "offload"])
+def test_fsdp2_optimizer_built_before_sharding(fsdp_results, policy):
+    """The HF Trainer's FSDP2 order: ISTOptimizer built on the whole model, then
+    accelerate shards it and puts the shards in the optimizer's place (before the fix the
+    layers kept the unsharded parameters: the active sets stopped reaching the model)."""
+    run = fsdp_results[0][f"fsdp_prepared_{policy}"]
+    assert_ranks_identical(fsdp_results, f"fsdp_prepared_{policy}")
+    built_after = fsdp_results[0]["fsdp"]  # the same seed, built on the sharded model
+    assert run["actives"] == built_after["actives"]
+    assert torch.equal(run["scores"], built_after["scores"])
+    assert_same_params(run["params"], built_after["params"])
+    assert_matches_single_process(run)
+
+
+@needs_gloo
 @pytest.mark.parametrize("policy", ["drop", "offload"])
 def test_fsdp2_with_state_policy(fsdp_results, policy):
     run = fsdp_results[0][f"fsdp_{policy}"]

@@ -135,6 +135,18 @@ class LayerActivator:
         if not self._complete:
             self.apply(self._active)
 
+    def use_residency(self, residency: StateResidency) -> None:
+        """Move and drop state with ``residency`` from now on (the parameters' device or
+        sharding changed before the first step).
+
+        Raises:
+            RuntimeError: when the residency in use holds state it moved out.
+        """
+        if self.residency.offloaded_bytes():
+            raise RuntimeError("the optimizer state residency cannot change while it holds "
+                               "state it moved out of the optimizer")
+        self.residency = residency
+
     def reapply(self) -> None:
         """Apply :attr:`active` again (parameters were added to the layers)."""
         self.apply(self._active)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import operator
 import re
 import warnings
-from collections.abc import Iterable, Sequence, Sized
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,6 +191,13 @@ class LayerGroups:
 
     def _block_of(self) -> dict[int, int]:
         return {id(p): i for i, m in enumerate(self.modules) for p in m.parameters()}
+
+    def replace_params(self, replacement: Mapping[int, nn.Parameter]) -> None:
+        """Swap parameters in place, keeping each one's layer and position:
+        ``replacement`` maps ``id(old parameter)`` to the parameter that replaces it (e.g.
+        its FSDP2 shard); parameters it does not name stay."""
+        for params in (*self.params, self.outside):
+            params[:] = [replacement.get(id(p), p) for p in params]
 
     def add_params(self, params: Iterable[nn.Parameter]) -> list[int | None]:
         """Register new trainable parameters (a param group added after construction)

@@ -218,6 +218,10 @@ class ImportanceRound:
     def discard_step(self) -> None:
         """Forget what the current step's backward measured (the step is skipped)."""
 
+    def move_to(self, device: torch.device) -> None:
+        """Run on the model where it is now (it moved before the first step); rounds that
+        measure nothing of their own ignore it."""
+
     def set_batches(self, batches: Iterable[Any], seen: int) -> None:
         """Measure ``batches`` (cycled, after ``seen`` of them) from now on.
 
@@ -263,6 +267,9 @@ class SuppressionRound(ImportanceRound):
         self.suppressor = suppressor
         self.batches = batches
         self.loss_fn: LossFn = loss_fn or default_loss_fn
+
+    def move_to(self, device: torch.device) -> None:
+        self.device = device
 
     def measure(self, sampler: SamplerView) -> tuple[list[list[int]], torch.Tensor]:
         batch = self.batches.next(self.device, replay_call=self.loss_fn is default_loss_fn)
