@@ -14,6 +14,7 @@ from ist_optim.integrations.common import DEEPSPEED_REFUSAL
 from ist_optim.integrations.llamafactory import (
     REFUSED_KEYS,
     check_llamafactory_config,
+    for_ddp,
     main,
     split_config,
 )
@@ -98,3 +99,35 @@ def test_the_example_yamls_pass_the_checks(name):
     check_llamafactory_config(cfg)
     theirs, options, _ = split_config(cfg)
     assert not any(k.startswith("ist_") for k in theirs) and options["active_layers"] >= 2
+
+
+# ------------------------------------------------------------------ DDP (torchrun)
+DDP = {"ddp_find_unused_parameters": True, "use_reentrant_gc": False}
+
+
+@pytest.mark.parametrize("given", [{}, {"ddp_find_unused_parameters": True},
+                                   {"use_reentrant_gc": False}])
+def test_ddp_looks_for_unused_parameters_without_reentrant_checkpointing(given):
+    assert for_ddp({"stage": "sft", **given}, {}, world_size=2) == {"stage": "sft", **DDP}
+
+
+@pytest.mark.parametrize(("args", "options", "world"), [
+    ({"stage": "sft"}, {}, 1),                                    # one process: no DDP
+    ({"stage": "sft"}, {"freeze_inactive": False}, 4),            # every layer gets a grad
+    ({"use_reentrant_gc": True, "ddp_find_unused_parameters": False}, {}, 1),
+])
+def test_ddp_keys_untouched_where_ddp_needs_nothing(args, options, world):
+    assert for_ddp(args, options, world_size=world) == args
+
+
+def test_ddp_without_checkpointing_leaves_the_checkpointing_key_alone():
+    args = {"disable_gradient_checkpointing": True}
+    assert for_ddp(args, {}, world_size=2) == {**args, "ddp_find_unused_parameters": True}
+
+
+@pytest.mark.parametrize(("key", "value"), [("ddp_find_unused_parameters", False),
+                                            ("use_reentrant_gc", True)])
+def test_ddp_refuses_what_the_user_set_against_it(key, value):
+    with pytest.raises(ValueError, match=f"^{key}={value} under DDP.*set it to") as err:
+        for_ddp({key: value}, {}, world_size=2)
+    assert "\n" not in str(err.value)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -36,6 +37,7 @@ __all__ = [
     "REFUSED_KEYS",
     "STAGES",
     "check_llamafactory_config",
+    "for_ddp",
     "ist_trainers",
     "main",
     "register_v1_optimizer",
@@ -141,6 +143,43 @@ def check_llamafactory_config(cfg: Mapping[str, Any]) -> None:
         raise ValueError(
             "torch_compile: true compiles the whole model, and every IST step freezes other "
             "layers, so each active set would recompile it; set torch_compile: false")
+
+
+def for_ddp(args: Mapping[str, Any], options: Mapping[str, Any],
+            world_size: int) -> dict[str, Any]:
+    """LLaMA-Factory's keys for a run on ``world_size`` processes. Under DDP the layers
+    that sit out a step get no gradient, so DDP must look for unused parameters
+    (``ddp_find_unused_parameters``, which LLaMA-Factory turns off for LoRA when unset),
+    and that search cannot follow reentrant checkpointing (``use_reentrant_gc``,
+    LLaMA-Factory's default: DDP fails with "Expected to mark a variable ready only
+    once"). IST sets both where they are unset and gradient checkpointing is on.
+
+    Raises:
+        ValueError: for ``ddp_find_unused_parameters: false`` or ``use_reentrant_gc:
+            true`` under DDP with frozen inactive layers (IST's default).
+
+    Example:
+        >>> for_ddp({"stage": "sft"}, {}, world_size=2)
+        {'stage': 'sft', 'ddp_find_unused_parameters': True, 'use_reentrant_gc': False}
+        >>> for_ddp({"stage": "sft"}, {}, world_size=1)
+        {'stage': 'sft'}
+    """
+    args = dict(args)
+    if world_size <= 1 or options.get("freeze_inactive", True) is False:
+        return args
+    why = ("under DDP: the layers IST leaves out of a step get no gradient, so DDP must "
+           "look for unused parameters")
+    if args.get("ddp_find_unused_parameters") is False:
+        raise ValueError(f"ddp_find_unused_parameters=False {why}; remove the key (IST sets "
+                         "it to true) or set it to true")
+    args.setdefault("ddp_find_unused_parameters", True)
+    if not args.get("disable_gradient_checkpointing"):
+        if args.get("use_reentrant_gc") is True:
+            raise ValueError(f"use_reentrant_gc=True {why}, which reentrant checkpointing "
+                             "defeats; remove the key (IST sets it to false) or set it to "
+                             "false")
+        args.setdefault("use_reentrant_gc", False)
+    return args
 
 
 def _trainer_classes() -> list[type]:
@@ -262,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = _read_config(argv[1], argv[2:])
         check_llamafactory_config(cfg)
         args, options, callback = split_config(cfg)
+        args = for_ddp(args, options, int(os.environ.get("WORLD_SIZE", "1")))
     except (ValueError, TypeError, OSError) as err:
         print(f"ist-llamafactory: {err}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,15 +82,19 @@ def base_config(inputs: dict[str, Path], workdir: Path, **overrides: Any) -> dic
     return {k: v for k, v in cfg.items() if v is not None}
 
 
-def run(cfg: dict[str, Any], workdir: Path, command: str = "ist-llamafactory"
-        ) -> subprocess.CompletedProcess[str]:
+def run(cfg: dict[str, Any], workdir: Path, command: str = "ist-llamafactory",
+        ranks: int = 1) -> subprocess.CompletedProcess[str]:
+    """The command on ``cfg``; with ``ranks`` > 1 under ``torchrun`` (DDP)."""
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "WANDB_MODE": "disabled", "DISABLE_VERSION_CHECK": "1"}
-    result = subprocess.run([str(BIN / command), "train", str(path)], cwd=workdir, env=env,
-                            capture_output=True, text=True, timeout=900)
+    launcher = ([] if ranks == 1 else
+                [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc_per_node", str(ranks)])
+    result = subprocess.run([*launcher, str(BIN / command), "train", str(path)], cwd=workdir,
+                            env=env, capture_output=True, text=True, timeout=900)
     (workdir / "console.log").write_text(result.stdout + result.stderr, encoding="utf-8")
     return result
 
@@ -123,6 +128,27 @@ def test_lora_trains_only_the_logged_active_layers(lora_run: Path) -> None:
         step = int(after.name.split("-")[1])
         assert changed_layers(weights(before), weights(after)) == active_layers(logs[step])
     assert all(len(active_layers(logs[s])) == 1 for s in logs)
+
+
+def test_ddp_ranks_train_the_same_logged_layers(inputs: dict[str, Path],
+                                                tmp_path: Path) -> None:
+    """Two gloo ranks under torchrun, LLaMA-Factory's LoRA defaults (which turn DDP's
+    unused-parameter search off and checkpoint reentrantly, and fail with IST: the
+    command sets both for DDP); both ranks draw and log the same layers."""
+    assert_ok(run(base_config(inputs, tmp_path, ddp_backend="gloo", use_cpu=True), tmp_path,
+                  ranks=2))
+    saved = checkpoints(tmp_path)
+    logs = train_logs(saved[-1])
+    for before, after in zip(saved, saved[1:], strict=False):
+        step = int(after.name.split("-")[1])
+        assert changed_layers(weights(before), weights(after)) == active_layers(logs[step])
+    console = (tmp_path / "console.log").read_text(encoding="utf-8")
+    lines = re.findall(r"IST step (\d+): (trained .*)", console)
+    per_step: dict[str, list[str]] = {}
+    for step, line in lines:
+        per_step.setdefault(step, []).append(line)
+    assert sorted(per_step, key=int) == [str(s) for s in range(1, 7)]
+    assert all(len(seen) == 2 and len(set(seen)) == 1 for seen in per_step.values())
 
 
 def test_ist_keys_reach_the_logs(lora_run: Path) -> None:
