@@ -20,6 +20,7 @@ from ist_optim import ISTOptimizer
 from ist_optim.integrations import axolotl as plugin
 from ist_optim.integrations.axolotl import (
     check_axolotl_config,
+    check_axolotl_ddp,
     default_lora_kernels_off,
     install_ist_optimizer,
     ist_options,
@@ -279,3 +280,39 @@ def test_describe_says_the_configured_count_and_the_coming_steps_when_they_diffe
                          sampling="uniform", dense_steps=2)
     assert plugin.describe(dense).startswith(
         "IST: SGD over 4 layers, 1 trained per step, 4 in the coming step (uniform sampling")
+
+
+# ---------------------------------------------------------------------- DDP
+DDP_OK = {"ddp_find_unused_parameters": True}
+
+
+@pytest.mark.parametrize("cfg", [
+    DDP_OK,
+    {**DDP_OK, "gradient_checkpointing": True,
+     "gradient_checkpointing_kwargs": {"use_reentrant": False}},
+    {**DDP_OK, "gradient_checkpointing": "offload"},  # axolotl's own checkpointing
+    {"ist_freeze_inactive": False},                   # every layer gets a gradient
+])
+def test_ddp_settings_that_work_pass(cfg) -> None:
+    check_axolotl_ddp(cfg, world_size=2)
+
+
+@pytest.mark.parametrize(("cfg", "fix"), [
+    ({}, "set ddp_find_unused_parameters: true"),
+    ({"ddp_find_unused_parameters": False}, "set ddp_find_unused_parameters: true"),
+    ({**DDP_OK, "gradient_checkpointing": True}, "use_reentrant: false"),
+    ({**DDP_OK, "gradient_checkpointing": True,
+      "gradient_checkpointing_kwargs": {"use_reentrant": True}}, "use_reentrant: false"),
+])
+def test_ddp_settings_that_fail_are_refused_in_one_line(cfg, fix) -> None:
+    check_axolotl_ddp(cfg, world_size=1)  # one process: nothing to refuse
+    with pytest.raises(ValueError, match="under DDP") as err:
+        check_axolotl_ddp(cfg, world_size=2)
+    assert fix in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_config_check_reads_the_world_size_of_the_launch(monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="ddp_find_unused_parameters=None under DDP"):
+        check_axolotl_config({"adapter": "lora"})
+    check_axolotl_config({"adapter": "lora", **DDP_OK})

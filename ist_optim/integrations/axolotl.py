@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -53,6 +54,7 @@ __all__ = [
     "YAML_DEFAULTS",
     "YAML_NOTES",
     "check_axolotl_config",
+    "check_axolotl_ddp",
     "default_lora_kernels_off",
     "describe",
     "install_ist_optimizer",
@@ -147,6 +149,41 @@ def _yaml_key_of(message: str, keys: Mapping[str, str]) -> str:
     return min(found)[1] if found else "ist_*"
 
 
+def check_axolotl_ddp(cfg: Mapping[str, Any], world_size: int) -> None:
+    """Refuse what fails under DDP (``world_size`` > 1) once IST freezes the layers that sit
+    out a step: they get no gradient, so DDP must look for unused parameters
+    (``ddp_find_unused_parameters: true``; the HF Trainer turns the search off for a
+    checkpointed full model), and that search fails under reentrant checkpointing, which
+    axolotl's ``gradient_checkpointing: true`` uses unless told otherwise ("Expected to
+    mark a variable ready only once", seen through LLaMA-Factory's trainer on 2 gloo
+    ranks; axolotl's own DDP does not run on a CPU).
+
+    Raises:
+        ValueError: naming the key and the value to set.
+
+    Example:
+        >>> check_axolotl_ddp({"ddp_find_unused_parameters": True}, world_size=2)
+        >>> check_axolotl_ddp({}, world_size=1)
+        >>> check_axolotl_ddp({}, world_size=2)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: ddp_find_unused_parameters=None under DDP: ...; set ..._parameters: true
+    """
+    if world_size <= 1 or cfg.get("ist_freeze_inactive", True) is False:
+        return
+    why = ("under DDP: the layers IST leaves out of a step get no gradient, so DDP must look "
+           "for unused parameters")
+    if cfg.get("ddp_find_unused_parameters") is not True:
+        raise ValueError(f"ddp_find_unused_parameters={cfg.get('ddp_find_unused_parameters')!r}"
+                         f" {why}; set ddp_find_unused_parameters: true")
+    kwargs = cfg.get("gradient_checkpointing_kwargs") or {}
+    if cfg.get("gradient_checkpointing") is True and kwargs.get("use_reentrant") is not False:
+        raise ValueError(
+            f"gradient_checkpointing: true with use_reentrant={kwargs.get('use_reentrant')!r} "
+            f"{why}, which reentrant checkpointing defeats; set gradient_checkpointing_kwargs: "
+            "{use_reentrant: false}")
+
+
 def check_axolotl_config(cfg: Mapping[str, Any], *, config_cls: type = ISTConfig) -> None:
     """Refuse, with one line each, the axolotl settings that cannot work with the plugin.
 
@@ -198,6 +235,7 @@ def check_axolotl_config(cfg: Mapping[str, Any], *, config_cls: type = ISTConfig
                 f"{key} is set: axolotl's FSDP builds the optimizer inside accelerate's FSDP "
                 "set-up, which the IST plugin cannot wrap; train on one device or with DDP "
                 f"(remove {key}), or use FSDP2 in your own loop (docs/distributed.md)")
+    check_axolotl_ddp(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.get("rl"):
         raise ValueError(
             f"rl={cfg['rl']!r}: the IST plugin supports supervised fine-tuning and "
