@@ -325,6 +325,7 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
     def _state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict (every layer's state, offloaded entries
         included) plus an ``"ist"`` entry; ``weights_only``-loadable."""
+        self._follow_replaced_params()
         with self.full_state() as inner:
             state = inner.state_dict()
         state["ist"] = self.ist_state_dict()
@@ -338,6 +339,7 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
     def load_ist_state_dict(self, ist: Any) -> None:
         """Apply an ``"ist"`` entry after the inner optimizer's state was loaded (the DCP
         helpers use this); validates it all first."""
+        self._follow_replaced_params()
         self._apply_ist_entry(self.check_ist_state_dict(ist))
 
     def _apply_ist_entry(self, ist: dict[str, Any]) -> None:
@@ -366,6 +368,7 @@ class ISTOptimizer(ISTViews, WrappedOptimizer):
         """Load a :meth:`state_dict`; the next step trains the saved active set. All is
         validated first: a checkpoint that does not fit raises ``ValueError`` (naming what
         differs) and leaves this optimizer as it was."""
+        self._follow_replaced_params()  # the Trainer resumes after accelerate's prepare
         inner, ist = pop_ist_entry(
             state_dict, "it was saved by a plain optimizer. Load it into the inner one with "
             "ist_opt.optimizer.load_state_dict(...) instead")

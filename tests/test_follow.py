@@ -8,6 +8,8 @@ for a copy, as ``fully_shard`` does, and the run must equal the one that never s
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import lm_batch, lora_model, tiny_llama
@@ -35,8 +37,14 @@ def _swap_params(model: nn.Module, opt: ISTOptimizer) -> dict[str, nn.Parameter]
 
 
 def _run(model: nn.Module, opt: ISTOptimizer, steps: int) -> tuple[list, list]:
+    return _run_from(model, opt, 0, steps)
+
+
+def _run_from(model: nn.Module, opt: ISTOptimizer, start: int, stop: int) -> tuple[list, list]:
+    """Steps ``start`` to ``stop`` on ``lm_batch(seed=step)``: each step's active set and
+    the parameters after it."""
     actives, snapshots = [], []
-    for step in range(steps):
+    for step in range(start, stop):
         actives.append(opt.active_layers)
         model(**lm_batch(seed=step)).loss.backward()
         opt.step()
@@ -145,3 +153,25 @@ def test_the_residency_changes_only_while_it_holds_nothing():
     with pytest.raises(RuntimeError, match="cannot change while it holds state"):
         opt.activator.use_residency(StateResidency(adam, "keep"))
     assert opt.activator.residency is holding
+
+
+@pytest.mark.parametrize("policy", ["keep", "offload"])
+def test_a_checkpoint_loads_into_swapped_params_as_the_trainer_resumes(policy):
+    """The HF Trainer resumes after accelerate's prepare, so before IST's first step."""
+    kwargs = dict(lr=1e-2, seed=5, active_layers=1, sampling="uniform", state_policy=policy)
+    model = tiny_llama(4)
+    opt = ISTOptimizer(torch.optim.AdamW, model, **kwargs)
+    _run(model, opt, 3)
+    saved = copy.deepcopy(opt.state_dict())  # both share storage with the live run
+    weights = {name: value.clone() for name, value in model.state_dict().items()}
+    expected = _run_from(model, opt, 3, 6)
+
+    resumed = tiny_llama(4, seed=9)
+    resumed.load_state_dict(weights)
+    opt = ISTOptimizer(torch.optim.AdamW, resumed, **kwargs)
+    _swap_params(resumed, opt)
+    opt.load_state_dict(saved)
+    got = _run_from(resumed, opt, 3, 6)
+    assert got[0] == expected[0]
+    for name, value in expected[1][-1].items():
+        assert torch.equal(got[1][-1][name], value), name
