@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_llama
 from torch import nn
 
-from ist_optim.core.recompute import BlockCheckpointer, is_checkpoint_managed
+from ist_optim.core.recompute import BlockCheckpointer, _CheckpointedForward, is_checkpoint_managed
 
 
 class Counting(nn.Module):
@@ -114,3 +114,35 @@ def test_an_index_that_is_not_a_block_is_refused():
     ckpt = BlockCheckpointer([Counting()])
     with pytest.raises(ValueError, match=r"blocks \[1\] out of range: there are 1 blocks"):
         ckpt.set([1])
+
+
+def test_a_checkpointer_that_takes_over_can_turn_the_earlier_wrappers_off():
+    """A second checkpointer over blocks another one wrapped (an earlier optimizer with
+    memory_budget, not closed) decides alone: set([]) checkpoints nothing, and remove()
+    gives back the earlier wrappers."""
+    blocks = [torch.nn.Linear(2, 2) for _ in range(2)]
+    first = BlockCheckpointer(blocks)
+    first.set([0, 1])
+    earlier = [b.__dict__["forward"] for b in blocks]
+    second = BlockCheckpointer(blocks)
+    assert second.took_over
+    second.set([])
+    assert all("forward" not in b.__dict__ for b in blocks)  # the class's own forward
+    assert not second.changed_elsewhere()
+    second.set([0])
+    assert isinstance(blocks[0].__dict__["forward"], _CheckpointedForward)
+    assert "forward" not in blocks[1].__dict__
+    second.remove()
+    assert [b.__dict__["forward"] for b in blocks] == earlier
+
+
+def test_unwrapping_keeps_a_forward_the_user_patched():
+    block = torch.nn.Linear(2, 2)
+    patched = block.forward
+    block.forward = lambda x: patched(x) * 2  # the user's own forward
+    own = block.__dict__["forward"]
+    first = BlockCheckpointer([block])
+    first.set([0])
+    second = BlockCheckpointer([block])
+    second.set([])
+    assert block.__dict__["forward"] is own

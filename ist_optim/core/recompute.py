@@ -126,8 +126,21 @@ class BlockCheckpointer:
             if i in on and not wrapped:
                 block.forward = _CheckpointedForward(block, block.forward)
             elif i not in on and wrapped:
-                self._restore_forward(i)
+                self._unwrap_forward(i)
         self.checkpointed = wanted
+
+    def _unwrap_forward(self, index: int) -> None:
+        """The block's ``forward`` without any checkpointing wrapper, also one another
+        checkpointer put there before this one took over."""
+        block = self.blocks[index]
+        inner = block.__dict__["forward"]
+        while isinstance(inner, _CheckpointedForward):
+            inner = inner.forward
+        if getattr(inner, "__func__", None) is type(block).forward and \
+                getattr(inner, "__self__", None) is block:
+            del block.forward  # the class's own forward
+        else:
+            block.forward = inner
 
     def changed_elsewhere(self) -> bool:
         """Whether a block's checkpointing differs from what :meth:`set` made it (e.g. the
@@ -162,6 +175,7 @@ class BlockCheckpointer:
                         block.__dict__.pop(name, None)
                     else:
                         setattr(block, name, value)
-            elif isinstance(block.__dict__.get("forward"), _CheckpointedForward):
-                self._restore_forward(i)
+            elif (isinstance(block.__dict__.get("forward"), _CheckpointedForward)
+                  or isinstance(self._saved[i][0], _CheckpointedForward)):
+                self._restore_forward(i)  # also a wrapper set() took off
         self.checkpointed = []
