@@ -123,12 +123,21 @@ def ist_options(cfg: Mapping[str, Any], *, config_cls: type = ISTConfig) -> dict
         Traceback (most recent call last):
         ...
         ValueError: ist_update_interval: Invalid update_interval: 0; expected an int >= 1
+        >>> ist_options({"ist_memory_budget": 24})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: ist_memory_budget=24 has no unit, ...: ... e.g. ist_memory_budget: 24GiB
     """
     keys = yaml_option_keys(config_cls)
     options = {keys[key]: cfg[key] for key in keys if cfg.get(key) is not None}
     if "seed" not in options and cfg.get("seed") is not None:
         options["seed"] = cfg["seed"]
-    if options.get("memory_budget") is not None:
+    budget = options.get("memory_budget")
+    if budget is not None and not isinstance(budget, str):
+        raise ValueError(f"ist_memory_budget={budget!r} has no unit, and in Python it would "
+                         f"be {budget!r} bytes: write the size with its unit, e.g. "
+                         f"ist_memory_budget: {budget}GiB")
+    if budget is not None:
         batch, seq = cfg.get("micro_batch_size"), cfg.get("sequence_len")
         if batch is None or seq is None:
             raise ValueError(
