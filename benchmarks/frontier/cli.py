@@ -13,7 +13,9 @@ each (not counted; the last accounted for its peak), then ``--rounds`` rounds of
 ``--per-turn`` counted steps each. A ``{"phase": "time"}`` row per method and budget keeps
 every counted step's CPU (``time.process_time``) and wall seconds and the blocks it
 checkpointed. Rows go to ``--out`` as each budget ends; a rerun skips the fits and times
-already there.
+already there. ``--part I/N`` times every N-th budget from the I-th, for N processes side
+by side (each its own ``--out``; the accounted peaks are exact tensor bytes, so each
+process measures the same ones and the same budgets).
 
 ``--report`` builds the tables and ``--plot`` the figure (:mod:`.report`) from the rows of
 the given files and the budget study's per-step curves (``--curves``)::
@@ -45,6 +47,22 @@ CURVES = [RESULTS / "budget" / "linear" / f for f in
           ("runs-lora.jsonl", "runs-ngrid.jsonl", "runs-projected.jsonl")]
 
 
+def part(text: str) -> tuple[int, int]:
+    """``--part I/N``: (I, N), 1 <= I <= N.
+
+    Example:
+        >>> part("2/3")
+        (2, 3)
+    """
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected I/N, e.g. 1/2") from None
+    if not 1 <= i <= n:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 1 <= I <= N")
+    return i, n
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m benchmarks.frontier``."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.frontier",
@@ -54,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="budgets to time, each with a unit ('950MiB', '1.2GiB'); default "
                    "--num-budgets of them from LoRA + GC's peak + --margin to LoRA's peak")
     p.add_argument("--num-budgets", type=int, default=6)
+    p.add_argument("--part", type=part, default=(1, 1), metavar="I/N",
+                   help="time only budgets I, I+N, I+2N, ... (1-based) of the list: N "
+                   "processes side by side, each with its own --out")
     p.add_argument("--margin", type=float, default=0.10)
     p.add_argument("--warmup-steps", type=int, default=2,
                    help="uncounted steps of each method first (at least 1; the last is "
@@ -114,5 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         budgets = spaced_budgets(int(peaks["lora+gc_peak_bytes"] * (1 + args.margin)),
                                  peaks["lora_peak_bytes"], args.num_budgets)
     print("budgets: " + ", ".join(f"{b / MIB:.1f} MiB" for b in budgets), flush=True)
+    i, n = args.part
+    budgets = budgets[i - 1::n]
     run_budgets(budgets, rows, peaks, data, args)
     return 0

@@ -143,7 +143,7 @@ def time_table(times: Times, peaks: dict[str, Any] | None,
     (``unfit``: (budget, method)); the blocks the budget forces, ``lora+budget``'s ideal
     time and its excess over it."""
     budgets = sorted({b for b, _ in times})
-    methods = [m for m in NAMES if any((b, m) in times for b in budgets)]
+    methods = [m for m in NAMES if any((b, m) in times or (b, m) in unfit for b in budgets)]
     costs = recompute_costs(times)
     table = []
     for b in budgets:

@@ -137,3 +137,12 @@ def test_each_method_is_accounted_once_at_its_last_warmup_step():
     order = timing.interleaved_order(["a", "b"], rounds=1, per_turn=1, warmup=2)
     assert sorted(timing.accounted_steps(order)) == [2, 3]
     assert all(not order[i][1] for i in timing.accounted_steps(order))
+
+
+def test_part_splits_the_budgets_between_processes():
+    from benchmarks.frontier import cli
+
+    assert cli.build_parser().parse_args(["--part", "2/3"]).part == (2, 3)
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--part", "3/2"])
+    assert doctest.testmod(cli).failed == 0
