@@ -194,7 +194,10 @@ def time_budget(budget: int, names: list[str], fit_rows: dict[str, dict[str, Any
 def run_budgets(budgets: list[int], rows: list[dict[str, Any]], peaks: dict[str, Any],
                 data: Data, args: argparse.Namespace) -> None:
     """For each budget: the fit rows of ``--methods`` not yet in ``rows``, then the methods
-    that fit and have no time row, timed together; rows appended to ``--out``."""
+    that fit and have no time row, timed together; rows appended to ``--out`` once the
+    budget's methods are all timed (a budget cut short is timed again whole; one resumed
+    with some methods already timed times the rest among themselves, so their ratios to
+    ``lora+gc`` then span two runs)."""
     planner = lora_planner(args)
     shape = shape_of(args)
     for budget in budgets:
