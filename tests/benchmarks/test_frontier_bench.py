@@ -80,11 +80,12 @@ def test_ideal_time_adds_the_recomputation_of_the_forced_blocks():
 @given(st.floats(0.5, 10.0), st.integers(1, 50), st.data())
 def test_loss_at_time_reads_the_curve_at_time_over_step_time(step_time, steps, data):
     curve = {"evals": [{"step": 0, "test": 5.0}, {"step": steps, "test": 3.0}]}
-    t = data.draw(st.floats(0.0, step_time * steps))
-    got = report.loss_at_time([curve], [step_time] * steps, t)
-    assert got == pytest.approx(5.0 - 2.0 * (t / step_time) / steps)
-    assert math.isnan(report.loss_at_time([curve], [step_time] * steps,
-                                          step_time * steps * 1.01 + 1e-6))
+    clock = [step_time] * steps
+    total = sum(clock)  # the run's end, as summed (not step_time * steps: rounding)
+    t = data.draw(st.floats(0.0, total))
+    got = report.loss_at_time([curve], clock, t)
+    assert got == pytest.approx(5.0 - 2.0 * t / total)  # the curve at step t / step_time
+    assert math.isnan(report.loss_at_time([curve], clock, total * 1.01 + 1e-6))
 
 
 def test_the_ist_recipe_runs_its_dense_steps_at_lora_budget_time():
