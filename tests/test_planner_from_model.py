@@ -9,7 +9,11 @@ from conftest import lora_model, tiny_llama
 from torch import nn
 
 from ist_optim import ISTOptimizer, build_layer_groups
-from ist_optim.planner.from_model import planner_for_model, trains_embeddings_and_head
+from ist_optim.planner.from_model import (
+    optimizer_kind,
+    planner_for_model,
+    trains_embeddings_and_head,
+)
 
 
 class Wrapped(nn.Module):
@@ -86,3 +90,56 @@ def test_trained_embeddings_and_head_are_read_from_the_trainable_parameters():
     assert trains_embeddings_and_head(model, [embed]) == (True, False)
     assert trains_embeddings_and_head(model, [head, embed]) == (True, True)
     assert trains_embeddings_and_head(lora_model(2), []) == (False, False)
+
+
+# ------------------------------------------------------------------ projected optimizers
+def _projected_groups(model, **projection):
+    """GaLore / APOLLO groups as the HF Trainer sets them up: the blocks' linear weights
+    projected, the rest plain."""
+    targets = {id(m.weight) for layer in model.model.layers for m in layer.modules()
+               if isinstance(m, nn.Linear)}
+    params = list(model.parameters())
+    return [{"params": [p for p in params if id(p) not in targets]},
+            {"params": [p for p in params if id(p) in targets], **projection}]
+
+
+@pytest.mark.parametrize(("module", "cls", "projection", "expected"), [
+    ("apollo_torch", "APOLLOAdamW", {"rank": 1, "proj": "random", "scale_type": "tensor",
+                                     "update_proj_gap": 200, "scale": 128.0,
+                                     "proj_type": "std"}, ("apollo-mini", 1)),
+    ("apollo_torch", "APOLLOAdamW", {"rank": 4, "proj": "random", "scale_type": "channel",
+                                     "update_proj_gap": 200, "scale": 1.0,
+                                     "proj_type": "std"}, ("apollo", 4)),
+    ("galore_torch", "GaLoreAdamW", {"rank": 4, "update_proj_gap": 200, "scale": 0.25,
+                                     "proj_type": "std"}, ("galore", 4)),
+])
+def test_the_planner_reads_galore_and_apollo_from_their_groups(module, cls, projection,
+                                                               expected):
+    optimizer_cls = getattr(pytest.importorskip(module), cls)
+    model = tiny_llama(2)
+    optimizer = optimizer_cls(_projected_groups(model, **projection), lr=1e-3)
+    assert optimizer_kind(optimizer) == expected
+    planner = planner_for_model(model, optimizer, batch_size=2, seq_len=8)
+    assert (planner.settings["optimizer"], planner.settings["projection_rank"]) == expected
+    adamw = planner_for_model(model, torch.optim.AdamW(model.parameters()), batch_size=2,
+                              seq_len=8)
+    assert (planner.estimate(None).breakdown["optimizer_state"]
+            < adamw.estimate(None).breakdown["optimizer_state"])
+
+
+def test_memory_budget_plans_the_projected_optimizer_it_wraps():
+    from apollo_torch import APOLLOAdamW
+
+    model = tiny_llama(2)
+    groups = _projected_groups(model, rank=1, proj="random", scale_type="tensor",
+                               update_proj_gap=200, scale=128.0, proj_type="std")
+    opt = ISTOptimizer(APOLLOAdamW, model, params=groups, lr=1e-3, seed=0,
+                       active_layers=1.0, sampling="uniform", memory_budget="1GiB",
+                       memory_shape=(2, 8))
+    assert opt.budget_policy.policy.planner.settings["optimizer"] == "apollo-mini"
+
+
+def test_other_optimizers_are_planned_as_adamw():
+    w = nn.Parameter(torch.ones(2, 2))
+    assert optimizer_kind(torch.optim.SGD([w], lr=0.1)) == ("adamw", None)
+    assert optimizer_kind(torch.optim.AdamW([{"params": [w], "rank": 4}])) == ("adamw", None)

@@ -62,8 +62,8 @@ def measure_peaks(data: Data, args: argparse.Namespace) -> dict[str, Any]:
 
 def apollo_planner(model: torch.nn.Module, args: argparse.Namespace) -> MemoryPlanner:
     """The planner of ``apollo-mini+budget``: the model's shape and attention as
-    :func:`planner_for_model` reads them, its optimizer APOLLO-Mini (which that function,
-    modelling AdamW, does not know)."""
+    :func:`planner_for_model` reads them, APOLLO-Mini as it reads that optimizer's groups,
+    and ``keep_logits=False`` (the loop keeps only the loss), before the optimizer exists."""
     config = model.config
     attention = "eager" if getattr(config, "_attn_implementation", None) == "eager" \
         else "sdpa"

@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 from ..core.groups import LayerGroups, discover_layers
 from .estimate import MemoryPlanner
 
-__all__ = ["planner_for_model", "trains_embeddings_and_head"]
+__all__ = ["optimizer_kind", "planner_for_model", "trains_embeddings_and_head"]
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -65,10 +65,11 @@ def planner_for_model(model: nn.Module, optimizer: Optimizer, *, batch_size: int
     ``ISTOptimizer`` discovers them): peft LoRA adapters (targets, the largest rank, its
     alpha, the adapters' dtype; no adapters: full training) and a bitsandbytes 4-bit base
     (``Linear4bit`` modules: ``method="qlora"``, double quantization read from the
-    weights' quant state). The optimizer is modelled as AdamW (bitsandbytes 8-bit
-    optimizers as AdamW8bit); optimizers with less state (SGD, Adafactor) are
-    over-estimated, never under. ``keep_logits``: see :class:`~ist_optim.MemoryPlanner`
-    (False for a loop that keeps only the loss).
+    weights' quant state). The optimizer is read by :func:`optimizer_kind` (GaLore and
+    APOLLO from their projected group, for full fine-tuning; bitsandbytes 8-bit
+    optimizers as AdamW8bit); any other is modelled as AdamW, so optimizers with less
+    state (SGD, Adafactor) are over-estimated, never under. ``keep_logits``: see
+    :class:`~ist_optim.MemoryPlanner` (False for a loop that keeps only the loss).
 
     Raises:
         ValueError: for a model that is not a transformers Llama-style causal LM (a
@@ -104,11 +105,11 @@ def planner_for_model(model: nn.Module, optimizer: Optimizer, *, batch_size: int
             f"memory_planner=MemoryPlanner(<a config of {len(blocks)} layers>, ...) instead")
     dtype = base.get_input_embeddings().weight.dtype
     targets, ranks, alphas, adapter_dtype = _adapters(blocks)
-    name = type(optimizer).__name__.lower()
     foreach = optimizer.defaults.get("foreach")
+    kind, projection_rank = optimizer_kind(optimizer)
     kwargs: dict[str, Any] = dict(
         batch_size=batch_size, seq_len=seq_len, dtype=dtype,
-        optimizer="adamw8bit" if "8bit" in name else "adamw", foreach=foreach is not False,
+        optimizer=kind, foreach=foreach is not False,
         attention="eager" if getattr(config, "_attn_implementation", None) == "eager"
         else "sdpa", keep_logits=keep_logits)
     quantized = [m for block in blocks for m in block.modules()
@@ -120,10 +121,43 @@ def planner_for_model(model: nn.Module, optimizer: Optimizer, *, batch_size: int
                       adapter_dtype=adapter_dtype)
     else:
         kwargs.update(method="full")
+        if projection_rank is not None:
+            kwargs.update(projection_rank=projection_rank)
+    if ranks and projection_rank is not None:  # the planner projects full fine-tuning only
+        kwargs.update(optimizer="adamw")
     if quantized and ranks:  # bitsandbytes 4-bit base: nested quant state = double quant
         state = getattr(quantized[0].weight, "quant_state", None)
         kwargs.update(double_quant=bool(getattr(state, "nested", False)))
     return MemoryPlanner(config, **kwargs)
+
+
+def optimizer_kind(optimizer: Optimizer) -> tuple[str, int | None]:
+    """The planner's name for ``optimizer`` (:data:`~ist_optim.planner.estimate.OPTIMIZERS`)
+    and its projection rank: galore-torch's ``GaLoreAdamW`` and apollo-torch's
+    ``APOLLOAdamW`` (told by their class's module and name) from their projected group
+    (the one with a ``rank``; APOLLO-Mini is rank 1 with ``scale_type="tensor"``),
+    bitsandbytes 8-bit optimizers as
+    ``"adamw8bit"``, any other as ``"adamw"`` (no projection rank).
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(2, 2))
+        >>> optimizer_kind(torch.optim.AdamW([w]))
+        ('adamw', None)
+        >>> class APOLLOAdamW(torch.optim.AdamW): ...
+        >>> optimizer_kind(APOLLOAdamW([{"params": [w], "rank": 1, "scale_type": "tensor"}]))
+        ('apollo-mini', 1)
+    """
+    cls = type(optimizer)
+    name = f"{cls.__module__}.{cls.__name__}".lower()  # apollo-torch's class is "AdamW"
+    ranks = [int(g["rank"]) for g in optimizer.param_groups if g.get("rank") is not None]
+    if ranks and ("galore" in name or "apollo" in name):
+        rank = max(ranks)
+        if "galore" in name:
+            return "galore", rank
+        mini = rank == 1 and any(g.get("scale_type") == "tensor"
+                                 for g in optimizer.param_groups)
+        return ("apollo-mini" if mini else "apollo"), rank
+    return ("adamw8bit" if "8bit" in name else "adamw"), None
 
 
 def trains_embeddings_and_head(model: nn.Module,
