@@ -243,7 +243,11 @@ def test_soak_nothing_grows_after_warmup(policy, estimator):
     assert abs(end["optimizer_objects"] - warm["optimizer_objects"]) <= 50
     assert end["optimizer_object_bytes"] - warm["optimizer_object_bytes"] <= 1024
     assert end["gc_objects"] - warm["gc_objects"] <= 50
-    assert end["allocated_blocks"] - warm["allocated_blocks"] <= between // 4, \
+    # Python's allocator blocks: a leak of one object per step adds at least one block a
+    # step. Without one they drift: +223 and +411 over 800 steps in full-suite runs on the
+    # floor row (torch 2.7, transformers 4.56) while every exact count above held; under
+    # 200 on the newer rows.
+    assert end["allocated_blocks"] - warm["allocated_blocks"] < between, \
         (warm["allocated_blocks"], end["allocated_blocks"])
 
 
