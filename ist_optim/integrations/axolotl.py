@@ -30,7 +30,7 @@ from torch import nn
 from ..config import ISTConfig
 from ..optimizer import ISTOptimizer
 from ..options import plain
-from .common import DEEPSPEED_REFUSAL, unwrap_ist_optimizer
+from .common import DDP_UNUSED_REASON, DEEPSPEED_REFUSAL, unwrap_ist_optimizer
 from .wrap import wrap_built_optimizer
 from .yaml_keys import (
     IMPORTANCE_SOURCES,
@@ -180,8 +180,7 @@ def check_axolotl_ddp(cfg: Mapping[str, Any], world_size: int) -> None:
     """
     if world_size <= 1 or cfg.get("ist_freeze_inactive", True) is False:
         return
-    why = ("under DDP: the layers IST leaves out of a step get no gradient, so DDP must look "
-           "for unused parameters")
+    why = DDP_UNUSED_REASON
     if cfg.get("ddp_find_unused_parameters") is not True:
         raise ValueError(f"ddp_find_unused_parameters={cfg.get('ddp_find_unused_parameters')!r}"
                          f" {why}; set ddp_find_unused_parameters: true")

@@ -6,7 +6,7 @@ from typing import Any
 
 from ..optimizer import ISTOptimizer
 
-__all__ = ["DEEPSPEED_REFUSAL", "unwrap_ist_optimizer"]
+__all__ = ["DDP_UNUSED_REASON", "DEEPSPEED_REFUSAL", "unwrap_ist_optimizer"]
 
 #: The one line every route (the axolotl plugin, ist-llamafactory, the Trainer callback)
 #: refuses DeepSpeed with (docs/distributed.md, "DeepSpeed").
@@ -14,6 +14,11 @@ DEEPSPEED_REFUSAL = (
     "IST does not run under DeepSpeed: ZeRO fixes the trainable set when it builds its "
     "partitions (frozen layers keep moving through zero-filled gradients), and IST changes "
     "it every step; use FSDP2 (or DDP) instead (docs/distributed.md)")
+
+#: Why the axolotl plugin and ist-llamafactory need DDP's unused-parameter search (and no
+#: reentrant checkpointing, which defeats it) once IST freezes the layers that sit out.
+DDP_UNUSED_REASON = ("under DDP: the layers IST leaves out of a step get no gradient, so DDP "
+                     "must look for unused parameters")
 
 _MAX_DEPTH = 8
 

@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from .axolotl import describe
-from .common import DEEPSPEED_REFUSAL
+from .common import DDP_UNUSED_REASON, DEEPSPEED_REFUSAL
 from .quantized import keep_4bit_layout
 from .wrap import wrap_built_optimizer
 from .yaml_keys import IMPORTANCE_SOURCES, OPTION_KEYS, PLUGIN_KEYS
@@ -167,8 +167,7 @@ def for_ddp(args: Mapping[str, Any], options: Mapping[str, Any],
     args = dict(args)
     if world_size <= 1 or options.get("freeze_inactive", True) is False:
         return args
-    why = ("under DDP: the layers IST leaves out of a step get no gradient, so DDP must "
-           "look for unused parameters")
+    why = DDP_UNUSED_REASON
     if args.get("ddp_find_unused_parameters") is False:
         raise ValueError(f"ddp_find_unused_parameters=False {why}; remove the key (IST sets "
                          "it to true) or set it to true")
