@@ -23,11 +23,14 @@ from .memory.budget import BudgetDecision, CheckpointPolicy, MemoryBudget, parse
 from .memory.residency import StateResidency, state_bytes
 from .optimizer import ISTOptimizer
 from .planner import (
+    Device,
     MemoryEstimate,
     MemoryPlanner,
     StepAccount,
+    StepTime,
     account_step,
     estimate_peak_memory,
+    estimate_step_time,
 )
 from .registry import register_estimator, register_sampling_rule
 from .reporting.history import ImportanceHistory
@@ -52,6 +55,7 @@ __all__ = [
     "BlockCheckpointer",
     "BudgetDecision",
     "CheckpointPolicy",
+    "Device",
     "FirstOrderProbe",
     "FirstOrderRound",
     "GraphMemo",
@@ -71,6 +75,7 @@ __all__ = [
     "MemoryPlanner",
     "StateResidency",
     "StepAccount",
+    "StepTime",
     "Suppressor",
     "account_step",
     "build_layer_groups",
@@ -78,6 +83,7 @@ __all__ = [
     "discover_layers",
     "distribution_spread",
     "estimate_peak_memory",
+    "estimate_step_time",
     "find_tuner_layers",
     "is_compiled_block",
     "normalized_score_update",

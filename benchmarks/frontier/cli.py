@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the budget study's rows whose per-step curves the report reads")
     p.add_argument("--at-seconds", type=float, default=None,
                    help="the CPU time of the loss table (default: the shortest whole run)")
+    p.add_argument("--measure-device", type=Path, default=None, metavar="JSONL",
+                   help="measure this CPU (one thread: matrix products and copies) for the "
+                   "report's predicted step times, append the row to JSONL and stop; run "
+                   "it alone, as the timing runs")
     p.add_argument("--table", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
     return p
@@ -113,6 +117,14 @@ def write_report(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the frontier (or only its report) as the command line asks; 0 when done."""
     args = build_parser().parse_args(argv)
+    if args.measure_device:
+        from .predict import device_row
+
+        row = device_row(threads=1)
+        append_row(args.measure_device, row)
+        print(f"{row['name']}: {row['flops_per_second'] / 1e9:.1f} GFLOP/s, "
+              f"{row['bytes_per_second'] / 1e9:.1f} GB/s")
+        return 0
     if args.report:
         write_report(args)
         return 0

@@ -182,6 +182,29 @@ def loss_table(times: Times, curves: dict[str, list[dict[str, Any]]], at: float)
     return markdown_table(["budget MiB", *methods], table)
 
 
+def prediction_table(times: Times, device: Any) -> tuple[str, float]:
+    """Per budget: each method's measured ratio to ``lora+gc`` and the planner's predicted
+    one on ``device`` (:mod:`.predict`), with the error in percent; and the largest error."""
+    from .predict import error_percent, predicted_ratios
+
+    predicted = predicted_ratios(times, device)
+    budgets = sorted({b for b, _ in times})
+    methods = [m for m in NAMES if m != BASELINE and any((b, m) in times for b in budgets)]
+    table, worst = [], 0.0
+    for b in budgets:
+        cells = []
+        for m in methods:
+            if (b, m) not in times or (b, BASELINE) not in times:
+                cells.append("-")
+                continue
+            measured = median_cpu(times[b, m]) / median_cpu(times[b, BASELINE])
+            error = error_percent(predicted[b, m], measured)
+            worst = max(worst, abs(error))
+            cells.append(f"{measured:.3f} / {predicted[b, m]:.3f} ({error:+.1f}%)")
+        table.append([f"{b / MIB:.1f}", *cells])
+    return markdown_table(["budget MiB", *methods], table), worst
+
+
 def report(rows: list[dict[str, Any]], curve_rows: list[dict[str, Any]],
            at: float | None = None) -> str:
     """The Markdown report of the frontier rows, the loss at ``at`` CPU seconds (default
@@ -200,6 +223,16 @@ def report(rows: list[dict[str, Any]], curve_rows: list[dict[str, Any]],
             "step (mean); '-': not run:\n", time_table(times, peaks, unfit_of(rows)) + "\n",
             f"Test loss at {at:.0f} CPU s (the budget study's curves on each budget's step "
             "times, mean over the seeds):\n", loss_table(times, curves, at)]
+    from .predict import device_of_rows
+
+    device = device_of_rows(rows)
+    if device is not None:
+        table, worst = prediction_table(times, device)
+        out += [f"\nStep time as a ratio to lora+gc, measured / predicted by the planner "
+                f"(MemoryPlanner.step_time on {device.name}: "
+                f"{device.flops_per_second / 1e9:.1f} GFLOP/s, "
+                f"{device.bytes_per_second / 1e9:.1f} GB/s measured), error; "
+                f"largest {worst:.1f}%:\n", table]
     return "\n".join(out)
 
 

@@ -31,13 +31,17 @@ import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import parse_bytes
 from .errors import CLIError
 from .parser import OneLineParser, positive_float, positive_int
 
-__all__ = ["PLAN_ROWS", "PlanRow", "build_plan_parser", "parse_budget", "plan", "plan_main"]
+if TYPE_CHECKING:
+    from ..planner.roofline import Device
+
+__all__ = ["APPROXIMATE_TIME_ROWS", "EVERY_LAYER_ROWS", "PLAN_ROWS", "PlanRow",
+           "build_plan_parser", "parse_budget", "plan", "plan_main"]
 
 _DTYPES = ("bfloat16", "float16", "float32")
 _DRAWS = 200
@@ -77,18 +81,22 @@ class PlanRow:
     flops: float
     fits: bool
     phase: str
+    seconds: float = 0.0
 
     def summary(self) -> dict[str, Any]:
         """Plain types for ``--json``."""
         return {"configuration": self.name, "trains": self.trains,
                 "peak_bytes": self.peak_bytes, "peak_gib": round(self.peak_bytes / 2**30, 2),
                 "host_bytes": self.host_bytes, "flops_per_step": self.flops,
-                "fits": self.fits, "peak_at": self.phase}
+                "predicted_step_seconds": self.seconds,
+                "step_time_approximate": self.name in APPROXIMATE_TIME_ROWS, "fits": self.fits,
+                "peak_at": self.phase}
 
 
 def build_plan_parser() -> argparse.ArgumentParser:
     """The parser of ``ist-finetune plan``."""
     from ..memory.shapes import SHAPES
+    from ..planner.roofline import DEVICES
 
     p = OneLineParser(prog="ist-finetune plan",
                        description="Predict the peak GPU memory and the compute per step of "
@@ -112,6 +120,8 @@ def build_plan_parser() -> argparse.ArgumentParser:
                    help="weights and compute (QLoRA: all but the 4-bit block linears)")
     p.add_argument("--projection-rank", type=positive_int, default=None,
                    help="GaLore / APOLLO rank (default: the HF Trainer's 128; APOLLO-Mini 1)")
+    p.add_argument("--device", default="h100", choices=sorted(DEVICES),
+                   help="the GPU whose data-sheet rates price each row's step time")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
@@ -135,8 +145,23 @@ def _active_count(value: int | float, num_layers: int) -> int:
         raise CLIError(str(err)) from None
 
 
-def _mean_flops(planner: Any, draws: Sequence[Sequence[int]], **kwargs: Any) -> float:
-    return sum(planner.estimate(list(d), **kwargs).flops for d in draws) / len(draws)
+@dataclass(frozen=True)
+class _Cost:
+    """A row's compute and predicted step time (the mean over its draws)."""
+
+    flops: float
+    seconds: float
+
+
+def _cost(planner: Any, estimates: Sequence[Any], device: Device) -> _Cost:
+    return _Cost(sum(e.flops for e in estimates) / len(estimates),
+                 sum(planner.step_time(e, device).seconds for e in estimates)
+                 / len(estimates))
+
+
+def _mean(planner: Any, draws: Sequence[Sequence[int]], device: Device,
+          **kwargs: Any) -> _Cost:
+    return _cost(planner, [planner.estimate(list(d), **kwargs) for d in draws], device)
 
 
 def _draws(num_layers: int, k: int, depth_aware: bool) -> list[list[int]]:
@@ -151,7 +176,7 @@ def _draws(num_layers: int, k: int, depth_aware: bool) -> list[list[int]]:
 
 
 def _budget_rows(planner: Any, budget: int, draws: Sequence[Sequence[int]], base: str,
-                 share: str) -> list[tuple[str, str, Any, float]]:
+                 share: str, device: Device) -> list[tuple[str, str, Any, _Cost]]:
     """LoRA on every layer and IST under ``memory_budget``: per draw the blocks
     :class:`ist_optim.CheckpointPolicy` checkpoints; the worst predicted peak, mean FLOPs."""
     from .. import CheckpointPolicy
@@ -166,16 +191,12 @@ def _budget_rows(planner: Any, budget: int, draws: Sequence[Sequence[int]], base
     for name, key, sets, trains in (
             ("LoRA all, budget", "all", [list(range(n))], f"{base}, all layers"),
             ("IST depth-aware, budget", "ist", draws, f"{base}, {share}")):
-        worst, flops, blocks = None, 0.0, 0
-        for active, decision in zip(sets, decisions[key], strict=True):
-            est = planner.estimate(list(active), gradient_checkpointing=decision.checkpointed)
-            flops += est.flops
-            blocks += len(decision.checkpointed)
-            if worst is None or est.peak_bytes > worst.peak_bytes:
-                worst = est
-        mean_blocks = blocks / len(sets)
+        estimates = [planner.estimate(list(active), gradient_checkpointing=d.checkpointed)
+                     for active, d in zip(sets, decisions[key], strict=True)]
+        worst = max(estimates, key=lambda e: e.peak_bytes)
+        mean_blocks = sum(len(d.checkpointed) for d in decisions[key]) / len(sets)
         rows.append((name, f"{trains}, {mean_blocks:.1f} checkpointed",
-                     worst, flops / len(sets)))
+                     worst, _cost(planner, estimates, device)))
     return rows
 
 
@@ -216,8 +237,10 @@ def _planners(config: Any, common: dict[str, Any], adapters: dict[str, Any],
 
 def plan(config: Any, *, batch_size: int, seq_len: int, budget: int, rank: int = 32,
          alpha: float | None = None, targets: Sequence[str] = (), active: int | float = 0.25,
-         dtype: Any = None, projection_rank: int | None = None) -> list[PlanRow]:
-    """Estimate every row of :data:`PLAN_ROWS` for ``config``.
+         dtype: Any = None, projection_rank: int | None = None,
+         device: Device | str = "h100") -> list[PlanRow]:
+    """Estimate every row of :data:`PLAN_ROWS` for ``config``: its peak, compute and step
+    time on ``device`` (:meth:`ist_optim.MemoryPlanner.step_time`).
 
     Example:
         >>> from transformers import LlamaConfig
@@ -230,6 +253,12 @@ def plan(config: Any, *, batch_size: int, seq_len: int, budget: int, rank: int =
     """
     import torch
 
+    from ..planner.steptime import device_of
+
+    try:
+        device = device_of(device)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
     n = int(config.num_hidden_layers)
     k = _active_count(active, n)
     worst = [0, *range(n - k + 1, n)]  # the lowest trained layer at the bottom
@@ -245,57 +274,92 @@ def plan(config: Any, *, batch_size: int, seq_len: int, budget: int, rank: int =
     adapters = f"LoRA r{rank}"
     quantized = f"NF4, {adapters}"
     gc_cut = {"gradient_checkpointing": True}
-    qlora_budget = _budget_rows(qlora, budget, depth_draws, quantized, share)[1]
+    qlora_budget = _budget_rows(qlora, budget, depth_draws, quantized, share, device)[1]
+
+    def one(planner: Any, **kwargs: Any) -> tuple[Any, Any, _Cost]:
+        est = planner.estimate(**kwargs)
+        return planner, est, _cost(planner, [est], device)
+
+    def drawn(planner: Any, worst_set: Sequence[int], draws: Sequence[Sequence[int]],
+              **kwargs: Any) -> tuple[Any, Any, _Cost]:
+        return (planner, planner.estimate(list(worst_set), **kwargs),
+                _mean(planner, draws, device, **kwargs))
+
+    def budgeted(planner: Any, row: tuple[str, str, Any, _Cost]) -> tuple[Any, Any, _Cost]:
+        return planner, row[2], row[3]
+
+    lora_budget = _budget_rows(lora, budget, depth_draws, adapters, share, device)
     rows = [
-        ("LoRA all", f"{adapters}, all {n} layers", lora.estimate(), None),
+        ("LoRA all", f"{adapters}, all {n} layers", *one(lora)),
         ("LoRA all + GC", f"{adapters}, all layers, checkpointing",
-         lora.estimate(gradient_checkpointing=True, cut_backward=False), None),
-        ("IST random 25%", f"{adapters}, {share} drawn at random", lora.estimate(worst),
-         _mean_flops(lora, random_draws)),
-        ("IST depth-aware", f"{adapters}, {share} drawn close in depth", lora.estimate(worst),
-         _mean_flops(lora, depth_draws)),
+         *one(lora, gradient_checkpointing=True, cut_backward=False)),
+        ("IST random 25%", f"{adapters}, {share} drawn at random",
+         *drawn(lora, worst, random_draws)),
+        ("IST depth-aware", f"{adapters}, {share} drawn close in depth",
+         *drawn(lora, worst, depth_draws)),
         ("IST + GC + cut", f"{adapters}, {share}, checkpointing, backward cut",
-         lora.estimate(worst, **gc_cut), _mean_flops(lora, random_draws, **gc_cut)),
-        *_budget_rows(lora, budget, depth_draws, adapters, share),
+         *drawn(lora, worst, random_draws, **gc_cut)),
+        *[(row[0], row[1], *budgeted(lora, row)) for row in lora_budget],
         ("QLoRA + GC", f"{quantized}, all layers, checkpointing",
-         qlora.estimate(gradient_checkpointing=True, cut_backward=False), None),
+         *one(qlora, gradient_checkpointing=True, cut_backward=False)),
         ("QLoRA + IST + GC + cut", f"{quantized}, {share}, GC, cut",
-         qlora.estimate(worst, **gc_cut), _mean_flops(qlora, random_draws, **gc_cut)),
-        ("QLoRA + IST, budget", *qlora_budget[1:]),
-        ("full AdamW", "all weights", full.estimate(**outside), None),
+         *drawn(qlora, worst, random_draws, **gc_cut)),
+        ("QLoRA + IST, budget", qlora_budget[1], *budgeted(qlora, qlora_budget)),
+        ("full AdamW", "all weights", *one(full, **outside)),
         ("full IST + offload", f"weights of {share} + embeddings, head",
-         full.estimate(worst, offloaded_layers=range(n), **outside),
-         _mean_flops(full, random_draws, **outside)),
-        ("full AdamW8bit", "all weights, 8-bit state", p["bnb"].estimate(**outside), None),
+         *drawn(full, worst, random_draws, offloaded_layers=range(n), **outside)),
+        ("full AdamW8bit", "all weights, 8-bit state", *one(p["bnb"], **outside)),
         ("one block (BAdam)", "weights of 1 layer, fp32 master copy",
-         p["master"].estimate([0]), _mean_flops(p["master"], [[i] for i in range(n)])),
+         *drawn(p["master"], [0], [[i] for i in range(n)])),
         *[(name, f"all weights, rank-{p[key].projection.rank} moments, GC",
-           p[key].estimate(gradient_checkpointing=True, **outside), None)
+           *one(p[key], gradient_checkpointing=True, **outside))
           for name, key in _PROJECTED_ROWS],
     ]
-    return [PlanRow(name, trains, est.peak_bytes, est.host_bytes,
-                    float(est.flops if mean is None else mean), est.peak_bytes <= budget,
-                    est.phase) for name, trains, est, mean in rows]
+    return [PlanRow(name, trains, est.peak_bytes, est.host_bytes, float(cost.flops),
+                    est.peak_bytes <= budget, est.phase, cost.seconds)
+            for name, trains, _planner, est, cost in rows]
 
 
-def format_plan(rows: Sequence[PlanRow], header: str, budget: int) -> str:
+#: Rows whose optimizer step is priced as torch AdamW's although it is not (bitsandbytes'
+#: 8-bit kernel, GaLore's and APOLLO's projections); their step time is marked ``*``.
+APPROXIMATE_TIME_ROWS: tuple[str, ...] = (
+    "full AdamW8bit", "GaLore + GC", "APOLLO + GC", "APOLLO-Mini + GC",
+    "GaLore layer-wise + GC", "APOLLO layer-wise + GC", "APOLLO-Mini layer-wise + GC")
+#: Rows whose step trains every layer (the rest train a share of them per step).
+EVERY_LAYER_ROWS: tuple[str, ...] = tuple(
+    name for name in PLAN_ROWS if not name.startswith(("IST", "QLoRA + IST", "full IST",
+                                                       "one block")))
+
+
+def _star(row: PlanRow) -> str:
+    return "*" if row.name in APPROXIMATE_TIME_ROWS else ""
+
+
+def format_plan(rows: Sequence[PlanRow], header: str, budget: int, device: str = "h100"
+                ) -> str:
     """The table ``ist-finetune plan`` prints."""
-    base = rows[0].flops
+    base, base_time = rows[0].flops, rows[0].seconds
     gib = budget / 2**30
     lines = [*header.splitlines(), "",
-             f"| configuration | trains | peak GiB | host GiB | fits {gib:g} GiB | compute |",
-             "| --- | --- | ---: | ---: | --- | ---: |"]
+             f"| configuration | trains | peak GiB | host GiB | fits {gib:g} GiB | compute "
+             f"| step time |",
+             "| --- | --- | ---: | ---: | --- | ---: | ---: |"]
     for row in rows:
         host = f"{row.host_bytes / 2**30:.1f}" if row.host_bytes else "-"
         lines.append(f"| {row.name} | {row.trains} | {row.peak_bytes / 2**30:.1f} | {host} | "
-                     f"{'yes' if row.fits else 'no'} | {row.flops / base:.2f}x |")
+                     f"{'yes' if row.fits else 'no'} | {row.flops / base:.2f}x | "
+                     f"{row.seconds / base_time:.2f}x{_star(row)} |")
     fitting = [row for row in rows if row.fits]
     lines.append("")
     if fitting:
-        best = min(fitting, key=lambda r: (r.flops, r.peak_bytes))
-        lines.append(f"cheapest configuration that fits: {best.name} "
-                     f"({best.peak_bytes / 2**30:.1f} GiB, {best.flops / base:.2f}x the "
-                     f"compute of LoRA all)")
+        for label, among in (("fastest configuration that fits", fitting),
+                             ("fastest that trains every layer each step",
+                              [r for r in fitting if r.name in EVERY_LAYER_ROWS])):
+            if among:
+                best = min(among, key=lambda r: (r.seconds, r.peak_bytes))
+                lines.append(f"{label}: {best.name} ({best.peak_bytes / 2**30:.1f} GiB, "
+                             f"{best.seconds / base_time:.2f}x{_star(best)} the step time of "
+                             f"LoRA all)")
     else:
         least = min(rows, key=lambda r: r.peak_bytes)
         lines.append(f"nothing fits {gib:g} GiB; the smallest is {least.name} "
@@ -304,6 +368,10 @@ def format_plan(rows: Sequence[PlanRow], header: str, budget: int) -> str:
                  "active set;")
     lines.append("host: optimizer state offloaded; compute: FLOPs per step (mean draw) "
                  "relative to LoRA all;")
+    lines.append(f"step time: predicted on {device} (roofline of every operator, mean draw) "
+                 "relative to LoRA all;")
+    lines.append("*: the optimizer step priced as AdamW's (8-bit and projected updates are "
+                 "not modelled);")
     lines.append("budget: memory_budget checkpoints the blocks each draw needs (mean count); "
                  "NF4: 4-bit base")
     return "\n".join(lines)
@@ -327,10 +395,11 @@ def plan_main(argv: list[str]) -> int:
     dtype = getattr(torch, args.dtype)
     rows = plan(config, batch_size=args.batch_size, seq_len=args.seq_len, budget=budget,
                 rank=args.rank, alpha=args.alpha, targets=targets, active=args.active_layers,
-                dtype=dtype, projection_rank=args.projection_rank)
+                dtype=dtype, projection_rank=args.projection_rank, device=args.device)
     if args.json:
         print(json.dumps({"model": args.model, "batch_size": args.batch_size,
                           "seq_len": args.seq_len, "dtype": args.dtype,
+                          "device": args.device,
                           "budget_bytes": budget, "rows": [r.summary() for r in rows]},
                          indent=1))
         return 0
@@ -338,5 +407,5 @@ def plan_main(argv: list[str]) -> int:
     header = (f"ist-finetune plan: {args.model} ({params[0]} layers, hidden {params[1]}), "
               f"batch {args.batch_size} x {args.seq_len}, {args.dtype}\n"
               f"LoRA r{args.rank} on {','.join(targets)}; budget {budget / 2**30:g} GiB")
-    print(format_plan(rows, header, budget))
+    print(format_plan(rows, header, budget, args.device))
     return 0

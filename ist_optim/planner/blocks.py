@@ -39,6 +39,7 @@ from .block_inputs import (
     tensors,
 )
 from .quantized import MetaLinear4bit, QuantSpec, quantize_block_linears
+from .roofline import OpCost, OpCounter
 from .tracker import LiveMemory
 
 __all__ = ["BLOCK_MODES", "HEAD_MODES", "MetaLora4bitLinear", "MetaLoraLinear", "ModelCosts",
@@ -66,6 +67,9 @@ class PieceCost:
         backward_extra_bytes: peak bytes allocated during the backward above what was live
             when it started (gradient buffers, parameter gradients, temporaries).
         forward_flops, backward_flops: FLOPs counted by :class:`FlopCounterMode`.
+        forward_ops, backward_ops: every operator of the forward / the backward with its
+            FLOPs and bytes moved (:class:`~ist_optim.planner.roofline.OpCounter`), what
+            the step-time model runs on a :class:`~ist_optim.planner.roofline.Device`.
     """
 
     saved_bytes: int
@@ -74,6 +78,8 @@ class PieceCost:
     backward_extra_bytes: int
     forward_flops: int
     backward_flops: int
+    forward_ops: tuple[OpCost, ...] = ()
+    backward_ops: tuple[OpCost, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -227,9 +233,10 @@ def _run_piece(forward: Callable[[], torch.Tensor], existing: Sequence[torch.Ten
         return tensor
 
     flops = FlopCounterMode(display=False, custom_mapping=GQA_FLOPS)
+    forward_ops, backward_ops = OpCounter(GQA_FLOPS), OpCounter(GQA_FLOPS)
     with LiveMemory("meta", existing=existing) as live:
         base = live.current_bytes
-        with flops, attention_kernel(attention), \
+        with flops, forward_ops, attention_kernel(attention), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = forward()
         forward_flops = flops.get_total_flops()
@@ -241,13 +248,15 @@ def _run_piece(forward: Callable[[], torch.Tensor], existing: Sequence[torch.Ten
             grad = torch.empty_like(out)
             start = live.current_bytes
             live.reset_peak()
-            with FlopCounterMode(display=False, custom_mapping=GQA_FLOPS) as bflops:
+            with FlopCounterMode(display=False, custom_mapping=GQA_FLOPS) as bflops, \
+                    backward_ops:
                 out.backward(grad)
             backward_extra = live.peak_bytes - start
             backward_flops = bflops.get_total_flops()
         del out
     return PieceCost(sum(saved.values()), forward_extra, after, backward_extra,
-                     forward_flops, backward_flops)
+                     forward_flops, backward_flops, tuple(forward_ops.ops),
+                     tuple(backward_ops.ops))
 
 
 def measure_model(config: Any, *, batch_size: int, seq_len: int, dtype: torch.dtype,

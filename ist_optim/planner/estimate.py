@@ -23,6 +23,7 @@ for the comparison with measured peaks.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,9 +33,11 @@ import torch
 from .blocks import ModelCosts, measure_model
 from .projection import PROJECTED_OPTIMIZERS, ProjectionSpec, projected_step
 from .quantized import QuantSpec
+from .roofline import Device, OpCost
+from .steptime import StepTime, optimizer_bytes_per_param, price_step
 
 __all__ = ["DEFAULT_LORA_TARGETS", "METHODS", "OPTIMIZERS", "MemoryEstimate", "MemoryPlanner",
-           "estimate_peak_memory"]
+           "estimate_peak_memory", "estimate_step_time"]
 
 #: The adapters of the shared GPU measurements (LoRA on q, k, v, up, down).
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
@@ -55,6 +58,10 @@ OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw8bit", "adamw-fp32-master",
 METHODS: tuple[str, ...] = ("lora", "qlora", "full")
 _METHODS = METHODS
 _PARTS = ("weights", "gradients", "optimizer_state", "activations", "transient")
+#: A piece of the model run one way in a step: (``"block"`` or ``"head"``, its mode, a key
+#: of :data:`~ist_optim.planner.blocks.BLOCK_MODES` / ``HEAD_MODES``, and ``"forward"``,
+#: ``"backward"`` or ``"recompute"``).
+Run = tuple[str, tuple[bool, bool], str]
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,9 @@ class MemoryEstimate:
         host_bytes: optimizer state kept in host memory (layers not in ``state_layers``).
         flops: FLOPs of one step (forward, backward and any recomputation).
         settings: what was estimated (batch, method, optimizer, active layers, ...).
+        runs: how many times the step runs each piece each way, by :data:`Run` (what
+            :meth:`MemoryPlanner.step_time` prices).
+        trained_params: parameters the optimizer step updates.
     """
 
     peak_bytes: int
@@ -79,6 +89,8 @@ class MemoryEstimate:
     host_bytes: int = 0
     flops: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
+    runs: dict[Run, int] = field(default_factory=dict)
+    trained_params: int = 0
 
     @property
     def peak_gib(self) -> float:
@@ -212,9 +224,10 @@ class MemoryPlanner:
         if method in ("lora", "qlora"):
             alpha = float(2 * lora_rank if lora_alpha is None else lora_alpha)
             lora = (tuple(lora_targets), lora_rank, alpha, adapter_dtype)
-            self.trained_element = torch.empty((), dtype=adapter_dtype).element_size()
+            self.trained_dtype = adapter_dtype
         else:
-            self.trained_element = self.element
+            self.trained_dtype = dtype
+        self.trained_element = torch.empty((), dtype=self.trained_dtype).element_size()
         self.settings = {"batch_size": batch_size, "seq_len": seq_len, "dtype": str(dtype),
                          "method": method, "optimizer": optimizer,
                          "lora_rank": lora_rank if lora is not None else None}
@@ -330,8 +343,8 @@ class MemoryPlanner:
                  "embed": sum(trained["embed"]) * self.element}
         if self.layerwise:  # each gradient is freed by its own optimizer's step
             grads = dict.fromkeys(grads, 0)
-        flops = _walk(step, self.costs, modes, lowest, head_mode, checkpointed, grads=grads,
-                      keep_logits=keep_logits)
+        flops, runs = _walk(step, self.costs, modes, lowest, head_mode, checkpointed,
+                            grads=grads, keep_logits=keep_logits)
         if self.layerwise:
             if trained["embed"]:
                 step.mark("embedding backward", sum(
@@ -344,8 +357,41 @@ class MemoryPlanner:
                         cut_backward=cut_backward, train_embeddings=train_embeddings,
                         train_head=train_head)
         host = block_state * len((set(active) - on_device) | (offloaded - on_device))
+        stepped = (sum(trained["block"]) * len(active)
+                   + sum(trained["embed"]) + sum(trained["head"]))
         return MemoryEstimate(peak_bytes=step.peak, breakdown=step.at, phase=step.phase,
-                              host_bytes=host, flops=flops, settings=settings)
+                              host_bytes=host, flops=flops, settings=settings, runs=runs,
+                              trained_params=stepped)
+
+    def step_time(self, estimate: MemoryEstimate, device: Device | str = "h100") -> StepTime:
+        """The predicted time of the step ``estimate`` describes, on ``device`` (a
+        :class:`~ist_optim.planner.roofline.Device`, or a name in
+        :data:`~ist_optim.planner.roofline.DEVICES`): see :mod:`ist_optim.planner.steptime`.
+        Compare set-ups by the ratio of their times on one device.
+
+        Example:
+            >>> from transformers import LlamaConfig
+            >>> config = LlamaConfig(hidden_size=64, intermediate_size=128,
+            ...                      num_hidden_layers=4, num_attention_heads=4, vocab_size=256)
+            >>> planner = MemoryPlanner(config, batch_size=2, seq_len=16, dtype=torch.float32)
+            >>> every = planner.step_time(planner.estimate())
+            >>> top = planner.step_time(planner.estimate(active_layers=[3]))
+            >>> top.seconds < every.seconds
+            True
+        """
+        if not isinstance(estimate, MemoryEstimate) or not estimate.runs:
+            raise TypeError(f"Invalid estimate: {type(estimate).__name__}; expected a "
+                            f"MemoryEstimate from this planner's estimate()")
+        master = self.optimizer == "adamw-fp32-master"
+        per_param = optimizer_bytes_per_param(torch.float32 if master else self.trained_dtype,
+                                              self.foreach and not master)
+        costs = self.costs
+        dequantize = OpCost(0, costs.block_weight_bytes + costs.block_param_count
+                            * self.element) if costs.quantized else None
+        return price_step(costs, estimate.runs, trained_params=estimate.trained_params,
+                          update_bytes_per_param=per_param, device=device,
+                          embedding_grad=bool(estimate.settings.get("train_embeddings")),
+                          dequantize=dequantize)
 
     def _block_state(self) -> int:
         """Optimizer state of one trained block."""
@@ -424,14 +470,17 @@ def _block_modes(n: int, active: Sequence[int], cut_backward: bool, input_grads:
 
 def _walk(step: _Step, costs: ModelCosts, modes: Sequence[tuple[bool, bool]], lowest: int,
           head_mode: tuple[bool, bool], checkpointed: set[int], grads: dict[str, int],
-          keep_logits: bool) -> int:
-    """Forward, loss and backward over the per-piece costs; returns the FLOPs."""
+          keep_logits: bool) -> tuple[int, dict[Run, int]]:
+    """Forward, loss and backward over the per-piece costs; returns the FLOPs and how many
+    times each piece ran each way (:data:`Run`)."""
     logits_kept = costs.logits_bytes if keep_logits else 0
     step.add("transient", logits_kept + costs.hidden_bytes)  # old logits, embeddings out
     flops = 0
+    runs: Counter[Run] = Counter()
     for i, mode in enumerate(modes):
         cost = costs.blocks[mode]
         flops += cost.forward_flops
+        runs["block", mode, "forward"] += 1
         if i in checkpointed and mode != (False, False):  # keeps only its input
             step.mark("forward", costs.blocks[(False, False)].forward_extra_bytes)
             step.add("activations", costs.hidden_bytes)
@@ -440,6 +489,8 @@ def _walk(step: _Step, costs: ModelCosts, modes: Sequence[tuple[bool, bool]], lo
             step.add("activations", cost.saved_bytes)
     head = costs.heads[head_mode]
     flops += head.forward_flops + head.backward_flops
+    runs["head", head_mode, "forward"] += 1
+    runs["head", head_mode, "backward"] += 1
     step.mark("loss forward", head.forward_extra_bytes)
     step.add("activations", head.saved_bytes)
     # The forward has returned: the previous output's logits go (kept), or else the new
@@ -454,8 +505,10 @@ def _walk(step: _Step, costs: ModelCosts, modes: Sequence[tuple[bool, bool]], lo
             step.mark(f"recompute of block {i}", cost.forward_extra_bytes)
             step.add("activations", cost.saved_bytes)
             flops += cost.forward_flops
+            runs["block", modes[i], "recompute"] += 1
         step.mark(f"backward of block {i}", cost.backward_extra_bytes)
         flops += cost.backward_flops
+        runs["block", modes[i], "backward"] += 1
         step.add("activations", -cost.saved_bytes)
         if i in checkpointed:  # the checkpoint's input goes with the block's graph
             step.add("activations", -costs.hidden_bytes)
@@ -464,7 +517,7 @@ def _walk(step: _Step, costs: ModelCosts, modes: Sequence[tuple[bool, bool]], lo
     if grads["embed"]:
         step.mark("embedding backward", grads["embed"])
         step.add("gradients", grads["embed"])
-    return flops
+    return flops, dict(runs)
 
 
 def estimate_peak_memory(config: Any, *, batch_size: int, seq_len: int,
@@ -530,3 +583,29 @@ def estimate_peak_memory(config: Any, *, batch_size: int, seq_len: int,
     return planner.estimate(active_layers, gradient_checkpointing=gradient_checkpointing,
                             **{k: v for k, v in kwargs.items() if k in estimate_keys})
 
+
+
+def estimate_step_time(config: Any, *, batch_size: int, seq_len: int,
+                       device: Device | str = "h100", **kwargs: Any) -> StepTime:
+    """Predict the time of one training step, without building the model: the companion of
+    :func:`estimate_peak_memory`, with the same keywords (and ``device``, a
+    :class:`~ist_optim.planner.roofline.Device` or a name in
+    :data:`~ist_optim.planner.roofline.DEVICES`). See :mod:`ist_optim.planner.steptime`;
+    compare set-ups by the ratio of their times.
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        ...                      num_attention_heads=4, vocab_size=256)
+        >>> plain = estimate_step_time(config, batch_size=2, seq_len=16)
+        >>> top = estimate_step_time(config, batch_size=2, seq_len=16, active_layers=[3])
+        >>> top.seconds < plain.seconds
+        True
+    """
+    planner_keys = {"dtype", "method", "lora_rank", "lora_alpha", "lora_targets",
+                    "adapter_dtype", "foreach", "attention", "double_quant", "projection_rank",
+                    "optimizer"}
+    planner = MemoryPlanner(config, batch_size=batch_size, seq_len=seq_len,
+                            **{k: v for k, v in kwargs.items() if k in planner_keys})
+    estimate = planner.estimate(**{k: v for k, v in kwargs.items() if k not in planner_keys})
+    return planner.step_time(estimate, device)

@@ -11,12 +11,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from benchmarks.frontier import budgets, methods, report, timing
+from benchmarks.frontier import budgets, methods, predict, report, timing
 
 MIB = 2**20
 
 
-@pytest.mark.parametrize("module", [budgets, methods, report, timing])
+@pytest.mark.parametrize("module", [budgets, methods, predict, report, timing])
 def test_doctests(module):
     assert doctest.testmod(module).failed == 0
 
@@ -147,3 +147,35 @@ def test_part_splits_the_budgets_between_processes():
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["--part", "3/2"])
     assert doctest.testmod(cli).failed == 0
+
+
+def test_predicted_ratios_follow_the_blocks_each_method_recomputed():
+    """The planner's prediction of each timed row (benchmarks/frontier/predict.py):
+    lora+gc is the unit, fewer recomputed blocks predict less time, every 3rd block of 30
+    costs what the 10 lowest do, and the device row round-trips."""
+    from ist_optim import Device
+
+    budget = 1000 * MIB
+    shape = {"model": "smollm2-135m", "batch_size": 1, "seq_len": 32, "budget_bytes": budget}
+
+    def row(method, blocks, k=None):
+        return {**shape, "method": method, "checkpointed_blocks": [blocks] * 3, "k": k}
+
+    times = {(budget, "lora+gc"): row("lora+gc", 30), (budget, "lora"): row("lora", 0),
+             (budget, "lora+budget"): row("lora+budget", 10),
+             (budget, "lora+every-k"): row("lora+every-k", 10, k=3),
+             (budget, "ist-sparse+budget"): row("ist-sparse+budget", 0)}
+    device = Device("toy", 50e9, 10e9)
+    ratios = predict.predicted_ratios(times, device)
+    assert ratios[budget, "lora+gc"] == 1.0
+    assert ratios[budget, "lora"] < ratios[budget, "lora+budget"] < 1.0
+    assert ratios[budget, "lora+every-k"] == pytest.approx(ratios[budget, "lora+budget"],
+                                                           rel=1e-2)
+    assert ratios[budget, "ist-sparse+budget"] < ratios[budget, "lora"]  # 7 of 30, no GC
+    rows = [{"phase": "device", "name": "toy", "threads": 1, "flops_per_second": 50e9,
+             "bytes_per_second": 10e9}]
+    assert predict.device_of_rows(rows) == device
+    table, worst = report.prediction_table(
+        {key: {**r, "cpu_seconds": [5.0 * ratios[key]] * 3} for key, r in times.items()},
+        device)
+    assert worst == pytest.approx(0.0, abs=1e-9) and "(+0.0%)" in table
