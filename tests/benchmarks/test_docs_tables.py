@@ -93,11 +93,12 @@ REPORTS = doc_reports(DOCS.read_text())
 
 
 def test_the_docs_have_their_report_commands():
-    """The quality, few-data and budget studies' report commands (a parser that finds
-    none would make the test below pass on nothing)."""
+    """The quality, few-data, budget and frontier studies' report commands (a parser that
+    finds none would make the test below pass on nothing)."""
     studies = [r.command.split()[2] for r in REPORTS]
-    assert len(REPORTS) == 8
-    assert set(studies) == {"benchmarks.quality", "benchmarks.few_data", "benchmarks.budget"}
+    assert len(REPORTS) == 9
+    assert set(studies) == {"benchmarks.quality", "benchmarks.few_data", "benchmarks.budget",
+                            "benchmarks.frontier"}
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import doctest
 import math
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -179,3 +180,20 @@ def test_predicted_ratios_follow_the_blocks_each_method_recomputed():
         {key: {**r, "cpu_seconds": [5.0 * ratios[key]] * 3} for key, r in times.items()},
         device)
     assert worst == pytest.approx(0.0, abs=1e-9) and "(+0.0%)" in table
+
+
+def test_the_docs_7b_decisions_are_what_the_planner_prints():
+    """docs/benchmarks.md's table of `python -m benchmarks.frontier.decisions` (two of its
+    budgets rerun: a fit under the budget, and one where a BAdam block is fastest)."""
+    import transformers
+
+    from benchmarks.frontier import decisions
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("the docs' figures are transformers 5's (4.x adds the attention mask)")
+    assert doctest.testmod(decisions).failed == 0
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md").read_text()
+    table = decisions.decisions("llama-2-7b", ["24GiB", "40GiB"], batch_size=8, seq_len=512,
+                                device="h200")
+    rows = table.splitlines()[2:]
+    assert len(rows) == 2 and all(row in docs for row in rows), table
