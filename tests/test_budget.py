@@ -223,6 +223,34 @@ def test_policy_order_and_greedy(planner):
     assert decision.peak_bytes <= policy.peak([1, 3], [0, 1, 2, 3])
 
 
+def test_a_decision_is_planned_once_per_active_set(planner, monkeypatch):
+    """Planning is arithmetic on fixed costs: a set seen before is a lookup (issue 35: the
+    cost of planning), the answer the same, and a caller changing its copy changes nothing."""
+    from ist_optim.memory import budget as budget_module
+
+    policy = CheckpointPolicy(planner, policy_budget(planner), headroom=0.0)
+    calls = []
+    estimate = planner.estimate
+    monkeypatch.setattr(planner, "estimate", lambda *a, **k: calls.append(1) or estimate(*a, **k))
+    first = policy.decide([3, 1])
+    planned = len(calls)
+    first.checkpointed.append(99)
+    again = policy.decide([1, 3, 3])
+    assert planned > 0 and len(calls) == planned
+    assert again == CheckpointPolicy(planner, policy.budget, headroom=0.0).decide([1, 3])
+    monkeypatch.setattr(budget_module, "DECISIONS_KEPT", 1)
+    other = CheckpointPolicy(planner, policy.budget, headroom=0.0)
+    other.decide([1]), other.decide([2])
+    before = len(calls)
+    other.decide([2])  # past the bound: planned again, same answer
+    assert len(calls) > before
+
+
+def policy_budget(planner):
+    """A budget that needs one block checkpointed when layers 1 and 3 train."""
+    return planner.estimate([1, 3], gradient_checkpointing=[1]).peak_bytes
+
+
 def test_budget_below_everything_warns_once(planner):
     model = lora_model(4)
     with warnings.catch_warnings(record=True) as caught:

@@ -46,6 +46,10 @@ __all__ = ["PLANNING_HEADROOM", "WORKSPACE_THREADS", "BudgetDecision", "Checkpoi
 #: a 950 MiB budget); the rest is room for what it does not model (allocator slack).
 PLANNING_HEADROOM = 0.02
 
+#: Decisions :class:`CheckpointPolicy` keeps, one per active set seen (the first ones): with
+#: every layer active, or a draw seen before, a step's decision is then a lookup.
+DECISIONS_KEPT = 4096
+
 #: Threads that run matrix products in a training step, each holding its own cuBLAS
 #: workspace: the one that runs the forward (and the update), and autograd's device thread
 #: that runs the backward.
@@ -170,6 +174,7 @@ class CheckpointPolicy:
             "train_head": train_head,
             "state_layers": list(range(planner.num_layers)) if keeps_all_state else None}
         self._warned = False
+        self._decisions: dict[tuple[int, ...], BudgetDecision] = {}
 
     def peak(self, active: Sequence[int], checkpointed: Sequence[int]) -> int:
         """Predicted peak bytes of a step training ``active`` with ``checkpointed``."""
@@ -189,7 +194,20 @@ class CheckpointPolicy:
         return active + frozen
 
     def decide(self, active: Sequence[int]) -> BudgetDecision:
-        """The blocks to checkpoint in a step that trains ``active``."""
+        """The blocks to checkpoint in a step that trains ``active`` (kept for the next step
+        that trains the same set: planning is pure arithmetic on fixed costs, so the answer
+        cannot change; :data:`DECISIONS_KEPT` sets at most)."""
+        key = tuple(sorted(set(active)))
+        kept = self._decisions.get(key)
+        if kept is not None:
+            return BudgetDecision(list(kept.checkpointed), kept.peak_bytes, kept.fits)
+        decision = self._decide(key)
+        if len(self._decisions) < DECISIONS_KEPT:
+            self._decisions[key] = BudgetDecision(list(decision.checkpointed),
+                                                  decision.peak_bytes, decision.fits)
+        return decision
+
+    def _decide(self, active: Sequence[int]) -> BudgetDecision:
         chosen: list[int] = []
         peak = self.peak(active, chosen)
         for block in self.order(active):
