@@ -276,17 +276,16 @@ def plan(config: Any, *, batch_size: int, seq_len: int, budget: int, rank: int =
     gc_cut = {"gradient_checkpointing": True}
     qlora_budget = _budget_rows(qlora, budget, depth_draws, quantized, share, device)[1]
 
-    def one(planner: Any, **kwargs: Any) -> tuple[Any, Any, _Cost]:
+    def one(planner: Any, **kwargs: Any) -> tuple[Any, _Cost]:
+        """A set-up with one active set: its estimate and cost."""
         est = planner.estimate(**kwargs)
-        return planner, est, _cost(planner, [est], device)
+        return est, _cost(planner, [est], device)
 
     def drawn(planner: Any, worst_set: Sequence[int], draws: Sequence[Sequence[int]],
-              **kwargs: Any) -> tuple[Any, Any, _Cost]:
-        return (planner, planner.estimate(list(worst_set), **kwargs),
+              **kwargs: Any) -> tuple[Any, _Cost]:
+        """A set-up that draws its active set: the worst draw's estimate, the mean cost."""
+        return (planner.estimate(list(worst_set), **kwargs),
                 _mean(planner, draws, device, **kwargs))
-
-    def budgeted(planner: Any, row: tuple[str, str, Any, _Cost]) -> tuple[Any, Any, _Cost]:
-        return planner, row[2], row[3]
 
     lora_budget = _budget_rows(lora, budget, depth_draws, adapters, share, device)
     rows = [
@@ -299,12 +298,12 @@ def plan(config: Any, *, batch_size: int, seq_len: int, budget: int, rank: int =
          *drawn(lora, worst, depth_draws)),
         ("IST + GC + cut", f"{adapters}, {share}, checkpointing, backward cut",
          *drawn(lora, worst, random_draws, **gc_cut)),
-        *[(row[0], row[1], *budgeted(lora, row)) for row in lora_budget],
+        *lora_budget,
         ("QLoRA + GC", f"{quantized}, all layers, checkpointing",
          *one(qlora, gradient_checkpointing=True, cut_backward=False)),
         ("QLoRA + IST + GC + cut", f"{quantized}, {share}, GC, cut",
          *drawn(qlora, worst, random_draws, **gc_cut)),
-        ("QLoRA + IST, budget", qlora_budget[1], *budgeted(qlora, qlora_budget)),
+        ("QLoRA + IST, budget", *qlora_budget[1:]),
         ("full AdamW", "all weights", *one(full, **outside)),
         ("full IST + offload", f"weights of {share} + embeddings, head",
          *drawn(full, worst, random_draws, offloaded_layers=range(n), **outside)),
@@ -317,7 +316,7 @@ def plan(config: Any, *, batch_size: int, seq_len: int, budget: int, rank: int =
     ]
     return [PlanRow(name, trains, est.peak_bytes, est.host_bytes, float(cost.flops),
                     est.peak_bytes <= budget, est.phase, cost.seconds)
-            for name, trains, _planner, est, cost in rows]
+            for name, trains, est, cost in rows]
 
 
 #: Rows whose optimizer step is priced as torch AdamW's although it is not (bitsandbytes'
