@@ -3,10 +3,10 @@ side of the frontier, for shapes no CPU can train (the 7B rows of docs/benchmark
 the README's decision table).
 
 For each budget, :func:`ist_optim.cli.plan.plan` (the rows ``ist-finetune plan`` prints)
-and from them: the fastest set-up that fits, the fastest that trains every layer each step,
-and LoRA on every layer with checkpointing and under ``memory_budget`` (its predicted step
-time relative to LoRA on every layer without checkpointing, and the blocks it
-checkpoints)::
+and from them, as ``plan`` names them: the fastest set-up that fits, the fastest that
+trains every layer each step, and LoRA on every layer with checkpointing and under
+``memory_budget`` (predicted step times relative to LoRA on every layer without
+checkpointing; the blocks it checkpoints)::
 
     python -m benchmarks.frontier.decisions --model llama-2-7b --device h200 \\
         --budgets 16GiB 20GiB 24GiB 32GiB 40GiB 48GiB
@@ -22,7 +22,7 @@ import argparse
 import re
 from collections.abc import Sequence
 
-from ist_optim.cli.plan import EVERY_LAYER_ROWS, PlanRow, parse_budget, plan
+from ist_optim.cli.plan import EVERY_LAYER_ROWS, PlanRow, fastest, parse_budget, plan
 from ist_optim.planner.shapes import load_config
 
 from ..benchkit.report import markdown_table
@@ -34,10 +34,11 @@ def _trained(text: str) -> str:
     return found.group(1) if found else "-"
 
 
-def _named(rows: Sequence[PlanRow], base: float, among: Sequence[PlanRow]) -> str:
-    if not among:
+def _named(base: float, among: Sequence[PlanRow]) -> str:
+    """The fastest of ``among`` as ``plan`` names it (:func:`ist_optim.cli.plan.fastest`)."""
+    best = fastest(among)
+    if best is None:
         return "nothing fits"
-    best = min(among, key=lambda r: (r.seconds, r.peak_bytes))
     return f"{best.name} ({best.seconds / base:.2f}x)"
 
 
@@ -55,8 +56,8 @@ def decisions(model: str, budgets: Sequence[str], *, batch_size: int, seq_len: i
         base = by["LoRA all"].seconds
         fitting = [r for r in rows if r.fits]
         gc, lb = by["LoRA all + GC"], by["LoRA all, budget"]
-        table.append([text, _named(rows, base, fitting),
-                      _named(rows, base, [r for r in fitting if r.name in EVERY_LAYER_ROWS]),
+        table.append([text, _named(base, fitting),
+                      _named(base, [r for r in fitting if r.name in EVERY_LAYER_ROWS]),
                       f"{gc.seconds / base:.2f}x" if gc.fits else "does not fit",
                       f"{lb.seconds / base:.2f}x, {_trained(lb.trains)} blocks"
                       if lb.fits else "does not fit"])

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from ..planner.roofline import Device
 
 __all__ = ["APPROXIMATE_TIME_ROWS", "EVERY_LAYER_ROWS", "PLAN_ROWS", "PlanRow",
-           "build_plan_parser", "parse_budget", "plan", "plan_main"]
+           "build_plan_parser", "fastest", "parse_budget", "plan", "plan_main"]
 
 _DTYPES = ("bfloat16", "float16", "float32")
 _DRAWS = 200
@@ -330,6 +330,21 @@ EVERY_LAYER_ROWS: tuple[str, ...] = tuple(
                                                        "one block")))
 
 
+def fastest(rows: Sequence[PlanRow]) -> PlanRow | None:
+    """The row of ``rows`` with the least predicted step time (then the least peak),
+    among those whose step the model prices (not :data:`APPROXIMATE_TIME_ROWS`) when any
+    is there; None for no rows.
+
+    Example:
+        >>> row = PlanRow("LoRA all", "", 2, 0, 1.0, True, "", seconds=2.0)
+        >>> apollo = PlanRow("APOLLO-Mini + GC", "", 1, 0, 1.0, True, "", seconds=1.0)
+        >>> fastest([row, apollo]).name, fastest([apollo]).name
+        ('LoRA all', 'APOLLO-Mini + GC')
+    """
+    priced = [r for r in rows if r.name not in APPROXIMATE_TIME_ROWS] or list(rows)
+    return min(priced, key=lambda r: (r.seconds, r.peak_bytes)) if priced else None
+
+
 def _star(row: PlanRow) -> str:
     return "*" if row.name in APPROXIMATE_TIME_ROWS else ""
 
@@ -354,8 +369,8 @@ def format_plan(rows: Sequence[PlanRow], header: str, budget: int, device: str =
         for label, among in (("fastest configuration that fits", fitting),
                              ("fastest that trains every layer each step",
                               [r for r in fitting if r.name in EVERY_LAYER_ROWS])):
-            if among:
-                best = min(among, key=lambda r: (r.seconds, r.peak_bytes))
+            best = fastest(among)
+            if best is not None:
                 lines.append(f"{label}: {best.name} ({best.peak_bytes / 2**30:.1f} GiB, "
                              f"{best.seconds / base_time:.2f}x{_star(best)} the step time of "
                              f"LoRA all)")
@@ -367,7 +382,7 @@ def format_plan(rows: Sequence[PlanRow], header: str, budget: int, device: str =
                  "active set;")
     lines.append("host: optimizer state offloaded; compute: FLOPs per step (mean draw) "
                  "relative to LoRA all;")
-    lines.append(f"step time: predicted on {device} (roofline of every operator, mean draw) "
+    lines.append(f"step time: predicted on {device} (every operator's FLOPs and bytes, mean draw) "
                  "relative to LoRA all;")
     lines.append("*: the optimizer step priced as AdamW's (8-bit and projected updates are "
                  "not modelled);")

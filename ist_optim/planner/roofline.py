@@ -1,22 +1,23 @@
-"""Step time from the operators a step runs: a roofline over each operator's FLOPs and bytes.
+"""Step time from the operators a step runs: each operator's FLOPs and bytes, priced.
 
 The planner runs one block and the head on the ``meta`` device (:mod:`.blocks`); under
 :class:`OpCounter` each operator they dispatch is recorded with its FLOPs (torch's own
 formulas, :data:`torch.utils.flop_counter.flop_registry`) and the bytes it reads and
 writes (its tensor arguments and results; views and allocations move nothing). A
-:class:`Device` runs an operator in ``max(flops / flops_per_second, bytes /
-bytes_per_second)`` seconds: a matrix product of a large batch is bound by its FLOPs, an
-element-wise operator, a cast or a LoRA adapter's thin product by memory. Summed over the
-operators of a step (:meth:`ist_optim.MemoryPlanner.step_time`), that is the step's time on
-the device, without launch overheads or overlap; what the planner reports is that time
-relative to another set-up's (checked against measured ratios in docs/benchmarks.md,
-"Predicted step time").
+:class:`Device` runs an operator in ``flops / flops_per_second + bytes /
+bytes_per_second`` seconds: the two bounds of a roofline added, not their maximum (an
+operator is not assumed to hide its memory traffic behind its arithmetic, which a large
+matrix product nearly does and a thin one or an element-wise operator does not). Summed
+over the operators of a step (:meth:`ist_optim.MemoryPlanner.step_time`), that is the
+step's time on the device, without launch overheads; what the planner reports is that
+time relative to another set-up's (checked against measured ratios in
+docs/benchmarks.md, "Predicted step time", where the maximum is compared too).
 
 Example:
     >>> device = Device("toy", flops_per_second=100.0, bytes_per_second=10.0)
     >>> ops = (OpCost(flops=1000, bytes=50), OpCost(flops=0, bytes=40))
-    >>> seconds(ops, device)   # 1000 / 100 (compute-bound) + 40 / 10 (memory-bound)
-    14.0
+    >>> seconds(ops, device)   # 1000 / 100 + 50 / 10, then 40 / 10
+    19.0
 """
 
 from __future__ import annotations
@@ -104,7 +105,6 @@ class Device:
     flops_per_second: float
     bytes_per_second: float
     fp32_flops_per_second: float | None = None
-    op_seconds_floor: float = 0.0
 
     def __post_init__(self) -> None:
         for field_name in ("flops_per_second", "bytes_per_second"):
@@ -113,11 +113,11 @@ class Device:
                 raise ValueError(f"Invalid {field_name}: {value!r}; expected a rate > 0")
 
     def op_seconds(self, op: OpCost) -> float:
-        """Seconds of one operator: compute- or memory-bound, whichever is slower."""
+        """Seconds of one operator: its arithmetic, then its memory traffic."""
         rate = self.flops_per_second
         if op.fp32 and self.fp32_flops_per_second is not None:
             rate = self.fp32_flops_per_second
-        return max(op.flops / rate, op.bytes / self.bytes_per_second, self.op_seconds_floor)
+        return op.flops / rate + op.bytes / self.bytes_per_second
 
     @classmethod
     def measure(cls, name: str = "this machine", *, dtype: torch.dtype = torch.float32,
