@@ -416,3 +416,41 @@ def test_take_back_after_the_model_switched_checkpointing_on(planner):
     assert budget.take_back() is True
     assert not any(layer.gradient_checkpointing for layer in _layers(model))
     assert budget.take_back() is False
+
+
+@pytest.mark.parametrize("inner, kwargs", [
+    (torch.optim.SGD, {"lr": 1e-2, "momentum": 0.9}), (torch.optim.Adagrad, {"lr": 1e-2})])
+def test_full_fine_tuning_every_layer_under_a_budget_makes_the_plain_updates(inner, kwargs):
+    """Issue 35 item 2: ``memory_budget`` with every layer active is the fastest way to fit
+    for any inner optimizer and for full fine-tuning too: it checkpoints some blocks, not
+    all, and the weights after each step are those of the plain inner optimizer over every
+    parameter with the model's checkpointing on every block (8 x 64 tokens: activations,
+    not weights, set the peak)."""
+    from conftest import tiny_llama
+
+    def run(model, opt, steps=4):
+        for i in range(steps):
+            model(**lm_batch(batch=8, seq=64, seed=i), use_cache=False).loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+    probe_model = tiny_llama(4)
+    probe = ISTOptimizer(inner, probe_model, active_layers=1.0, sampling="uniform",
+                         memory_budget="1GiB", memory_shape=(8, 64), **kwargs).memory_budget
+    everything = list(range(4))
+    loose, tight = probe.policy.peak(everything, []), probe.policy.peak(everything, everything)
+    budget = _budget_for((loose + tight) // 2)
+    model = tiny_llama(4)
+    with warnings.catch_warnings():  # the budget fits: no warning that it does not
+        warnings.filterwarnings("error", message=".*even with checkpointing")
+        opt = ISTOptimizer(inner, model, active_layers=1.0, sampling="uniform",
+                           memory_budget=budget, memory_shape=(8, 64), **kwargs)
+        run(model, opt)
+    checkpointed = opt.memory_report()["checkpointed_layers"]
+    assert 0 < len(checkpointed) < 4, checkpointed
+
+    reference = tiny_llama(4)
+    reference.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    run(reference, inner(reference.parameters(), **kwargs))
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, q), name
