@@ -244,6 +244,9 @@ def test_a_decision_is_planned_once_per_active_set(planner, monkeypatch):
     before = len(calls)
     other.decide([2])  # past the bound: planned again, same answer
     assert len(calls) > before
+    policy.limit = -1  # nothing fits now: planned anew, not the kept answer
+    with pytest.warns(UserWarning, match="even with checkpointing"):
+        assert not policy.decide([1, 3]).fits
 
 
 def policy_budget(planner):

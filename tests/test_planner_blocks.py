@@ -96,3 +96,21 @@ def test_the_lora_stand_ins_compute_what_peft_computes():
     assert half(torch.randn(3, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
     quant = MetaLora4bitLinear(MetaLinear4bit(nn.Linear(8, 4, bias=False, device="meta")), 2, 4)
     assert quant(torch.empty(3, 8, device="meta")).shape == (3, 4)
+
+
+def test_a_fresh_interpreter_plans_a_named_shape():
+    """`ist-finetune plan` in a new process: the planner builds its one-block model under
+    the meta device, and on torch 2.7 importing transformers' Llama module inside that
+    context failed ("Could not find LlamaForCausalLM"; the floor row found it), so the class
+    is imported first (`import_model_class`)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from ist_optim.planner.shapes import load_config\n"
+            "from ist_optim import MemoryPlanner\n"
+            "MemoryPlanner(load_config('smollm2-135m'), batch_size=1, seq_len=8)\n"
+            "print('planned')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0 and "planned" in proc.stdout, proc.stderr[-2000:]

@@ -174,7 +174,7 @@ class CheckpointPolicy:
             "train_head": train_head,
             "state_layers": list(range(planner.num_layers)) if keeps_all_state else None}
         self._warned = False
-        self._decisions: dict[tuple[int, ...], BudgetDecision] = {}
+        self._decisions: dict[tuple[int, tuple[int, ...]], BudgetDecision] = {}
 
     def peak(self, active: Sequence[int], checkpointed: Sequence[int]) -> int:
         """Predicted peak bytes of a step training ``active`` with ``checkpointed``."""
@@ -197,11 +197,12 @@ class CheckpointPolicy:
         """The blocks to checkpoint in a step that trains ``active`` (kept for the next step
         that trains the same set: planning is pure arithmetic on fixed costs, so the answer
         cannot change; :data:`DECISIONS_KEPT` sets at most)."""
-        key = tuple(sorted(set(active)))
+        blocks = tuple(sorted(set(active)))
+        key = (self.limit, blocks)  # a changed limit plans anew
         kept = self._decisions.get(key)
         if kept is not None:
             return BudgetDecision(list(kept.checkpointed), kept.peak_bytes, kept.fits)
-        decision = self._decide(key)
+        decision = self._decide(blocks)
         if len(self._decisions) < DECISIONS_KEPT:
             self._decisions[key] = BudgetDecision(list(decision.checkpointed),
                                                   decision.peak_bytes, decision.fits)

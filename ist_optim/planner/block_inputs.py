@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
 __all__ = ["GQA_FLOPS", "FlashAttention", "attention_kernel", "block_mask", "from_config",
-           "rotary_embeddings", "tensors"]
+           "import_model_class", "rotary_embeddings", "tensors"]
 
 
 def _with_query_heads(query: Any, key: Any, value: Any) -> tuple[Any, Any, Any]:
@@ -107,6 +107,16 @@ def rotary_embeddings(rotary: nn.Module, probe: torch.Tensor, positions: torch.T
 
 class _CapturedInputs(Exception):
     """Stops the decoder's forward at its first block, whose inputs were recorded."""
+
+
+def import_model_class(config: Any) -> type:
+    """The causal-LM class of ``config``, its module imported now: call it outside
+    ``torch.device("meta")``. transformers imports a model's module at first use, and under
+    a device context that import fails on torch 2.7 (torch._dynamo, imported lazily inside
+    it, half-initialises), which transformers reports as "Could not find LlamaForCausalLM"."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
 
 
 def from_config(config: Any, dtype: torch.dtype, attention: str) -> nn.Module:

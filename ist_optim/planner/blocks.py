@@ -35,6 +35,7 @@ from .block_inputs import (
     attention_kernel,
     block_mask,
     from_config,
+    import_model_class,
     rotary_embeddings,
     tensors,
 )
@@ -186,6 +187,7 @@ def _one_block_model(config: Any, dtype: torch.dtype, attention: str) -> nn.Modu
         small.layer_types = list(small.layer_types)[:1]
     small.use_cache = False
     small._attn_implementation = attention
+    import_model_class(small)  # not under the meta device (torch 2.7)
     with torch.device("meta"):
         model = from_config(small, dtype, attention)
     model.requires_grad_(False)

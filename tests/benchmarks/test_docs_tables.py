@@ -128,6 +128,12 @@ def run_report(report: DocReport, workdir: Path) -> str:
 
 @pytest.mark.parametrize("report", REPORTS, ids=lambda r: f"line{r.line}")
 def test_a_report_command_prints_the_table_of_the_docs(report, workdir):
+    import transformers
+
+    if "benchmarks.frontier" in report.command and \
+            int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("the frontier report's predicted step times are transformers 5's (4.x "
+                    "passes each block an attention mask: other operators, +0.2 points)")
     printed = run_report(report, workdir)
     assert printed.strip("\n") == report.expected.strip("\n"), (
         f"docs/benchmarks.md line {report.line}: `{report.command}` prints another table "
