@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -117,6 +118,12 @@ def _entry(rank: int, worker: Callable, world: int, init_file: str, out: str,
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    # Done, results written: leave without the interpreter's teardown, where a rank could
+    # abort ("terminate called without an active exception", SIGABRT; seen on the tf457
+    # row) after it succeeded. A worker that raised does not get here: spawn reports it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def launch(worker: Callable, *args: Any, world_size: int = 2, timeout: float = 240) -> list:

@@ -226,18 +226,20 @@ def test_hf_trainer_ddp(tmp_path, launcher, route):
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     command = _launcher(launcher) + [str(Path(__file__).parent / "dist_trainer_script.py"),
                                      str(tmp_path), route]
-    # Own session, so that a hang kills the launcher *and* its workers.
-    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, start_new_session=True) as process:
+    # Output to files, not pipes: a process the ranks leave behind (torch 2.7's compile
+    # worker pool, on the floor row) holds inherited pipes open after the launcher is done,
+    # and reading them to their end then waits until it is killed. Own session, so that a
+    # hang kills the launcher *and* its workers.
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with out.open("w") as stdout_file, err.open("w") as stderr_file, \
+            subprocess.Popen(command, env=env, stdout=stdout_file, stderr=stderr_file,
+                             start_new_session=True) as process:
         try:
-            stdout, stderr = process.communicate(timeout=300)
+            process.wait(timeout=300)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
-            try:  # a worker torchrun started in a session of its own may hold the pipes
-                process.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
             raise
+    stdout, stderr = out.read_text(), err.read_text()
     assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     for rank in ranks:
